@@ -1,0 +1,3 @@
+from ftq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The `ftq` command line. Each stage has a thin subcommand over its `run(params)`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ftq import __version__
+
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _params(args):
+    from ftq.params import load_params
+
+    return load_params(args.params)
+
+
+def cmd_run(args) -> int:
+    from ftq.pipeline import run_pipeline
+
+    return run_pipeline(args.targets, args.exp, args.set_param, args.name, args.force)
+
+
+def cmd_base_run(args) -> int:
+    from ftq.stages import base
+
+    base.run(_params(args))
+    return 0
+
+
+def cmd_base_check(args) -> int:
+    from ftq.stages import base
+
+    folder = Path(args.model_dir) if args.model_dir else None
+    info = base.info(folder)
+    print(f"model: {info['source']} ({info['architecture']}, {info['num_parameters']:,} parameters, {info['dtype']})")
+    print(f"user: {args.prompt}")
+    print(f"assistant: {base.check(args.prompt, folder, args.max_new_tokens)}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from ftq.stages import prepare
+
+    result = prepare.run(_params(args))
+    report = result.report
+    print(
+        f"prepared {report['train']['examples']} train / {report['eval']['examples']} eval examples "
+        f"({report['rejected']} rejected, {report['duplicates']} duplicates) -> {result.output_dir}"
+    )
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from ftq.data.check import check_file
+    from ftq.data.formats import FormatSpec
+
+    from ftq.errors import UsageError
+
+    try:
+        columns = json.loads(args.columns) if args.columns else None
+        tags = json.loads(args.tags) if args.tags else None
+        spec = FormatSpec.build(args.format, columns, tags)
+    except ValueError as exc:
+        raise UsageError(f"--columns/--tags: {exc}") from exc
+    result = check_file(args.file, spec)
+    for error in result.errors[: args.max_errors]:
+        print(error)
+    if len(result.errors) > args.max_errors:
+        print(f"... and {len(result.errors) - args.max_errors} more errors")
+    summary = result.summary()
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary["rejects_by_reason"].items())) or "none"
+    print(
+        f"{args.file}: {summary['records']} records, {summary['valid']} valid, {summary['rejected']} rejected "
+        f"({reasons}), duplicates dropped: {summary['duplicates']}"
+    )
+    return 1 if result.errors else 0
+
+
+def cmd_data_make_default(args) -> int:
+    from ftq.data import default_set
+
+    for path in default_set.write(args.out, args.seed):
+        print(path)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from ftq.pipeline import ui
+
+    return ui(args.host, args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftq",
+        description="Reproducible fine-tune -> merge -> quantize -> evaluate -> register -> serve pipeline.",
+        formatter_class=FORMATTER,
+    )
+    parser.add_argument("--version", action="version", version=f"ftq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def params_option(sub):
+        sub.add_argument("--params", default=None, help="params file (default: params.yaml at the project root)")
+
+    run = commands.add_parser(
+        "run", help="run the pipeline (dvc repro / dvc exp run) under one MLflow pipeline run", formatter_class=FORMATTER
+    )
+    run.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
+    run.add_argument("--exp", action="store_true", help="run as a DVC experiment (dvc exp run)")
+    run.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE", help="param override (with --exp)")
+    run.add_argument("--name", default=None, help="experiment / MLflow run name")
+    run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    run.set_defaults(func=cmd_run)
+
+    base = commands.add_parser("base", help="stage base: materialize the base model", formatter_class=FORMATTER)
+    base_commands = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
+    base_run = base_commands.add_parser("run", help="build models/base from params.yaml base.source", formatter_class=FORMATTER)
+    params_option(base_run)
+    base_run.set_defaults(func=cmd_base_run)
+    base_check = base_commands.add_parser(
+        "check", help="load models/base and print a chat reply", formatter_class=FORMATTER
+    )
+    base_check.add_argument("--prompt", default="Who are you?", help="user message")
+    base_check.add_argument("--model-dir", default=None, help="model folder (default: models/base)")
+    base_check.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit")
+    base_check.set_defaults(func=cmd_base_check)
+
+    prepare = commands.add_parser(
+        "prepare", help="stage prepare: validate, split and tokenize the datasets", formatter_class=FORMATTER
+    )
+    params_option(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+
+    data = commands.add_parser("data", help="data tools", formatter_class=FORMATTER)
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = data_commands.add_parser(
+        "check", help="validate a data file without running the pipeline", formatter_class=FORMATTER
+    )
+    check.add_argument("file", help="json, jsonl, csv or parquet file")
+    check.add_argument("--format", default="alpaca", choices=["alpaca", "sharegpt", "openai"], help="record format")
+    check.add_argument("--columns", default=None, help='column mapping as JSON, e.g. \'{"messages": "conversations"}\'')
+    check.add_argument("--tags", default=None, help='role tags as JSON, e.g. \'{"user_tag": "user"}\'')
+    check.add_argument("--max-errors", type=int, default=50, help="errors to print")
+    check.set_defaults(func=cmd_data_check)
+    make_default = data_commands.add_parser(
+        "make-default", help="regenerate the embedded default instruction set", formatter_class=FORMATTER
+    )
+    make_default.add_argument("--out", default="data/raw/ftq_default", help="output folder")
+    make_default.add_argument("--seed", type=int, default=0, help="generator seed")
+    make_default.set_defaults(func=cmd_data_make_default)
+
+    ui = commands.add_parser("ui", help="MLflow UI over the project's tracking store", formatter_class=FORMATTER)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address")
+    ui.add_argument("--port", type=int, default=5000, help="port")
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s ftq %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    from ftq.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

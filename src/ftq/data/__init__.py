@@ -1,0 +1,1 @@
+"""Data: dataset registry, readers, format normalizers and validation, tokenization, collation."""

@@ -1,0 +1,76 @@
+"""Tokenize conversations with the base model's own chat template; labels only on assistant turns.
+
+Assistant spans are found by rendering growing prefixes of the conversation: the text between
+render(turns[:i], add_generation_prompt=True) and render(turns[:i+1]) is turn i's target, including
+the template's end-of-turn token so the model learns to stop. Tokens are then labelled by their
+character offsets, which works for any template that renders prefixes as prefixes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+TRUNCATION = ("right", "drop")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character spans [start, end) of every assistant turn."""
+    text = _render(tokenizer, messages, tools, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], tools, True)
+        upto = _render(tokenizer, messages[: i + 1], tools, False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise TemplateError(
+                "the chat template does not render conversation prefixes as prefixes of the full text, "
+                "so assistant turns cannot be located for labelling"
+            )
+        spans.append((len(prompt), len(upto)))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, conversation: dict[str, Any], max_length: int, truncation: str = "right"):
+    """Tokenized example, or None when it must be dropped (too long under `drop`, or no target left)."""
+    tools = json.loads(conversation["tools"]) if conversation.get("tools") else None
+    text, spans = assistant_spans(tokenizer, conversation["messages"], tools)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for position, (start, _end) in enumerate(encoded["offset_mapping"]):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]:
+            labels[position] = input_ids[position]
+    truncated = len(input_ids) > max_length
+    if truncated:
+        if truncation == "drop":
+            return None
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    example = Tokenized(input_ids, labels, truncated)
+    return example if example.target_tokens else None

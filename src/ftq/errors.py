@@ -1,0 +1,15 @@
+"""Errors caused by the user's input (params, data, sources): reported as one clear message, no traceback."""
+
+from ftq.data.errors import DataError
+from ftq.data.registry import RegistryError
+from ftq.data.tokenize import TemplateError
+from ftq.params import ParamsError
+from ftq.stages.base import SourceError
+
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used."""
+
+
+USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, FileNotFoundError)

@@ -1,0 +1,164 @@
+"""MLflow plumbing shared by every stage: one run per stage execution, nested under the pipeline
+run that `ftq run` opens, with the stage's params block, batched metrics, artifacts and lineage tags.
+
+Run ids are appended to `.ftq/runs.jsonl`, a file no DVC stage depends on: writing them into a
+stage output would change it on every run and make DVC rerun everything downstream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ftq.params import flatten, params_hash, repo_root
+
+PARENT_RUN_ENV = "FTQ_PARENT_RUN_ID"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(params: dict[str, Any] | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    configured = ((params or {}).get("tracking") or {}).get("uri")
+    if configured:
+        return configured
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    return repo_root() / "mlartifacts"
+
+
+def client(params: dict[str, Any] | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(params))
+
+
+def experiment_id(mlflow_client, params: dict[str, Any] | None = None) -> str:
+    name = ((params or {}).get("tracking") or {}).get("experiment") or "ftq"
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = None
+    if tracking_uri(params).startswith("sqlite:"):
+        location = (artifact_root() / name).as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def git_rev(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def data_md5(root: Path | None = None) -> str:
+    manifest = (root or repo_root()) / "data" / "processed" / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("md5", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def lineage_tags(stage: str, params: dict[str, Any], block_name: str | None = None) -> dict[str, str]:
+    stage_block = params.get(block_name or stage)
+    stage_block = stage_block if isinstance(stage_block, dict) else {}
+    return {
+        "ftq.stage": stage,
+        "git.rev": git_rev(),
+        "dvc.stage": os.environ.get("DVC_STAGE", ""),
+        "dvc.exp": os.environ.get("DVC_EXP_NAME", ""),
+        "data.md5": data_md5(),
+        "params.hash": params_hash(stage_block),
+    }
+
+
+class StageRun:
+    """A thin handle on one MLflow run; every call goes through the client, no global fluent state."""
+
+    def __init__(self, mlflow_client, run_id: str):
+        self.client = mlflow_client
+        self.run_id = run_id
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in values.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100], synchronous=True)
+
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000], synchronous=True)
+
+    def log_metric_series(self, name: str, points: list[tuple[int, float]]) -> None:
+        """A whole step-wise curve in batches (loss curves have thousands of points)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(s)) for s, v in points]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000], synchronous=True)
+
+    def set_tags(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def _record_run_id(stage: str, run_id: str, parent: str | None, status: str) -> None:
+    log = repo_root() / ".ftq" / "runs.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"stage": stage, "run_id": run_id, "parent": parent, "status": status, "time": time.time()}
+    with open(log, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str, params: dict[str, Any], block_name: str | None = None, run_name: str | None = None
+) -> Iterator[StageRun]:
+    """Open the MLflow run for one stage execution; it ends FINISHED, or FAILED if the stage raises.
+    Its params are the stage's params.yaml block (`block_name`, default the stage's own name), flattened."""
+    block_name = block_name or stage
+    mlflow_client = client(params)
+    exp_id = experiment_id(mlflow_client, params)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tags = lineage_tags(stage, params, block_name)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = mlflow_client.create_run(exp_id, run_name=run_name or stage, tags=tags)
+    handle = StageRun(mlflow_client, run.info.run_id)
+    stage_block = params.get(block_name) if isinstance(params.get(block_name), dict) else {}
+    handle.log_params(flatten(stage_block, f"{block_name}."))
+    status = "FAILED"
+    try:
+        yield handle
+        status = "FINISHED"
+    finally:
+        mlflow_client.set_terminated(run.info.run_id, status)
+        _record_run_id(stage, run.info.run_id, parent, status)
