@@ -1,0 +1,168 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (from the embedded GGUF), a tiny LLaMA built from a
+config around it, and throw-away project repos (real git, real DVC, real MLflow sqlite store)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+os.environ.setdefault("FTQ_TORCH_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)  # steadier than 2 on a shared 2-core box
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2 tokenizer and chat template, with the eos/pad fixes the base stage applies."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from ftq.stages.base import embedded_gguf, fix_special_tokens
+
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    class _Config:  # fix_special_tokens only reads model.config.eos_token_id
+        config = LlamaConfig(eos_token_id=2)
+
+    fix_special_tokens(_Config(), tokenizer)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer, 64-wide LLaMA with the real tokenizer, saved as an HF folder (a valid base.source)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_model(tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    return build_tiny_model(tokenizer)
+
+
+def run(command, cwd, env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["FTQ_PYTHON"] = sys.executable
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def make_project(root: Path, base_source: Path, data_overrides: dict | None = None) -> Path:
+    """A fresh git + DVC repo holding this project's pipeline, with base.source set to `base_source`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "bin", root / "bin")
+    shutil.copytree(REPO / "src" / "ftq", root / "src" / "ftq", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "data").mkdir()
+    shutil.copy(REPO / "data" / "datasets.yaml", root / "data" / "datasets.yaml")
+    shutil.copytree(REPO / "data" / "raw", root / "data" / "raw")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["base"]["source"] = str(base_source)
+    params["data"].update(data_overrides or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = project_env(root)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "config", "user.email", "test@ftq.local"], root, env)
+    run(["git", "config", "user.name", "ftq test"], root, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    run([sys.executable, "-m", "dvc", "config", "cache.type", "hardlink,symlink"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "project"], root, env)
+    return root
+
+
+@pytest.fixture()
+def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A temp project on the tiny model; the working directory is its root for in-process stage calls."""
+    root = make_project(tmp_path / "project", tiny_model_dir)
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(root)
+    return root
+
+
+def load_params(root: Path) -> dict:
+    from ftq.params import load_params as _load
+
+    return _load(root / "params.yaml")
+
+
+def set_params(root: Path, **blocks) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for name, values in blocks.items():
+        params.setdefault(name, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def mlflow_runs(root: Path, experiment: str = "ftq"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data {path} is absent (../shared/data beside the project)")
+    return path

@@ -1,0 +1,67 @@
+import pytest
+
+from ftq.data.tokenize import IGNORE_INDEX, assistant_spans, tokenize_conversation
+
+
+def conversation(*turns, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    roles = ["user", "assistant"]
+    messages += [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+    return {"messages": messages, "tools": None}
+
+
+def target_text(tokenizer, example):
+    """Decoded label runs, one string per contiguous labelled span."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_labels_only_on_assistant_turns_including_end_token(tokenizer):
+    example = tokenize_conversation(tokenizer, conversation("What is 2+2?", "4"), max_length=512)
+    assert target_text(tokenizer, example) == ["4<|im_end|>\n"]
+    assert example.labels[: example.input_ids.index(tokenizer.convert_tokens_to_ids("<|im_start|>"))] == []
+
+
+def test_every_assistant_turn_of_a_multi_turn_conversation_is_a_target(tokenizer):
+    example = tokenize_conversation(
+        tokenizer, conversation("Hi", "Hello!", "Name a colour.", "Blue.", system="Be brief."), max_length=512
+    )
+    assert target_text(tokenizer, example) == ["Hello!<|im_end|>\n", "Blue.<|im_end|>\n"]
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_tokens_match_the_rendered_chat_template(tokenizer):
+    conv = conversation("Hi", "Hello!")
+    example = tokenize_conversation(tokenizer, conv, max_length=512)
+    rendered = tokenizer.apply_chat_template(conv["messages"], tokenize=False)
+    assert tokenizer.decode(example.input_ids) == rendered
+
+
+def test_right_truncation_keeps_the_start_and_drops_targetless(tokenizer):
+    conv = conversation("Tell me a story. " * 20, "Once upon a time " * 20)
+    full = tokenize_conversation(tokenizer, conv, max_length=4096)
+    cut_at = len(full.input_ids) - 10
+    cut = tokenize_conversation(tokenizer, conv, max_length=cut_at)
+    assert cut.truncated and cut.input_ids == full.input_ids[:cut_at] and cut.labels == full.labels[:cut_at]
+    first_target = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    assert tokenize_conversation(tokenizer, conv, max_length=first_target) is None
+    assert tokenize_conversation(tokenizer, conv, max_length=cut_at, truncation="drop") is None
+
+
+def test_non_prefix_stable_template_is_refused(tokenizer):
+    from ftq.data.tokenize import TemplateError
+
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    # a template that reorders turns: prefixes are not prefixes of the full text
+    tokenizer.chat_template = "{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(TemplateError):
+        assistant_spans(tokenizer, conversation("a", "b", "c", "d")["messages"])

@@ -1,0 +1,75 @@
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import project_env
+
+SUBCOMMANDS = [["run"], ["base"], ["base", "run"], ["base", "check"], ["prepare"], ["data"], ["data", "check"],
+               ["data", "make-default"], ["ui"]]
+
+
+def ftq(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "ftq", *args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_help_lists_every_subcommand():
+    result = ftq("--help")
+    assert result.returncode == 0
+    for name in ("run", "base", "prepare", "data", "ui"):
+        assert f"    {name} " in result.stdout
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(command):
+    result = ftq(*command, "--help")
+    assert result.returncode == 0 and "usage: ftq" in result.stdout
+
+
+def test_console_script_is_installed():
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "ftq"
+    assert script.exists()
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout.startswith("ftq ")
+
+
+def test_missing_params_file_is_a_clear_error(tmp_path):
+    result = ftq("prepare", "--params", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "nope.yaml: no such params file" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_project_store(project):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftq", "ui", "--port", str(port)],
+        cwd=project, env=project_env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.read().decode().strip() == "OK"
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"MLflow UI did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+                time.sleep(1)
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10", timeout=10
+        ) as response:
+            assert response.status == 200
+        assert (project / "mlflow.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,74 @@
+"""End to end through real DVC and real MLflow on the tiny model: `dvc repro`, skipping, `ftq run`
+nesting, and `dvc exp run` with a param override rerunning only what depends on it."""
+
+import json
+import sys
+
+from conftest import mlflow_runs, project_env, run
+
+
+def dvc(project, *args, check=True):
+    return run([sys.executable, "-m", "dvc", *args], project, project_env(project), check=check)
+
+
+def ftq(project, *args, check=True):
+    return run([sys.executable, "-m", "ftq", *args], project, project_env(project), check=check)
+
+
+def test_dvc_repro_prepare_then_nothing_to_do(project):
+    first = dvc(project, "repro", "prepare")
+    assert "Running stage 'base'" in first.stdout and "Running stage 'prepare'" in first.stdout
+    assert (project / "models" / "base" / "model.safetensors").exists()
+    assert (project / "data" / "processed" / "train").is_dir()
+    runs = mlflow_runs(project)
+    assert sorted(r.data.tags["ftq.stage"] for r in runs) == ["base", "prepare"]
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.params and r.data.metrics
+        assert r.data.tags["dvc.stage"] == r.data.tags["ftq.stage"]
+
+    second = dvc(project, "repro", "prepare")
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+    assert len(mlflow_runs(project)) == 2
+    status = dvc(project, "status")
+    assert "up to date" in status.stdout
+    lock = (project / "dvc.lock").read_text()
+    assert "models/base" in lock and "data/processed" in lock
+    # run ids live outside every stage's outputs and deps, so logging them never reruns a stage
+    ids = [json.loads(line)["run_id"] for line in (project / ".ftq" / "runs.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(r.info.run_id for r in runs)
+
+
+def test_ftq_run_nests_stage_runs_and_experiments_rerun_only_what_changed(project):
+    ftq(project, "run", "prepare")
+    runs = mlflow_runs(project)
+    [parent] = [r for r in runs if r.data.tags["ftq.stage"] == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["ftq.stage"] for r in children) == ["base", "prepare"]
+    assert parent.info.status == "FINISHED"
+
+    again = ftq(project, "run", "prepare")
+    assert "every stage was up to date" in again.stderr
+    assert len(mlflow_runs(project)) == 3  # the empty pipeline run is removed
+
+    run(["git", "add", "-A"], project, project_env(project))
+    run(["git", "commit", "-qm", "lock"], project, project_env(project))
+    exp = ftq(project, "run", "--exp", "--name", "short", "-S", "data.max_length=64", "prepare")
+    assert "Running stage 'prepare'" in exp.stdout and "Running stage 'base'" not in exp.stdout
+    new = [r for r in mlflow_runs(project) if r.info.run_id not in {x.info.run_id for x in runs}]
+    prepare_run = next(r for r in new if r.data.tags["ftq.stage"] == "prepare")
+    assert prepare_run.data.params["data.max_length"] == "64"
+    assert prepare_run.data.tags["dvc.exp"] == "short"
+    assert json.loads((project / "reports" / "data.json").read_text())["train"]["length"]["max"] <= 64
+    shown = dvc(project, "exp", "show", "--no-pager", "--csv")
+    assert "short" in shown.stdout
+
+
+def test_stage_failure_fails_repro_and_keeps_outputs_clean(project):
+    (project / "data" / "raw" / "ftq_default" / "train.json").write_text('[{"instruction": "x"}]')
+    result = dvc(project, "repro", "prepare", check=False)
+    assert result.returncode != 0
+    assert "record 0: field 'output': missing" in result.stderr + result.stdout
+    assert not (project / "data" / "processed").exists()
+    statuses = {r.data.tags["ftq.stage"]: r.info.status for r in mlflow_runs(project)}
+    assert statuses == {"base": "FINISHED", "prepare": "FAILED"}
