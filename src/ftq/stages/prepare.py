@@ -255,6 +255,14 @@ def run(params: dict[str, Any]) -> PrepareResult:
     return PrepareResult(out_dir, report)
 
 
+def _display_path(path: Path) -> str:
+    """Relative to the project when inside it, so reports do not depend on where the clone lives."""
+    try:
+        return path.resolve().relative_to(repo_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _md5(text: str) -> str:
     import hashlib
 
@@ -265,6 +273,7 @@ def build_report(specs, checks, pools, train, evaluation, train_rows, eval_rows,
     per_dataset = {}
     for spec in specs:
         summary = checks[spec.name].summary()
+        summary["file"] = _display_path(spec.file)
         summary.update(
             format=spec.format.format,
             split=spec.split,
