@@ -55,6 +55,21 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from ftq.stages import train
+
+    argv = ["train"] + (["--params", str(Path(args.params).resolve())] if args.params else [])
+    result = train.run(_params(args), argv)
+    if result is not None:
+        report = result.report
+        print(
+            f"trained {report['steps']} steps ({report['method']}): loss {report['first_train_loss']:.4f} -> "
+            f"{report['final_train_loss']:.4f}, eval loss {report['eval_loss']}, "
+            f"{report['real_tokens_per_second']} real tokens/s -> {result.output_dir}"
+        )
+    return 0
+
+
 def cmd_data_check(args) -> int:
     from ftq.data.check import check_file
     from ftq.data.formats import FormatSpec
@@ -136,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params_option(prepare)
     prepare.set_defaults(func=cmd_prepare)
+
+    train = commands.add_parser(
+        "train",
+        help="stage train: full, LoRA or QLoRA fine-tuning (launches torchrun itself for several processes)",
+        formatter_class=FORMATTER,
+    )
+    params_option(train)
+    train.set_defaults(func=cmd_train)
 
     data = commands.add_parser("data", help="data tools", formatter_class=FORMATTER)
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -5,6 +5,7 @@ from ftq.data.registry import RegistryError
 from ftq.data.tokenize import TemplateError
 from ftq.params import ParamsError
 from ftq.stages.base import SourceError
+from ftq.training.model import QLoRAUnavailable
 
 
 
@@ -12,4 +13,4 @@ class UsageError(ValueError):
     """A command-line argument that cannot be used."""
 
 
-USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, FileNotFoundError)
+USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError)

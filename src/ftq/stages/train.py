@@ -1,0 +1,358 @@
+"""Stage `train`: full, LoRA or QLoRA fine-tuning of models/base on data/processed, with the
+Hugging Face Trainer (which also drives DDP and DeepSpeed ZeRO).
+
+Outputs:
+  models/adapter/ (lora, qlora)   PEFT adapter + tokenizer + ftq_train.json
+  models/full/    (full)          whole model + tokenizer + ftq_train.json
+  reports/train.json              final losses, steps, real tokens/s, peak memory, wall time
+  reports/train_loss.csv          step-wise train loss (a DVC plot); reports/eval_loss.csv likewise
+  reports/train_loss.png          loss curves
+
+Checkpoints go to train.checkpoint_dir (models/checkpoints/train), which is not a DVC output, so DVC
+does not delete them before rerunning the stage: a killed run resumes from its last checkpoint on the
+next `dvc repro`. A fingerprint of the params, data and base model guards against resuming a
+different run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftq.io import atomic_write_json, atomic_write_text
+from ftq.params import params_hash, repo_root
+from ftq.training import launch
+from ftq.training.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+REPORT = Path("reports/train.json")
+LOSS_CSV = Path("reports/train_loss.csv")
+EVAL_CSV = Path("reports/eval_loss.csv")
+LOSS_PNG = Path("reports/train_loss.png")
+INFO_FILE = "ftq_train.json"
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    report: dict[str, Any]
+
+
+def fingerprint(settings: TrainSettings, params: dict[str, Any], root: Path) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the train params, the data and the base weights."""
+    base_info = json.loads((root / "models" / "base" / "base.json").read_text())
+    manifest = json.loads((root / "data" / "processed" / "manifest.json").read_text())
+    data_block = {k: v for k, v in params.get("data", {}).items() if k == "packing"}
+    return {
+        "train": params_hash(asdict(settings)),
+        "packing": params_hash(data_block),
+        "data_md5": manifest.get("md5", ""),
+        "base": params_hash({k: v["sha256"] for k, v in base_info["files"].items()}),
+    }
+
+
+def prepare_checkpoints(folder: Path, expected: dict[str, str]) -> str | None:
+    """The checkpoint to resume from, or None. Checkpoints of a different run are removed."""
+    marker = folder / FINGERPRINT_FILE
+    if folder.exists():
+        found = json.loads(marker.read_text()) if marker.exists() else None
+        if found != expected:
+            log.warning("checkpoints in %s belong to another run (params, data or base changed): removing", folder)
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, expected)
+    complete = [
+        p for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
+    ]
+    if not complete:
+        return None
+    latest = max(complete, key=lambda p: int(p.name.split("-")[-1]))
+    log.info("resuming from %s", latest)
+    return str(latest)
+
+
+def training_arguments(settings: TrainSettings, checkpoint_dir: Path, flags: dict[str, bool], packing: bool, has_eval: bool):
+    from transformers import TrainingArguments
+
+    use_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps if settings.max_steps > 0 else -1,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=flags["bf16"],
+        fp16=flags["fp16"],
+        use_cpu=not use_cuda,
+        ddp_backend="gloo" if launch.in_worker() and not use_cuda else None,
+        deepspeed=settings.deepspeed_config(),
+        train_sampling_strategy="group_by_length" if settings.group_by_length and not packing else "random",
+        length_column_name="length",
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if has_eval and settings.eval_steps > 0 else "no",
+        eval_steps=settings.eval_steps if settings.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,  # our Progress callback draws the bar
+        dataloader_num_workers=0,
+    )
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def load_splits(root: Path):
+    from datasets import load_from_disk
+
+    processed = root / "data" / "processed"
+    if not (processed / "train").exists():
+        raise FileNotFoundError(f"{processed}/train: no prepared data; run `dvc repro prepare` first")
+    train = load_from_disk(str(processed / "train"))
+    evaluation = load_from_disk(str(processed / "eval")) if (processed / "eval").exists() else None
+    return train, evaluation if evaluation is not None and len(evaluation) else None
+
+
+def loss_rows(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
+    train = [
+        {k: e[k] for k in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second") if k in e}
+        for e in log_history if "loss" in e
+    ]
+    evaluation = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return train, evaluation
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_losses(train_rows: list[dict], eval_rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    if train_rows:
+        ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", linewidth=1)
+    if eval_rows:
+        ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def build_trainer(settings, params, root, tracked, resume_marker):
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ftq.data.collate import make_collator
+    from ftq.training.callbacks import History, Progress
+    from ftq.training.model import load_for_training, precision_flags
+
+    flags = precision_flags(settings.precision)
+    packing = bool(params.get("data", {}).get("packing", False))
+    model, tokenizer = load_for_training(settings, root / "models" / "base", flags)
+    train_data, eval_data = load_splits(root)
+    args = training_arguments(settings, root / settings.checkpoint_dir, flags, packing, eval_data is not None)
+    history = History(on_log=tracked.log_metrics if tracked else None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        # no processing_class: with it, packed rows would count <|im_end|> (the pad id) as padding
+        data_collator=make_collator(tokenizer.pad_token_id, packing),
+        callbacks=[history, Progress(history)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer, tokenizer, history, packing
+
+
+def save_output(trainer, tokenizer, settings: TrainSettings, root: Path, info: dict[str, Any]) -> Path:
+    """Every rank takes part in save_model (ZeRO-3 gathers shards); rank 0 renames the result into place."""
+    target = root / settings.output_dir
+    staging = target.with_name(f"{target.name}.tmp-train")
+    if launch.is_main_process() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if launch.is_main_process():
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / INFO_FILE, info)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def run(params: dict[str, Any], argv: list[str] | None = None) -> TrainResult | None:
+    """Train; returns None in non-main worker processes (only rank 0 writes outputs and MLflow)."""
+    from ftq.tracking import stage_run
+
+    settings = TrainSettings.from_params(params)
+    if launch.needs_launcher(settings):
+        code = launch.launch(settings, argv or ["train"])
+        if code != 0:
+            raise SystemExit(code)
+        return None
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    root = repo_root()
+    main = launch.is_main_process()
+    expected = fingerprint(settings, params, root)
+    resume = prepare_checkpoints(root / settings.checkpoint_dir, expected) if main else None
+    if launch.in_worker():
+        resume = _broadcast_resume(resume)
+    tracking = stage_run("train", params) if main else contextlib.nullcontext(None)
+    try:
+        with tracking as tracked:
+            result = _train(settings, params, root, tracked, resume, expected)
+    finally:
+        launch.finish()
+    return result
+
+
+def _broadcast_resume(resume: str | None) -> str | None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    box = [resume]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train(settings, params, root, tracked, resume, expected) -> TrainResult | None:
+    started = time.time()
+    trainer, tokenizer, history, packing = build_trainer(settings, params, root, tracked, resume)
+    if tracked:
+        trainable, total = _parameter_counts(trainer.model)
+        tracked.set_tags({"train.method": settings.method, "train.resumed_from": resume or ""})
+        tracked.log_metrics({"trainable_parameters": trainable, "total_parameters": total})
+    outcome = trainer.train(resume_from_checkpoint=resume)
+    eval_loss = _final_eval_loss(trainer)
+    wall = time.time() - started
+    train_rows, eval_rows = loss_rows(trainer.state.log_history)
+    runtime = history.train_seconds or outcome.metrics.get("train_runtime") or wall
+    tokens_this_run = trainer.state.num_input_tokens_seen - _tokens_at(resume)
+    report = {
+        "method": settings.method,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 4),
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "first_train_loss": train_rows[0]["loss"] if train_rows else None,
+        "mean_train_loss": outcome.training_loss,
+        "eval_loss": eval_loss,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "real_tokens_per_second": round(tokens_this_run / runtime, 2) if runtime else None,
+        "train_step_seconds": round(runtime, 2),
+        "wall_seconds": round(wall, 2),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "world_size": settings.world_size,
+        "packing": packing,
+        "resumed_from_step": _step_of(resume),
+    }
+    info = {"method": settings.method, "settings": asdict(settings), "fingerprint": expected, "report": report}
+    target = save_output(trainer, tokenizer, settings, root, info)
+    if not launch.is_main_process():
+        return None
+    atomic_write_json(root / REPORT, report)
+    write_csv(root / LOSS_CSV, train_rows, ["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
+    write_csv(root / EVAL_CSV, eval_rows, ["step", "eval_loss"])
+    plot_losses(train_rows, eval_rows, root / LOSS_PNG, f"{settings.method} on {len(trainer.train_dataset)} examples")
+    _log_to_mlflow(tracked, report, train_rows, resume, root, target)
+    if not settings.keep_checkpoints:
+        shutil.rmtree(root / settings.checkpoint_dir, ignore_errors=True)
+    log.info("trained %d steps: loss %.4f -> %.4f, eval %s; wrote %s", report["steps"],
+             report["first_train_loss"] or 0, report["final_train_loss"] or 0, eval_loss, target)
+    return TrainResult(target, report)
+
+
+def _log_to_mlflow(tracked, report, train_rows, resume, root, target) -> None:
+    if tracked is None:
+        return
+    resumed_step = _step_of(resume) or 0
+    for key in ("loss", "learning_rate", "grad_norm"):  # steps before a resume were logged by the killed run
+        points = [(r["step"], r[key]) for r in train_rows if r["step"] <= resumed_step and key in r]
+        if points:
+            tracked.log_metric_series(key, points)
+    summary = {k if k.startswith(("final_", "first_", "mean_")) else f"final_{k}": v for k, v in report.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracked.log_metrics(summary, step=report["steps"])
+    for path in (REPORT, LOSS_CSV, EVAL_CSV, LOSS_PNG):
+        tracked.log_artifact(root / path)
+    if report["method"] == "full":
+        tracked.set_tags({"train.output": str(target)})  # a pointer: full weights are versioned by DVC
+    else:
+        tracked.log_artifact(target, "adapter")
+
+
+def _final_eval_loss(trainer) -> float | None:
+    """The eval loss at the last step: the scheduled evaluation's if one ran there, else a new one."""
+    if trainer.eval_dataset is None:
+        return None
+    last = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if last and last[-1]["step"] == trainer.state.global_step:
+        return last[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def _parameter_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+def _tokens_at(checkpoint: str | None) -> int:
+    if not checkpoint:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen", 0))
+
+
+def main_argv() -> list[str]:
+    """The ftq arguments of this process, to hand on to the launched workers."""
+    args = sys.argv[1:]
+    return args if args and args[0] == "train" else ["train", *args]

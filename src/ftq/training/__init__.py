@@ -1,0 +1,1 @@
+"""Training helpers behind the `train` stage: settings, model setup, callbacks, distributed launch."""

@@ -1,0 +1,115 @@
+"""Load models/base for training: full weights, a LoRA adapter on top, or QLoRA (4-bit NF4 base with
+double quantization through bitsandbytes, LoRA adapter in the compute dtype)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ftq.training.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+class QLoRAUnavailable(RuntimeError):
+    """bitsandbytes cannot run 4-bit layers on this machine."""
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise ValueError(f"train.precision {precision} needs a GPU; use auto or fp32 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def compute_dtype(flags: dict[str, bool]) -> torch.dtype:
+    return torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else torch.float32
+
+
+def check_bitsandbytes() -> None:
+    """Fail before any work if 4-bit layers cannot run here (no CUDA and no working CPU backend)."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken native library
+        raise QLoRAUnavailable(f"train.method qlora needs bitsandbytes, which failed to import: {exc}") from exc
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        with torch.no_grad():
+            layer(torch.randn(2, 64, device=device))
+    except Exception as exc:
+        raise QLoRAUnavailable(
+            f"train.method qlora: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit layers on "
+            f"{device} ({type(exc).__name__}: {exc}). Use a CUDA GPU, bitsandbytes >= 0.45 with its CPU backend, "
+            "or train.method lora."
+        ) from exc
+
+
+def keep_cpu_4bit_trainable(model) -> None:
+    """bitsandbytes' CPU path repacks 4-bit weights for AVX512-BF16 the first time it runs under no_grad
+    (evaluation), after which gradients through those layers silently vanish. Keep the plain layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, bool]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    dtype = compute_dtype(flags)
+    if settings.method == "qlora":
+        check_bitsandbytes()
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=quantization, dtype=dtype, device_map=device_map
+        )
+        if not torch.cuda.is_available():
+            keep_cpu_4bit_trainable(model)
+    else:
+        # full fine-tuning keeps fp32 master weights; mixed precision comes from the Trainer's autocast
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32 if settings.method == "full" else dtype)
+    model.config.use_cache = False
+    if settings.method == "full":
+        return model, tokenizer
+    return add_lora(model, settings), tokenizer
+
+
+def add_lora(model, settings: TrainSettings):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if settings.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(
+        r=settings.lora.rank,
+        lora_alpha=settings.lora.alpha,
+        lora_dropout=settings.lora.dropout,
+        target_modules=settings.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", settings.lora.rank,
+             settings.lora.target_modules, trainable, total, 100 * trainable / total)
+    return model
