@@ -85,3 +85,64 @@ def test_settings_validation(project):
     set_params(project, train={"method": "lora", "learning_rate_typo": 1})
     with pytest.raises(ParamsError, match="learning_rate_typo: unknown key"):
         TrainSettings.from_params(load_params(project))
+
+
+def ftq_train(project, **popen):
+    return subprocess.Popen([sys.executable, "-m", "ftq", "train"], cwd=project, env=project_env(project),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def test_killed_run_resumes_to_the_same_result(prepared):
+    # one thread in every process: the killed run is a subprocess, and thread count changes float sums
+    settings = {**FAST, "max_steps": 30, "save_steps": 5, "eval_steps": 0, "learning_rate": 1e-3, "torch_threads": 1}
+    set_params(prepared, train=settings)
+    uninterrupted = train.run(load_params(prepared)).report
+    expected = adapter_tensors(prepared)
+
+    proc = ftq_train(prepared)
+    checkpoint = prepared / "models" / "checkpoints" / "train" / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists():
+        assert proc.poll() is None, f"training ended before the checkpoint:\n{proc.stdout.read()}"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (prepared / "models" / "checkpoints" / "train" / "checkpoint-30").exists()
+
+    resumed = train.run(load_params(prepared)).report
+    assert resumed["resumed_from_step"] >= 10 and resumed["steps"] == 30
+    assert resumed["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], abs=1e-6)
+    assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-6)
+    got = adapter_tensors(prepared)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert (got[name] - expected[name]).abs().max().item() < 1e-6, name
+    rows = (prepared / "reports" / "train_loss.csv").read_text().splitlines()
+    assert len(rows) == 31  # the curve includes the steps of the killed run, from its checkpoint
+
+
+def test_checkpoints_of_another_run_are_not_resumed(prepared):
+    set_params(prepared, train={**FAST, "max_steps": 4, "save_steps": 2, "keep_checkpoints": True})
+    train.run(load_params(prepared))
+    assert (prepared / "models" / "checkpoints" / "train" / "checkpoint-4").exists()
+    set_params(prepared, train={"learning_rate": 1e-3})
+    report = train.run(load_params(prepared)).report
+    assert report["resumed_from_step"] is None and report["steps"] == 4
+
+
+def test_two_processes_on_cpu(prepared):
+    set_params(prepared, train={**FAST, "max_steps": 4, "nproc_per_node": 2, "master_port": 29517, "eval_steps": 2})
+    proc = ftq_train(prepared)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert "rank 0 of 2 finished" in output and "rank 1 of 2 finished" in output
+    report = json.loads((prepared / "reports" / "train.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 4
+    assert (prepared / "models" / "adapter" / "adapter_model.safetensors").exists()
+    train_runs = [r for r in mlflow_runs(prepared) if r.data.tags["ftq.stage"] == "train"]
+    assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
+    log = (prepared / ".ftq" / "runs.jsonl").read_text().splitlines()
+    assert sum('"stage": "train"' in line for line in log) == 1
+    assert not list((prepared / "models").glob("adapter.tmp-*"))

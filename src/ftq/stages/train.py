@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -180,7 +181,7 @@ def plot_losses(train_rows: list[dict], eval_rows: list[dict], path: Path, title
 
 
 def build_trainer(settings, params, root, tracked, resume_marker):
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ftq.data.collate import make_collator
@@ -189,6 +190,8 @@ def build_trainer(settings, params, root, tracked, resume_marker):
 
     flags = precision_flags(settings.precision)
     packing = bool(params.get("data", {}).get("packing", False))
+    # seed before the adapter is created: LoRA's initial weights come from the global RNG
+    set_seed(settings.seed)
     model, tokenizer = load_for_training(settings, root / "models" / "base", flags)
     train_data, eval_data = load_splits(root)
     args = training_arguments(settings, root / settings.checkpoint_dir, flags, packing, eval_data is not None)
@@ -245,6 +248,7 @@ def run(params: dict[str, Any], argv: list[str] | None = None) -> TrainResult | 
     try:
         with tracking as tracked:
             result = _train(settings, params, root, tracked, resume, expected)
+        log.info("rank %s of %d finished", os.environ.get("RANK", "0"), settings.world_size)
     finally:
         launch.finish()
     return result
@@ -268,12 +272,13 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         trainable, total = _parameter_counts(trainer.model)
         tracked.set_tags({"train.method": settings.method, "train.resumed_from": resume or ""})
         tracked.log_metrics({"trainable_parameters": trainable, "total_parameters": total})
+    tokens_before = _tokens_at(resume)  # read now: save_total_limit may rotate that checkpoint away
     outcome = trainer.train(resume_from_checkpoint=resume)
     eval_loss = _final_eval_loss(trainer)
     wall = time.time() - started
     train_rows, eval_rows = loss_rows(trainer.state.log_history)
     runtime = history.train_seconds or outcome.metrics.get("train_runtime") or wall
-    tokens_this_run = trainer.state.num_input_tokens_seen - _tokens_at(resume)
+    tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
     report = {
         "method": settings.method,
         "steps": trainer.state.global_step,
