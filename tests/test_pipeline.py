@@ -72,3 +72,30 @@ def test_stage_failure_fails_repro_and_keeps_outputs_clean(project):
     assert not (project / "data" / "processed").exists()
     statuses = {r.data.tags["ftq.stage"]: r.info.status for r in mlflow_runs(project)}
     assert statuses == {"base": "FINISHED", "prepare": "FAILED"}
+
+
+def test_train_stage_through_dvc_and_a_learning_rate_experiment(project):
+    from conftest import set_params
+
+    set_params(project, train={"max_steps": 6, "per_device_batch_size": 4, "eval_steps": 3, "save_steps": 3,
+                               "learning_rate": 5e-3, "warmup": 0, "torch_threads": 1})
+    run(["git", "add", "-A"], project, project_env(project))
+    run(["git", "commit", "-qm", "short training"], project, project_env(project))
+    first = ftq(project, "run", "train")
+    assert "Running stage 'train'" in first.stdout
+    assert (project / "models" / "adapter" / "adapter_model.safetensors").exists()
+    report = json.loads((project / "reports" / "train.json").read_text())
+    assert report["final_train_loss"] < report["first_train_loss"]
+
+    run(["git", "add", "-A"], project, project_env(project))
+    run(["git", "commit", "-qm", "trained"], project, project_env(project))
+    exp = ftq(project, "run", "--exp", "--name", "lr-low", "-S", "train.learning_rate=0.001", "train")
+    assert "Running stage 'train'" in exp.stdout
+    assert "Running stage 'base'" not in exp.stdout and "Running stage 'prepare'" not in exp.stdout
+    train_runs = sorted((r for r in mlflow_runs(project) if r.data.tags["ftq.stage"] == "train"),
+                        key=lambda r: r.info.start_time)
+    assert [r.data.params["train.learning_rate"] for r in train_runs] == ["0.005", "0.001"]
+    assert train_runs[1].data.tags["dvc.exp"] == "lr-low"
+    assert all("loss" in r.data.metrics and "eval_loss" in r.data.metrics for r in train_runs)
+    diff = dvc(project, "metrics", "diff", "--md")
+    assert "reports/train.json" in diff.stdout and "final_train_loss" in diff.stdout

@@ -146,3 +146,17 @@ def test_two_processes_on_cpu(prepared):
     log = (prepared / ".ftq" / "runs.jsonl").read_text().splitlines()
     assert sum('"stage": "train"' in line for line in log) == 1
     assert not list((prepared / "models").glob("adapter.tmp-*"))
+
+
+@pytest.mark.parametrize("preset, processes", [("zero2", 2), ("zero3_offload", 1)])
+def test_deepspeed_on_cpu(prepared, preset, processes):
+    """DeepSpeed ZeRO through torchrun; its ops compile on first use (cached in ~/.cache/torch_extensions)."""
+    set_params(prepared, train={**FAST, "max_steps": 4, "eval_steps": 2, "deepspeed": preset,
+                                "nproc_per_node": processes, "master_port": 29541 + processes, "torch_threads": 1})
+    proc = ftq_train(prepared)
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-5000:]
+    report = json.loads((prepared / "reports" / "train.json").read_text())
+    assert report["steps"] == 4 and report["world_size"] == processes
+    assert report["final_train_loss"] < report["first_train_loss"]
+    assert set(adapter_tensors(prepared)) and not (prepared / "models" / "adapter" / "training_args.bin").exists()

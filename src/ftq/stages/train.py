@@ -218,8 +218,11 @@ def save_output(trainer, tokenizer, settings: TrainSettings, root: Path, info: d
         shutil.rmtree(staging)
     trainer.save_model(str(staging))
     if launch.is_main_process():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; ftq_train.json has the settings
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / INFO_FILE, info)
+        for path in staging.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600 files
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
