@@ -49,6 +49,7 @@ def test_split_and_sampling_are_seeded(based):
     prepare.run(load_params(based))
     first = (based / "data" / "processed" / "eval.jsonl").read_text()
     assert len(first.splitlines()) == 60
+    assert (based / "data" / "processed" / "eval").is_dir()
     prepare.run(load_params(based))
     assert (based / "data" / "processed" / "eval.jsonl").read_text() == first
     set_params(based, data={"seed": 7})
@@ -61,6 +62,7 @@ def test_num_samples_subsamples_and_repeats(based):
     register(based, "big", (based / "data/raw/ftq_default/heldout.json").resolve(), num_samples=100)
     set_params(based, data={"datasets": ["small"], "eval_size": 0})
     assert prepare.run(load_params(based)).report["train"]["examples"] == 10
+    assert not (based / "data" / "processed" / "eval").exists()  # no eval split: no empty dataset folder
     set_params(based, data={"datasets": ["big"]})
     # duplicates of the same file were already dropped: repeats are deliberate sampling, not duplicates
     assert prepare.run(load_params(based)).report["train"]["examples"] == 100

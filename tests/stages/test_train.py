@@ -41,7 +41,8 @@ def test_lora_trains_and_reports(prepared):
     assert report["eval_loss"] is not None and report["real_tokens_per_second"] > 0 and report["peak_memory_bytes"] > 0
     rows = (prepared / "reports" / "train_loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,learning_rate,grad_norm,tokens_per_second" and len(rows) == 13
-    assert len((prepared / "reports" / "eval_loss.csv").read_text().splitlines()) == 3  # steps 6 and 12
+    assert len((prepared / "reports" / "eval_loss.csv").read_text().splitlines()) == 4  # steps 0, 6 and 12
+    assert report["initial_eval_loss"] > report["eval_loss"]
     assert (prepared / "reports" / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not (prepared / "models" / "checkpoints" / "train").exists()  # removed after success
     [run] = [r for r in mlflow_runs(prepared) if r.data.tags["ftq.stage"] == "train"]
@@ -51,7 +52,7 @@ def test_lora_trains_and_reports(prepared):
     client = MlflowClient(f"sqlite:///{prepared / 'mlflow.db'}")
     for metric in ("loss", "learning_rate", "grad_norm", "tokens_per_second"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 12, metric
-    assert len(client.get_metric_history(run.info.run_id, "eval_loss")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "eval_loss")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "train.json", "train_loss.png"} <= artifacts
 

@@ -224,7 +224,8 @@ def run(params: dict[str, Any]) -> PrepareResult:
             write_jsonl(tmp / "train.jsonl", train)
             write_jsonl(tmp / "eval.jsonl", evaluation)
             Dataset.from_dict(train_rows).save_to_disk(str(tmp / "train"))
-            Dataset.from_dict(eval_rows).save_to_disk(str(tmp / "eval"))
+            if eval_rows["input_ids"]:  # datasets cannot load an empty saved dataset back
+                Dataset.from_dict(eval_rows).save_to_disk(str(tmp / "eval"))
             manifest = {
                 "md5": tree_md5(tmp),
                 "train_examples": len(train),

@@ -276,6 +276,10 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         tracked.set_tags({"train.method": settings.method, "train.resumed_from": resume or ""})
         tracked.log_metrics({"trainable_parameters": trainable, "total_parameters": total})
     tokens_before = _tokens_at(resume)  # read now: save_total_limit may rotate that checkpoint away
+    if trainer.eval_dataset is not None and not resume:
+        # the eval loss before any training: the baseline the curve falls from. train() starts a new
+        # TrainerState, so History puts it back into log_history (and so into every checkpoint).
+        history.initial_eval_loss = trainer.evaluate()["eval_loss"]
     outcome = trainer.train(resume_from_checkpoint=resume)
     eval_loss = _final_eval_loss(trainer)
     wall = time.time() - started
@@ -289,10 +293,12 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
         "first_train_loss": train_rows[0]["loss"] if train_rows else None,
         "mean_train_loss": outcome.training_loss,
+        "initial_eval_loss": eval_rows[0]["eval_loss"] if eval_rows and eval_rows[0]["step"] == 0 else None,
         "eval_loss": eval_loss,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "real_tokens_per_second": round(tokens_this_run / runtime, 2) if runtime else None,
         "train_step_seconds": round(runtime, 2),
+        "train_runtime_seconds": round(outcome.metrics.get("train_runtime", wall), 2),  # Trainer's own clock
         "wall_seconds": round(wall, 2),
         "peak_memory_bytes": peak_memory_bytes(),
         "world_size": settings.world_size,

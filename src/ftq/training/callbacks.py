@@ -20,12 +20,16 @@ class History(TrainerCallback):
         self._last_time: float | None = None
         self._last_tokens = 0
         self.tokens_per_second = 0.0
+        self.initial_eval_loss: float | None = None
         self.train_seconds = 0.0  # time inside training steps, all logs together
         self._step_started: float | None = None
         self._seconds_since_log = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_tokens = state.num_input_tokens_seen
+        has_initial = any(e.get("step") == 0 and "eval_loss" in e for e in state.log_history)
+        if self.initial_eval_loss is not None and not has_initial:
+            state.log_history.insert(0, {"eval_loss": self.initial_eval_loss, "step": 0})
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()

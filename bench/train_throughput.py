@@ -1,0 +1,290 @@
+"""Training throughput: ftq against LLaMA-Factory on the same model, data and settings, in one run.
+
+For each model (the tiny test LLaMA and SmolLM2-135M) and method (lora, full), both tools train N steps
+from the same base folder on the same Alpaca data, with the same batch size, sequence cap, LoRA config,
+learning rate, schedule, seed and thread count. Real tokens/s counts only non-padding tokens, over
+training-step time. LLaMA-Factory (`llamafactory` from PyPI) runs in its own virtualenv, made here on
+first use (bench/.venv-llamafactory). Results: reports/bench/train.json.
+
+    .venv/bin/python bench/train_throughput.py            # everything (~20 min on 2 CPU cores)
+    .venv/bin/python bench/train_throughput.py --quick    # tiny model only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tiny-model builder the tests use
+
+LF_VENV = REPO / "bench" / ".venv-llamafactory"
+# LLaMA-Factory 0.9.5 and the versions it accepts; torchvision/torchaudio/gradio are skipped (--no-deps):
+# they serve its multimodal and web UI paths, not text SFT, and PyPI's torchvision breaks beside torch 2.13.
+LF_PACKAGES = [
+    "torch==2.13.0", "transformers==5.6.0", "peft==0.18.1", "accelerate==1.11.0", "datasets==4.0.0",
+    "trl==0.24.0", "tokenizers", "safetensors", "sentencepiece", "tiktoken", "einops", "fire", "omegaconf",
+    "pydantic", "pyyaml", "protobuf", "scipy", "matplotlib", "pandas", "numpy", "packaging", "tyro<0.9.0",
+    "fastapi", "uvicorn", "sse-starlette", "av<=16.0.0", "torchdata==0.11.0", "jieba", "nltk", "rouge-chinese",
+]
+LF_VERSION = "llamafactory==0.9.5"
+# llamafactory.data.mm_plugin imports torchaudio at module level, for audio inputs only. No torchaudio
+# build loads beside torch 2.13 (PyPI stops at 2.11), so text-only runs get an empty placeholder
+# package on PYTHONPATH; any audio use would fail loudly. Recorded in the report.
+TORCHAUDIO_PLACEHOLDER = REPO / "bench" / ".venv-llamafactory" / "placeholders"
+
+
+def sh(command, cwd=None, env=None, timeout=3600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def ensure_llamafactory() -> Path:
+    python = LF_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import llamafactory"], capture_output=True).returncode == 0:
+        return python
+    print("creating", LF_VENV, file=sys.stderr)
+    sh([sys.executable, "-m", "venv", str(LF_VENV)])
+    sh([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    sh([str(python), "-m", "pip", "install", "-q", *LF_PACKAGES])
+    sh([str(python), "-m", "pip", "install", "-q", "--no-deps", LF_VERSION])
+    return python
+
+
+def torchaudio_placeholder() -> Path:
+    package = TORCHAUDIO_PLACEHOLDER / "torchaudio"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(
+        '"""Placeholder: LLaMA-Factory imports torchaudio for audio inputs only; none loads beside torch 2.13."""\n'
+        "__version__ = '0+placeholder'\n"
+        "def __getattr__(name):\n"
+        "    raise ImportError(f'torchaudio.{name}: no torchaudio build for torch 2.13 in this benchmark')\n"
+    )
+    return TORCHAUDIO_PLACEHOLDER
+
+
+def alpaca_data(limit: int) -> tuple[Path, str]:
+    """The first `limit` records; both tools train exactly one epoch over them, so both see every record once."""
+    shared = REPO.parent / "shared" / "data" / "sft" / "alpaca_en_demo.json"
+    source = shared if shared.exists() else REPO / "data" / "raw" / "ftq_default" / "train.json"
+    records = json.loads(source.read_text())[:limit]
+    folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    (folder / "bench.json").write_text(json.dumps(records))
+    return folder / "bench.json", source.name
+
+
+def tiny_source(folder: Path) -> Path:
+    """The tests' tiny LLaMA (2 layers, 64 wide) around the real SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from conftest import build_tiny_model
+    from ftq.stages.base import embedded_gguf, fix_special_tokens
+
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    class _Config:
+        config = LlamaConfig(eos_token_id=2)
+
+    fix_special_tokens(_Config(), tokenizer)
+    model = build_tiny_model(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def materialize_base(source: str, folder: Path) -> Path:
+    """models/base made by ftq's own base stage in a scratch project, for both tools to train from."""
+    project = folder.parent / f"{folder.name}-project"
+    project.mkdir(exist_ok=True)
+    (project / "params.yaml").write_text(yaml.safe_dump({"base": {"source": source}, "tracking": {"experiment": "bench"}}))
+    sh([sys.executable, "-m", "ftq", "base", "run"], cwd=project, env=bench_env())
+    shutil.move(str(project / "models" / "base"), folder)
+    return folder
+
+
+def bench_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", FTQ_PYTHON=sys.executable, DISABLE_VERSION_CHECK="1",
+               MLFLOW_TRACKING_URI="", WANDB_DISABLED="true")
+    env.pop("MLFLOW_TRACKING_URI")
+    return env
+
+
+def run_ftq(base: Path, data: Path, method: str, cfg: dict, mode: str, work: Path) -> dict:
+    project = work / f"ftq-{method}-{mode}"
+    shutil.rmtree(project, ignore_errors=True)
+    (project / "data" / "raw").mkdir(parents=True)
+    shutil.copy(data, project / "data" / "raw" / "bench.json")
+    (project / "data" / "datasets.yaml").write_text(yaml.safe_dump({"bench": {"file": "raw/bench.json", "format": "alpaca"}}))
+    (project / "models").mkdir()
+    os.symlink(base, project / "models" / "base")
+    params = {
+        "data": {"datasets": ["bench"], "eval_size": 0, "max_length": cfg["max_length"], "packing": mode == "packing",
+                 "seed": cfg["seed"]},
+        "train": {
+            "method": method, "output_dir": "models/full" if method == "full" else "models/adapter",
+            "lora": {"rank": cfg["lora_rank"], "alpha": cfg["lora_alpha"], "dropout": 0.0, "target_modules": "all-linear"},
+            "learning_rate": cfg["learning_rate"], "lr_scheduler": "cosine", "warmup": 0, "epochs": 1,
+            "per_device_batch_size": cfg["batch_size"], "gradient_accumulation": 1, "seed": cfg["seed"],
+            "group_by_length": mode == "group_by_length", "eval_steps": 0, "save_steps": 10_000,
+            "torch_threads": cfg["threads"], "logging_steps": 1,
+        },
+        "tracking": {"experiment": "bench"},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = bench_env(cfg["threads"])
+    sh([sys.executable, "-m", "ftq", "prepare"], cwd=project, env=env)
+    sh([sys.executable, "-m", "ftq", "train"], cwd=project, env=env)
+    report = json.loads((project / "reports" / "train.json").read_text())
+    losses = [float(line.split(",")[1]) for line in (project / "reports" / "train_loss.csv").read_text().splitlines()[1:]]
+    return {
+        "real_tokens_per_second": round(report["tokens_seen"] / report["train_runtime_seconds"], 2),
+        "real_tokens": report["tokens_seen"],
+        "train_seconds": report["train_runtime_seconds"],
+        "steps": report["steps"],
+        "peak_memory_bytes": report["peak_memory_bytes"],
+        "losses": losses,
+    }
+
+
+def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dict, work: Path) -> dict:
+    folder = work / f"lf-{method}"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(data, folder / "data" / "bench.json")
+    (folder / "data" / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
+    config = {
+        "model_name_or_path": str(base), "trust_remote_code": False,
+        "stage": "sft", "do_train": True, "finetuning_type": method,
+        "dataset": "bench", "dataset_dir": str(folder / "data"), "template": "chatml",
+        "cutoff_len": cfg["max_length"], "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "tokenized_path": str(folder / "tokenized"),
+        "output_dir": str(folder / "out"), "logging_steps": 1, "save_strategy": "no", "overwrite_output_dir": True,
+        "report_to": "none", "plot_loss": False,
+        "per_device_train_batch_size": cfg["batch_size"], "gradient_accumulation_steps": 1,
+        "learning_rate": cfg["learning_rate"], "lr_scheduler_type": "cosine", "warmup_steps": 0,
+        "num_train_epochs": 1, "seed": cfg["seed"], "bf16": False, "fp16": False, "use_cpu": True,
+        "include_num_input_tokens_seen": False, "dataloader_num_workers": 0,
+    }
+    if method == "lora":
+        config.update(lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, lora_target="all")
+    (folder / "train.yaml").write_text(yaml.safe_dump(config))
+    env = bench_env(cfg["threads"])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = str(torchaudio_placeholder())
+    # first call tokenizes and saves the dataset (so its token counts can be read), the second trains from it
+    started = time.time()
+    sh([str(python), "-m", "llamafactory.cli", "train", str(folder / "train.yaml")], cwd=folder, env=env)
+    wall = time.time() - started
+    state = json.loads((folder / "out" / "trainer_state.json").read_text())
+    results = json.loads((folder / "out" / "train_results.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    real_tokens = count_lf_tokens(python, folder / "tokenized")
+    runtime = results["train_runtime"]
+    return {
+        "real_tokens_per_second": round(real_tokens / runtime, 2),
+        "real_tokens": real_tokens,
+        "train_seconds": runtime,
+        "steps": state["global_step"],
+        "wall_seconds": round(wall, 2),
+        "losses": losses,
+    }
+
+
+def count_lf_tokens(python: Path, tokenized: Path) -> int:
+    """Non-padding tokens LLaMA-Factory trained on: one epoch, so every tokenized example exactly once."""
+    code = (
+        "import sys; from datasets import load_from_disk; d=load_from_disk(sys.argv[1]);"
+        "d=d['train'] if hasattr(d,'keys') else d; print(sum(len(x) for x in d['input_ids']))"
+    )
+    return int(sh([str(python), "-c", code, str(tokenized)]).stdout.strip())
+
+
+def loss_summary(losses: list[float]) -> dict:
+    third = max(len(losses) // 3, 1)
+    return {"first": losses[0], "last": losses[-1], "mean": sum(losses) / len(losses),
+            "mean_last_third": sum(losses[-third:]) / third} if losses else {}
+
+
+CONFIGS = {
+    "tiny": {"examples": 400, "batch_size": 4},
+    "smollm2-135m": {"examples": 96, "batch_size": 4},
+}
+COMMON = {"max_length": 512, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 32, "seed": 42, "threads": 1}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model only")
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--out", default=str(REPO / "reports" / "bench" / "train.json"))
+    args = parser.parse_args()
+    lf_python = ensure_llamafactory()
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    results = []
+    models = ["tiny"] if args.quick else ["tiny", "smollm2-135m"]
+    for model_name in models:
+        cfg = {**COMMON, **CONFIGS[model_name]}
+        source = str(tiny_source(work / "tiny-source")) if model_name == "tiny" else "embedded"
+        base = materialize_base(source, work / f"{model_name}-base")
+        data, data_name = alpaca_data(cfg["examples"])
+        for method in args.methods.split(","):
+            row = {"model": model_name, "method": method, "data": data_name, "settings": cfg}
+            for mode in ("group_by_length", "packing"):
+                print(f"[{model_name} {method}] ftq ({mode})", file=sys.stderr, flush=True)
+                row[f"ftq_{mode}"] = run_ftq(base, data, method, cfg, mode, work)
+            print(f"[{model_name} {method}] llamafactory", file=sys.stderr, flush=True)
+            row["llamafactory"] = run_llamafactory(lf_python, base, data, method, cfg, work)
+            lf_speed = row["llamafactory"]["real_tokens_per_second"]
+            for key in ("ftq_group_by_length", "ftq_packing"):
+                row[key]["speedup_vs_llamafactory"] = round(row[key]["real_tokens_per_second"] / lf_speed, 3)
+            for key in ("ftq_group_by_length", "ftq_packing", "llamafactory"):
+                row[key]["loss"] = loss_summary(row[key].pop("losses"))
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "settings"}, indent=1), file=sys.stderr, flush=True)
+    report = {
+        "benchmark": "train_throughput",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_run": COMMON["threads"]},
+        "versions": {"ftq": _version(sys.executable, "ftq"), "llamafactory": _version(lf_python, "llamafactory"),
+                     "ftq_transformers": _version(sys.executable, "transformers"),
+                     "llamafactory_transformers": _version(lf_python, "transformers")},
+        "results": results,
+        "goal": "ftq real tokens/s >= 1.5x LLaMA-Factory at a matching loss curve",
+        "notes": [
+            "LLaMA-Factory runs its defaults for SFT (padding to the longest in a random batch, template chatml); "
+            "ftq runs its defaults (group_by_length) and packing.",
+            "LLaMA-Factory's torchaudio import (audio inputs only) gets an empty placeholder: no torchaudio "
+            "build loads beside torch 2.13.",
+            "Both train one epoch over the same records, so both see every record once; real tokens are "
+            "non-padding tokens, divided by the Trainer's train_runtime.",
+        ],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _version(python, package: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version('{package}'))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
