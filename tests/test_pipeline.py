@@ -35,8 +35,8 @@ def test_dvc_repro_prepare_then_nothing_to_do(project):
     lock = (project / "dvc.lock").read_text()
     assert "models/base" in lock and "data/processed" in lock
     # run ids live outside every stage's outputs and deps, so logging them never reruns a stage
-    ids = [json.loads(line)["run_id"] for line in (project / ".ftq" / "runs.jsonl").read_text().splitlines()]
-    assert sorted(ids) == sorted(r.info.run_id for r in runs)
+    ids = {json.loads(line)["run_id"] for line in (project / ".ftq" / "runs.jsonl").read_text().splitlines()}
+    assert ids == {r.info.run_id for r in runs}
 
 
 def test_ftq_run_nests_stage_runs_and_experiments_rerun_only_what_changed(project):

@@ -34,7 +34,8 @@ def test_stage_run_logs_params_metrics_series_and_status(project):
     assert len(client.get_metric_history(runs["prepare"].info.run_id, "train_loss")) == 2500
     assert runs["prepare"].data.tags["params.hash"] == params_hash(params["data"])
     log = [json.loads(line) for line in (project / ".ftq" / "runs.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["status"]) for e in log] == [("prepare", "FINISHED"), ("base", "FAILED")]
+    assert [(e["stage"], e["status"]) for e in log] == [
+        ("prepare", "RUNNING"), ("prepare", "FINISHED"), ("base", "RUNNING"), ("base", "FAILED")]
 
 
 def test_tracking_uri_override(project, monkeypatch, tmp_path):

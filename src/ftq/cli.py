@@ -63,9 +63,9 @@ def cmd_train(args) -> int:
     if result is not None:
         report = result.report
         print(
-            f"trained {report['steps']} steps ({report['method']}): loss {report['first_train_loss']:.4f} -> "
-            f"{report['final_train_loss']:.4f}, eval loss {report['eval_loss']}, "
-            f"{report['real_tokens_per_second']} real tokens/s -> {result.output_dir}"
+            f"trained {report['steps']} steps ({report['method']}): train loss {report['train_loss_first_tenth']} -> "
+            f"{report['train_loss_last_tenth']} (first/last tenth), eval loss {report['initial_eval_loss']} -> "
+            f"{report['eval_loss']}, {report['real_tokens_per_second']} real tokens/s -> {result.output_dir}"
         )
     return 0
 

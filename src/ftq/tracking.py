@@ -130,12 +130,53 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+def _runs_log() -> Path:
+    return repo_root() / ".ftq" / "runs.jsonl"
+
+
 def _record_run_id(stage: str, run_id: str, parent: str | None, status: str) -> None:
-    log = repo_root() / ".ftq" / "runs.jsonl"
+    log = _runs_log()
     log.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"stage": stage, "run_id": run_id, "parent": parent, "status": status, "time": time.time()}
+    entry = {"stage": stage, "run_id": run_id, "parent": parent, "status": status, "pid": os.getpid(),
+             "time": time.time()}
     with open(log, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_killed_runs(mlflow_client) -> list[str]:
+    """Runs whose process died without ending them (kill -9, power loss) stay RUNNING in MLflow forever;
+    mark them KILLED. Each run's last line in .ftq/runs.jsonl tells its status and process."""
+    log = _runs_log()
+    if not log.exists():
+        return []
+    latest: dict[str, dict] = {}
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        latest[entry["run_id"]] = entry
+    killed = []
+    for run_id, entry in latest.items():
+        if entry.get("status") == "RUNNING" and entry.get("pid") and not _alive(entry["pid"]):
+            try:
+                if mlflow_client.get_run(run_id).info.status == "RUNNING":
+                    mlflow_client.set_terminated(run_id, "KILLED")
+            except Exception:  # the run may have been deleted from the store
+                pass
+            _record_run_id(entry["stage"], run_id, entry.get("parent"), "KILLED")
+            killed.append(run_id)
+    return killed
 
 
 @contextlib.contextmanager
@@ -147,11 +188,13 @@ def stage_run(
     block_name = block_name or stage
     mlflow_client = client(params)
     exp_id = experiment_id(mlflow_client, params)
+    close_killed_runs(mlflow_client)
     parent = os.environ.get(PARENT_RUN_ENV) or None
     tags = lineage_tags(stage, params, block_name)
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = mlflow_client.create_run(exp_id, run_name=run_name or stage, tags=tags)
+    _record_run_id(stage, run.info.run_id, parent, "RUNNING")
     handle = StageRun(mlflow_client, run.info.run_id)
     stage_block = params.get(block_name) if isinstance(params.get(block_name), dict) else {}
     handle.log_params(flatten(stage_block, f"{block_name}."))

@@ -180,7 +180,7 @@ def plot_losses(train_rows: list[dict], eval_rows: list[dict], path: Path, title
     tmp.replace(path)
 
 
-def build_trainer(settings, params, root, tracked, resume_marker):
+def build_trainer(settings, params, root, tracked):
     from transformers import Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -270,7 +270,7 @@ def _broadcast_resume(resume: str | None) -> str | None:
 
 def _train(settings, params, root, tracked, resume, expected) -> TrainResult | None:
     started = time.time()
-    trainer, tokenizer, history, packing = build_trainer(settings, params, root, tracked, resume)
+    trainer, tokenizer, history, packing = build_trainer(settings, params, root, tracked)
     if tracked:
         trainable, total = _parameter_counts(trainer.model)
         tracked.set_tags({"train.method": settings.method, "train.resumed_from": resume or ""})
@@ -279,7 +279,8 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
     if trainer.eval_dataset is not None and not resume:
         # the eval loss before any training: the baseline the curve falls from. train() starts a new
         # TrainerState, so History puts it back into log_history (and so into every checkpoint).
-        history.initial_eval_loss = trainer.evaluate()["eval_loss"]
+        with _rng_preserved():  # a resumed run skips this evaluation, so it must not shift any RNG stream
+            history.initial_eval_loss = trainer.evaluate()["eval_loss"]
     outcome = trainer.train(resume_from_checkpoint=resume)
     eval_loss = _final_eval_loss(trainer)
     wall = time.time() - started
@@ -293,6 +294,9 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
         "first_train_loss": train_rows[0]["loss"] if train_rows else None,
         "mean_train_loss": outcome.training_loss,
+        # batches differ in kind and length, so single steps are noisy: compare the first and last tenth
+        "train_loss_first_tenth": _mean_loss(train_rows[: max(len(train_rows) // 10, 1)]),
+        "train_loss_last_tenth": _mean_loss(train_rows[-max(len(train_rows) // 10, 1) :]),
         "initial_eval_loss": eval_rows[0]["eval_loss"] if eval_rows and eval_rows[0]["step"] == 0 else None,
         "eval_loss": eval_loss,
         "tokens_seen": trainer.state.num_input_tokens_seen,
@@ -313,20 +317,24 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
     write_csv(root / LOSS_CSV, train_rows, ["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
     write_csv(root / EVAL_CSV, eval_rows, ["step", "eval_loss"])
     plot_losses(train_rows, eval_rows, root / LOSS_PNG, f"{settings.method} on {len(trainer.train_dataset)} examples")
-    _log_to_mlflow(tracked, report, train_rows, resume, root, target)
+    _log_to_mlflow(tracked, report, train_rows + eval_rows, resume, root, target)
     if not settings.keep_checkpoints:
         shutil.rmtree(root / settings.checkpoint_dir, ignore_errors=True)
-    log.info("trained %d steps: loss %.4f -> %.4f, eval %s; wrote %s", report["steps"],
-             report["first_train_loss"] or 0, report["final_train_loss"] or 0, eval_loss, target)
+    log.info("trained %d steps: train loss %.4f -> %.4f (first/last tenth), eval loss %s -> %s; wrote %s",
+             report["steps"], report["train_loss_first_tenth"] or 0, report["train_loss_last_tenth"] or 0,
+             report["initial_eval_loss"], eval_loss, target)
     return TrainResult(target, report)
 
 
-def _log_to_mlflow(tracked, report, train_rows, resume, root, target) -> None:
+def _log_to_mlflow(tracked, report, rows, resume, root, target) -> None:
     if tracked is None:
         return
-    resumed_step = _step_of(resume) or 0
-    for key in ("loss", "learning_rate", "grad_norm"):  # steps before a resume were logged by the killed run
-        points = [(r["step"], r[key]) for r in train_rows if r["step"] <= resumed_step and key in r]
+    resumed_step = _step_of(resume)
+    # steps up to a resumed checkpoint were logged by the killed run: copy them so this run has the whole curve
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "eval_loss"):
+        if resumed_step is None:
+            break
+        points = [(r["step"], r[key]) for r in rows if r["step"] <= resumed_step and key in r]
         if points:
             tracked.log_metric_series(key, points)
     summary = {k if k.startswith(("final_", "first_", "mean_")) else f"final_{k}": v for k, v in report.items()
@@ -338,6 +346,29 @@ def _log_to_mlflow(tracked, report, train_rows, resume, root, target) -> None:
         tracked.set_tags({"train.output": str(target)})  # a pointer: full weights are versioned by DVC
     else:
         tracked.log_artifact(target, "adapter")
+
+
+@contextlib.contextmanager
+def _rng_preserved():
+    """Every DataLoader iterator draws a seed from torch's global RNG: restore all RNG states after."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
+def _mean_loss(rows: list[dict]) -> float | None:
+    return round(sum(r["loss"] for r in rows) / len(rows), 6) if rows else None
 
 
 def _final_eval_loss(trainer) -> float | None:
