@@ -77,7 +77,7 @@ def torchaudio_placeholder() -> Path:
 
 def alpaca_data(limit: int) -> tuple[Path, str]:
     """The first `limit` records; both tools train exactly one epoch over them, so both see every record once."""
-    shared = REPO.parent / "shared" / "data" / "sft" / "alpaca_en_demo.json"
+    shared = Path(os.environ.get("FTQ_SHARED_DATA", REPO.parent / "shared" / "data")) / "sft" / "alpaca_en_demo.json"
     source = shared if shared.exists() else REPO / "data" / "raw" / "ftq_default" / "train.json"
     records = json.loads(source.read_text())[:limit]
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -222,7 +222,7 @@ def loss_summary(losses: list[float]) -> dict:
 
 CONFIGS = {
     "tiny": {"examples": 400, "batch_size": 4},
-    "smollm2-135m": {"examples": 96, "batch_size": 4},
+    "smollm2-135m": {"examples": 48, "batch_size": 4},
 }
 COMMON = {"max_length": 512, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 32, "seed": 42, "threads": 1}
 
@@ -230,15 +230,19 @@ COMMON = {"max_length": 512, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model only")
+    parser.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--examples", type=int, default=None, help="records per run (default: per model)")
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--out", default=str(REPO / "reports" / "bench" / "train.json"))
     args = parser.parse_args()
     lf_python = ensure_llamafactory()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     results = []
-    models = ["tiny"] if args.quick else ["tiny", "smollm2-135m"]
+    models = ["tiny"] if args.quick else (args.models.split(",") if args.models else list(CONFIGS))
     for model_name in models:
         cfg = {**COMMON, **CONFIGS[model_name]}
+        if args.examples:
+            cfg["examples"] = args.examples
         source = str(tiny_source(work / "tiny-source")) if model_name == "tiny" else "embedded"
         base = materialize_base(source, work / f"{model_name}-base")
         data, data_name = alpaca_data(cfg["examples"])
@@ -275,6 +279,11 @@ def main() -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a partial run (--models) replaces its own rows and keeps the others
+    if out.exists():
+        previous = json.loads(out.read_text()).get("results", [])
+        fresh = {(r["model"], r["method"]) for r in results}
+        report["results"] = [r for r in previous if (r["model"], r["method"]) not in fresh] + results
     out.write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}", file=sys.stderr)
