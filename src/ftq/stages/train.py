@@ -276,7 +276,8 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         tracked.set_tags({"train.method": settings.method, "train.resumed_from": resume or ""})
         tracked.log_metrics({"trainable_parameters": trainable, "total_parameters": total})
     tokens_before = _tokens_at(resume)  # read now: save_total_limit may rotate that checkpoint away
-    if trainer.eval_dataset is not None and not resume:
+    # DeepSpeed (below ZeRO-3) cannot evaluate before its engine exists: no baseline there
+    if trainer.eval_dataset is not None and not resume and not settings.deepspeed:
         # the eval loss before any training: the baseline the curve falls from. train() starts a new
         # TrainerState, so History puts it back into log_history (and so into every checkpoint).
         with _rng_preserved():  # a resumed run skips this evaluation, so it must not shift any RNG stream
