@@ -30,7 +30,7 @@ def test_dvc_repro_prepare_then_nothing_to_do(project):
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date" in second.stdout
     assert len(mlflow_runs(project)) == 2
-    status = dvc(project, "status")
+    status = dvc(project, "status", "prepare")
     assert "up to date" in status.stdout
     lock = (project / "dvc.lock").read_text()
     assert "models/base" in lock and "data/processed" in lock
