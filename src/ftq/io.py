@@ -67,6 +67,21 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG through a temp file, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    try:
+        fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -23,7 +23,7 @@ from ftq.data.check import FileCheck, check_file
 from ftq.data.errors import DataError
 from ftq.data.registry import DatasetSpec, load_registry, select
 from ftq.data.tokenize import TRUNCATION, tokenize_conversation
-from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, tree_md5
+from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure, tree_md5
 from ftq.params import ParamsError, block, repo_root
 
 log = logging.getLogger(__name__)
@@ -177,11 +177,7 @@ def plot_lengths(train_lengths: list[int], eval_lengths: list[int], max_length: 
     ax.set_title("Token lengths")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ftq.io import atomic_write_json, atomic_write_text
+from ftq.io import atomic_write_json, atomic_write_text, save_figure
 from ftq.params import params_hash, repo_root
 from ftq.training import launch
 from ftq.training.settings import TrainSettings
@@ -174,10 +174,7 @@ def plot_losses(train_rows: list[dict], eval_rows: list[dict], path: Path, title
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def build_trainer(settings, params, root, tracked):
