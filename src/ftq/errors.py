@@ -5,12 +5,13 @@ from ftq.data.registry import RegistryError
 from ftq.data.tokenize import TemplateError
 from ftq.params import ParamsError
 from ftq.stages.base import SourceError
+from ftq.stages.merge import MergeCheckError
 from ftq.training.model import QLoRAUnavailable
-
 
 
 class UsageError(ValueError):
     """A command-line argument that cannot be used."""
 
 
-USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError)
+USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError,
+               MergeCheckError)

@@ -83,6 +83,24 @@ def lineage_tags(stage: str, params: dict[str, Any], block_name: str | None = No
     }
 
 
+def latest_run_id(stage: str, params: dict[str, Any], block_name: str | None = None) -> str:
+    """The newest FINISHED run of `stage` made with the current params block and data, or "".
+    Used for lineage in model cards; never stored in a file a DVC stage depends on for skipping."""
+    try:
+        mlflow_client = client(params)
+        found = mlflow_client.get_experiment_by_name(((params.get("tracking") or {}).get("experiment")) or "ftq")
+        if found is None:
+            return ""
+        stage_block = params.get(block_name or stage)
+        query = (f"tags.`ftq.stage` = '{stage}' and attributes.status = 'FINISHED' "
+                 f"and tags.`params.hash` = '{params_hash(stage_block if isinstance(stage_block, dict) else {})}'")
+        runs = mlflow_client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                         max_results=1)
+    except Exception:  # lineage is best effort: a missing store must not fail a stage
+        return ""
+    return runs[0].info.run_id if runs else ""
+
+
 class StageRun:
     """A thin handle on one MLflow run; every call goes through the client, no global fluent state."""
 
