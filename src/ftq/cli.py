@@ -82,6 +82,26 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from ftq.stages import quantize
+
+    params = _params(args)
+    names = args.builds or list(params.get("quantize", {}).get("enabled") or [])
+    if not names:
+        from ftq.errors import UsageError
+
+        raise UsageError("no build named and quantize.enabled is empty")
+    for name in names:
+        manifest = quantize.run(params, name).manifest
+        check = manifest["check"]
+        print(
+            f"{name} ({manifest['method']}): {manifest['size_bytes']:,} bytes ({manifest['compression_ratio']}x smaller), "
+            f"perplexity {check['perplexity']:.3f} vs merged {check['merged_perplexity']:.3f} "
+            f"({check['perplexity_ratio']:.3f}x), {manifest['build_seconds']} s -> models/quantized/{name}"
+        )
+    return 0
+
+
 def cmd_data_check(args) -> int:
     from ftq.data.check import check_file
     from ftq.data.formats import FormatSpec
@@ -178,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params_option(merge)
     merge.set_defaults(func=cmd_merge)
+
+    quantize = commands.add_parser(
+        "quantize", help="stage quantize: make builds of models/merged (AWQ, GPTQ, GGUF) and check each",
+        formatter_class=FORMATTER,
+    )
+    quantize.add_argument("builds", nargs="*", help="names in quantize.builds (default: quantize.enabled)")
+    params_option(quantize)
+    quantize.set_defaults(func=cmd_quantize)
 
     data = commands.add_parser("data", help="data tools", formatter_class=FORMATTER)
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -5,6 +5,7 @@ from ftq.data.registry import RegistryError
 from ftq.data.tokenize import TemplateError
 from ftq.params import ParamsError
 from ftq.stages.base import SourceError
+from ftq.quantize.check import BuildCheckError
 from ftq.stages.merge import MergeCheckError
 from ftq.training.model import QLoRAUnavailable
 
@@ -14,4 +15,4 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError,
-               MergeCheckError)
+               MergeCheckError, BuildCheckError)

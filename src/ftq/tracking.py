@@ -70,9 +70,11 @@ def data_md5(root: Path | None = None) -> str:
         return ""
 
 
-def lineage_tags(stage: str, params: dict[str, Any], block_name: str | None = None) -> dict[str, str]:
-    stage_block = params.get(block_name or stage)
-    stage_block = stage_block if isinstance(stage_block, dict) else {}
+def lineage_tags(stage: str, params: dict[str, Any], block_name: str | None = None,
+                 stage_block: dict[str, Any] | None = None) -> dict[str, str]:
+    if stage_block is None:
+        stage_block = params.get(block_name or stage)
+        stage_block = stage_block if isinstance(stage_block, dict) else {}
     return {
         "ftq.stage": stage,
         "git.rev": git_rev(),
@@ -199,22 +201,26 @@ def close_killed_runs(mlflow_client) -> list[str]:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, params: dict[str, Any], block_name: str | None = None, run_name: str | None = None
+    stage: str, params: dict[str, Any], block_name: str | None = None, run_name: str | None = None,
+    block_values: dict[str, Any] | None = None,
 ) -> Iterator[StageRun]:
     """Open the MLflow run for one stage execution; it ends FINISHED, or FAILED if the stage raises.
-    Its params are the stage's params.yaml block (`block_name`, default the stage's own name), flattened."""
+    Its params are the stage's params.yaml block (`block_name`, default the stage's own name), flattened,
+    or `block_values` for a foreach stage that uses one entry of its block (one quantized build)."""
     block_name = block_name or stage
     mlflow_client = client(params)
     exp_id = experiment_id(mlflow_client, params)
     close_killed_runs(mlflow_client)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    tags = lineage_tags(stage, params, block_name)
+    tags = lineage_tags(stage, params, block_name, block_values)
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = mlflow_client.create_run(exp_id, run_name=run_name or stage, tags=tags)
     _record_run_id(stage, run.info.run_id, parent, "RUNNING")
     handle = StageRun(mlflow_client, run.info.run_id)
-    stage_block = params.get(block_name) if isinstance(params.get(block_name), dict) else {}
+    stage_block = block_values
+    if stage_block is None:
+        stage_block = params.get(block_name) if isinstance(params.get(block_name), dict) else {}
     handle.log_params(flatten(stage_block, f"{block_name}."))
     status = "FAILED"
     try:

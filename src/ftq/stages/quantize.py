@@ -1,0 +1,220 @@
+"""Stage `quantize`: one build of models/merged, named in params.yaml `quantize.builds`.
+
+dvc.yaml runs this once per name in `quantize.enabled` (foreach), so each build is its own stage
+(`quantize@q4_0`), depends only on its own params and reruns alone. Outputs:
+  models/quantized/<name>/          the build (a .gguf file, or an HF folder for AWQ/GPTQ) + manifest.json
+  reports/quantize/<name>.json      size, compression, time, memory, perplexity vs. merged
+
+A build is kept only if it passes the quality check (ftq.quantize.check): loaded with its own runtime it
+must answer a fixed prompt coherently and keep its held-out perplexity within a ratio of the merged
+model's. Otherwise the stage fails and models/quantized/<name>/ is not written.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256, tree_md5
+from ftq.params import ParamsError, block, repo_root
+
+log = logging.getLogger(__name__)
+
+MERGED_DIR = Path("models/merged")
+OUTPUT_ROOT = Path("models/quantized")
+REPORT_ROOT = Path("reports/quantize")
+MANIFEST = "manifest.json"
+CHECK_DEFAULTS = {
+    "prompt": "Who are you?",
+    "max_new_tokens": 48,
+    "heldout_examples": 32,
+    "heldout_max_length": 512,
+    "max_perplexity_ratio": 1.5,
+}
+CALIBRATION_DEFAULTS = {"split": "train", "samples": 128, "max_length": 512, "seed": 0}
+
+
+@dataclass
+class BuildSpec:
+    name: str
+    method: str
+    options: dict[str, Any]
+    check: dict[str, Any]
+    calibration: dict[str, Any]
+
+
+@dataclass
+class QuantizeResult:
+    output_dir: Path
+    manifest: dict[str, Any]
+
+
+def _merge(defaults: dict, *layers: dict | None, where: str) -> dict:
+    merged = dict(defaults)
+    for layer in layers:
+        unknown = sorted(set(layer or {}) - set(defaults))
+        if unknown:
+            raise ParamsError(f"{where}: unknown keys {unknown}; expected {sorted(defaults)}")
+        merged.update(layer or {})
+    return merged
+
+
+def build_spec(params: dict[str, Any], name: str) -> BuildSpec:
+    from ftq.quantize import backend
+
+    cfg = block(params, "quantize")
+    path = params.get("_path", "params.yaml")
+    builds = cfg.get("builds") or {}
+    if name not in builds:
+        raise ParamsError(f"{path}: quantize.builds has no build '{name}' (defined: {', '.join(builds) or 'none'})")
+    spec = dict(builds[name] or {})
+    where = f"{path}: quantize.builds.{name}"
+    if "method" not in spec:
+        raise ParamsError(f"{where}: missing 'method' (gguf, awq or gptq)")
+    method = str(spec.pop("method"))
+    check = _merge(CHECK_DEFAULTS, cfg.get("check"), spec.pop("check", None), where=f"{where}.check")
+    calibration = _merge(CALIBRATION_DEFAULTS, cfg.get("calibration"), spec.pop("calibration", None),
+                         where=f"{where}.calibration")
+    options = backend(method, where).validate(spec, where)
+    return BuildSpec(name, method, options, check, calibration)
+
+
+def peak_memory_bytes() -> int:
+    """Largest resident set of this process or a finished child (the GGUF converter runs as one)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(max(own, children)) * 1024
+
+
+def file_table(folder: Path) -> dict[str, dict]:
+    return {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+
+
+def measure_merged(root: Path, heldout, check: dict) -> dict:
+    from ftq.quantize.check import measure
+    from ftq.runtimes import open_model
+
+    runtime = open_model(root / MERGED_DIR)
+    try:
+        return measure(runtime, heldout, check["prompt"], check["max_new_tokens"])
+    finally:
+        runtime.close()
+
+
+def check_build(folder: Path, heldout, check: dict, reference: dict) -> dict:
+    from ftq.quantize.check import judge, measure
+    from ftq.runtimes import open_model
+
+    started = time.time()
+    runtime = open_model(folder, n_ctx=max(2048, check["heldout_max_length"] + 8))
+    load_seconds = time.time() - started
+    try:
+        measured = measure(runtime, heldout, check["prompt"], check["max_new_tokens"])
+    finally:
+        runtime.close()
+    verdict = judge(measured, reference, float(check["max_perplexity_ratio"]))
+    return {**verdict, "runtime": runtime.kind, "load_seconds": round(load_seconds, 3),
+            "generate_seconds": measured["generate_seconds"], "perplexity_seconds": measured["perplexity_seconds"],
+            "prompt": check["prompt"]}
+
+
+def run(params: dict[str, Any], name: str) -> QuantizeResult:
+    from ftq.quantize import backend
+    from ftq.quantize.calibration import heldout as heldout_sequences, sample
+    from ftq.quantize.check import BuildCheckError
+    from ftq.tracking import stage_run
+
+    spec = build_spec(params, name)
+    method = backend(spec.method)
+    root = repo_root()
+    merged = root / MERGED_DIR
+    if not (merged / "config.json").exists():
+        raise FileNotFoundError(f"{merged}: no merged model; run `dvc repro merge` first")
+    out_dir = root / OUTPUT_ROOT / name
+    calibration = None
+    if method.NEEDS_CALIBRATION:
+        cal = spec.calibration
+        calibration = sample(root, cal["split"], int(cal["samples"]), int(cal["max_length"]), cal["seed"])
+    heldout = heldout_sequences(root, int(spec.check["heldout_examples"]), int(spec.check["heldout_max_length"]))
+    build_block = {"name": name, "method": spec.method, **spec.options, "check": spec.check}
+    if calibration is not None:
+        build_block["calibration"] = spec.calibration
+    with stage_run("quantize", params, run_name=f"quantize@{name}", block_values=build_block) as tracked:
+        with atomic_dir(out_dir) as tmp:
+            started = time.time()
+            built = method.build(merged, tmp, spec.options, calibration)
+            build_seconds = time.time() - started
+            build_peak = peak_memory_bytes()
+            reference = measure_merged(root, heldout, spec.check)
+            check = check_build(tmp / built.get("artifact", ""), heldout, spec.check, reference)
+            if not check["passed"]:
+                raise BuildCheckError(f"build '{name}' ({spec.method}) failed its check, nothing was kept in "
+                                      f"{out_dir}: " + "; ".join(check["failures"]))
+            manifest = describe(root, tmp, spec, built, calibration, heldout, check, build_seconds, build_peak,
+                                method.versions())
+            atomic_write_json(tmp / MANIFEST, manifest)
+        report = summary(manifest)
+        atomic_write_json(root / REPORT_ROOT / f"{name}.json", report)
+        tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        tracked.set_tags({"quantize.build": name, "quantize.method": spec.method,
+                          "quantize.artifact": str(out_dir / built.get("artifact", "")),
+                          "lineage.merged_md5": manifest["source"]["md5"]})
+        tracked.log_artifact(out_dir / MANIFEST)
+        tracked.log_artifact(root / REPORT_ROOT / f"{name}.json")
+    log.info("build %s (%s): %s bytes (%.2fx smaller), perplexity %.3f vs merged %.3f (%.3fx), %.1f s",
+             name, spec.method, f"{report['size_bytes']:,}", report["compression_ratio"], report["perplexity"],
+             report["merged_perplexity"], report["perplexity_ratio"], report["build_seconds"])
+    return QuantizeResult(out_dir, manifest)
+
+
+def describe(root, folder, spec, built, calibration, heldout, check, build_seconds, build_peak, versions) -> dict:
+    merged = root / MERGED_DIR
+    merge_info_path = merged / "ftq_merge.json"
+    merge_info = json.loads(merge_info_path.read_text()) if merge_info_path.exists() else {}
+    files = file_table(folder)
+    size = sum(f["bytes"] for f in files.values())
+    merged_size = dir_size(merged)
+    return {
+        "name": spec.name,
+        "method": spec.method,
+        "options": spec.options,
+        "artifact": built.get("artifact", ""),
+        "format": spec.method if spec.method == "gguf" else built.get("format", spec.method),
+        "calibration": None if calibration is None else {**calibration.describe(), **spec.calibration},
+        "heldout": heldout.describe(),
+        "source": {"path": MERGED_DIR.as_posix(), "md5": tree_md5(merged), "size_bytes": merged_size,
+                   "lineage": merge_info.get("lineage", {})},
+        "tool_versions": {**versions, **{m: importlib.metadata.version(m) for m in ("torch", "transformers")}},
+        "files": files,
+        "size_bytes": size,
+        "compression_ratio": round(merged_size / size, 3) if size else None,
+        "build_seconds": round(build_seconds, 2),
+        "peak_memory_bytes": build_peak,
+        "check": check,
+        "backend": {k: v for k, v in built.items() if k not in ("artifact",)},
+    }
+
+
+def summary(manifest: dict) -> dict:
+    check = manifest["check"]
+    return {
+        "method": manifest["method"],
+        "size_bytes": manifest["size_bytes"],
+        "compression_ratio": manifest["compression_ratio"],
+        "build_seconds": manifest["build_seconds"],
+        "peak_memory_bytes": manifest["peak_memory_bytes"],
+        "perplexity": round(check["perplexity"], 4),
+        "merged_perplexity": round(check["merged_perplexity"], 4),
+        "perplexity_ratio": round(check["perplexity_ratio"], 4),
+        "load_seconds": check["load_seconds"],
+        "check_passed": check["passed"],
+    }

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from conftest import load_params, mlflow_runs, set_params
+from ftq.params import ParamsError
+from ftq.quantize.check import BuildCheckError
+from ftq.runtimes import artifact_format, open_model
+from ftq.stages import base, merge, prepare, quantize, train
+
+FAST_TRAIN = {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 5e-3, "eval_steps": 0, "save_steps": 2,
+              "warmup": 0}
+SMALL_CHECK = {"heldout_examples": 6, "heldout_max_length": 128, "max_new_tokens": 12}
+SMALL_CALIBRATION = {"split": "train", "samples": 8, "max_length": 128, "seed": 0}
+
+
+@pytest.fixture()
+def merged(project):
+    set_params(project, train=FAST_TRAIN, quantize={"check": SMALL_CHECK, "calibration": SMALL_CALIBRATION})
+    params = load_params(project)
+    for stage in (base, prepare, train, merge):
+        stage.run(params)
+    return project
+
+
+def with_builds(root, **builds):
+    params = load_params(root)
+    params["quantize"]["builds"].update(builds)
+    return params
+
+
+def test_gguf_build_with_output_type_and_manifest(merged):
+    params = with_builds(merged, tq4={"method": "gguf", "type": "q4_0", "output_type": "q4_0"})
+    manifest = quantize.run(params, "tq4").manifest
+    out = merged / "models" / "quantized" / "tq4"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.gguf"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["method"] == "gguf" and manifest["options"]["type"] == "q4_0"
+    # every weight matrix is Q4_0, the tied token embedding / output included; norms stay F32
+    assert set(manifest["backend"]["tensor_types"]) == {"Q4_0", "F32"}
+    assert manifest["files"]["model.gguf"]["sha256"] and manifest["size_bytes"] == manifest["files"]["model.gguf"]["bytes"]
+    assert manifest["compression_ratio"] > 3 and manifest["calibration"] is None
+    assert manifest["tool_versions"]["llama-cpp-python"] == "0.3.36"
+    assert manifest["peak_memory_bytes"] > 0 and manifest["build_seconds"] > 0
+    check = manifest["check"]
+    assert check["passed"] and check["runtime"] == "llama.cpp" and check["perplexity_ratio"] < 1.5
+    assert manifest["source"]["lineage"]["train_method"] == "lora"
+    report = json.loads((merged / "reports" / "quantize" / "tq4.json").read_text())
+    assert report["perplexity_ratio"] == round(check["perplexity_ratio"], 4)
+    [run] = [r for r in mlflow_runs(merged) if r.data.tags["ftq.stage"] == "quantize"]
+    assert run.info.run_name == "quantize@tq4" and run.data.params["quantize.type"] == "q4_0"
+    assert run.data.metrics["compression_ratio"] == manifest["compression_ratio"]
+    assert run.data.tags["quantize.artifact"].endswith("tq4/model.gguf")
+    # the build is usable by any llama.cpp consumer
+    runtime = open_model(out)
+    assert runtime.kind == "llama.cpp"
+    runtime.close()
+
+
+def test_failed_check_leaves_no_partial_directory(merged):
+    params = with_builds(merged, broken={"method": "gguf", "type": "q2_k", "check": {"max_perplexity_ratio": 0.5}})
+    with pytest.raises(BuildCheckError, match="build 'broken'.*perplexity"):
+        quantize.run(params, "broken")
+    assert not (merged / "models" / "quantized" / "broken").exists()
+    assert not list((merged / "models" / "quantized").glob("broken.tmp-*"))
+    assert not (merged / "reports" / "quantize" / "broken.json").exists()
+    [run] = [r for r in mlflow_runs(merged) if r.data.tags["ftq.stage"] == "quantize"]
+    assert run.info.status == "FAILED"
+
+
+def test_bad_build_options_name_the_key(merged):
+    with pytest.raises(ParamsError, match=r"quantize.builds.x: type 'q4_z'"):
+        quantize.build_spec(with_builds(merged, x={"method": "gguf", "type": "q4_z"}), "x")
+    with pytest.raises(ParamsError, match=r"quantize.builds.x: unknown options \['bitz'\]"):
+        quantize.build_spec(with_builds(merged, x={"method": "gptq", "bitz": 4}), "x")
+    with pytest.raises(ParamsError, match="method 'exl2'"):
+        quantize.build_spec(with_builds(merged, x={"method": "exl2"}), "x")
+    with pytest.raises(ParamsError, match="no build 'nope'"):
+        quantize.build_spec(load_params(merged), "nope")
+
+
+def test_awq_build_loads_in_transformers(merged):
+    params = with_builds(merged, awq={"method": "awq", "bits": 4, "group_size": 32})
+    manifest = quantize.run(params, "awq").manifest
+    out = merged / "models" / "quantized" / "awq"
+    assert artifact_format(out) == "compressed-tensors"
+    assert manifest["calibration"]["samples"] == 8 and len(manifest["calibration"]["sha256"]) == 64
+    assert manifest["check"]["passed"] and manifest["check"]["runtime"] == "transformers"
+    assert manifest["tool_versions"]["llmcompressor"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert weights["num_bits"] == 4 and weights["group_size"] == 32 and weights["symmetric"] is False
+
+
+def test_gptq_build_loads_in_transformers(merged):
+    params = with_builds(merged, gptq={"method": "gptq", "bits": 4, "group_size": 32, "act_order": True})
+    manifest = quantize.run(params, "gptq").manifest
+    out = merged / "models" / "quantized" / "gptq"
+    assert artifact_format(out) == "gptq"
+    assert manifest["check"]["passed"] and manifest["check"]["runtime"] == "transformers"
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == 4 and config["group_size"] == 32 and config["desc_act"] is True
