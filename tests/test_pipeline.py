@@ -99,3 +99,42 @@ def test_train_stage_through_dvc_and_a_learning_rate_experiment(project):
     assert all("loss" in r.data.metrics and "eval_loss" in r.data.metrics for r in train_runs)
     diff = dvc(project, "metrics", "diff", "--md")
     assert "reports/train.json" in diff.stdout and "final_train_loss" in diff.stdout
+
+
+def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(project):
+    """`dvc repro` after train makes models/merged and every enabled build (foreach); changing one
+    build's options reruns that build alone; a broken build fails its stage and leaves no folder."""
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update({"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2, "warmup": 0})
+    params["quantize"].update({
+        "enabled": ["f16", "q8_0"],
+        "builds": {"f16": {"method": "gguf", "type": "f16"}, "q8_0": {"method": "gguf", "type": "q8_0"}},
+        "check": {**params["quantize"]["check"], "heldout_examples": 4, "heldout_max_length": 96, "max_new_tokens": 8},
+    })
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = dvc(project, "repro")
+    for stage in ("merge", "quantize@f16", "quantize@q8_0"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    for name in ("f16", "q8_0"):
+        manifest = json.loads((project / "models" / "quantized" / name / "manifest.json").read_text())
+        assert manifest["check"]["passed"] and (project / "models" / "quantized" / name / "model.gguf").exists()
+        assert (project / "reports" / "quantize" / f"{name}.json").exists()
+    assert (project / "models" / "merged" / "README.md").exists()
+    metrics = dvc(project, "metrics", "show", "--json")
+    assert "reports/quantize/q8_0.json" in metrics.stdout and "reports/merge.json" in metrics.stdout
+
+    params["quantize"]["builds"]["q8_0"] = {"method": "gguf", "type": "q8_0", "output_type": "q8_0"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = dvc(project, "repro")
+    assert "Running stage 'quantize@q8_0'" in second.stdout
+    for stage in ("train", "merge", "quantize@f16"):
+        assert f"Running stage '{stage}'" not in second.stdout, stage
+
+    params["quantize"]["builds"]["q8_0"]["check"] = {"max_perplexity_ratio": 0.5}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    broken = dvc(project, "repro", check=False)
+    assert broken.returncode != 0 and "failed its check" in broken.stderr + broken.stdout
+    assert not (project / "models" / "quantized" / "q8_0").exists()
+    assert (project / "models" / "quantized" / "f16" / "model.gguf").exists()
