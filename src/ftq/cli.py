@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # torchao (pulled in by llm-compressor) logs every CUDA-only kernel it cannot load on a CPU box
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     from ftq.errors import USER_ERRORS
 
     try:
