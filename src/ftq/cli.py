@@ -102,6 +102,40 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from ftq.stages import evaluate
+
+    for name in args.candidates:
+        report = evaluate.run(_params(args), name)
+        task = ", ".join(f"{k[5:]} {v}" for k, v in report.items() if k.startswith("task_") and not k.endswith("examples"))
+        print(f"{name} ({report['runtime']}): {task}; perplexity {report['perplexity']}; "
+              f"{report['tokens_per_second']} tok/s, TTFT {report['ttft_seconds_p50']} s -> reports/eval/{name}.json")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ftq.stages import compare
+
+    result = compare.run(_params(args))
+    print(f"compared {', '.join(result['candidates'])} -> reports/compare.md, reports/compare.html")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ftq.serve.app import Limits
+    from ftq.serve.server import serve
+
+    limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
+    serve(args.model, args.host, args.port, args.api_key, args.watch, _params(args), limits, args.threads)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ftq.serve.chat import chat
+
+    return chat(args.model, args.system, args.max_tokens, args.temperature, _params(args))
+
+
 def cmd_data_check(args) -> int:
     from ftq.data.check import check_file
     from ftq.data.formats import FormatSpec
@@ -206,6 +240,47 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("builds", nargs="*", help="names in quantize.builds (default: quantize.enabled)")
     params_option(quantize)
     quantize.set_defaults(func=cmd_quantize)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="stage evaluate: task accuracy, perplexity and speed of base, merged or a build",
+        formatter_class=FORMATTER,
+    )
+    evaluate.add_argument("candidates", nargs="+", help="base, merged or a name in models/quantized/")
+    params_option(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = commands.add_parser(
+        "compare", help="stage compare: reports/compare.md and .html over every evaluated candidate",
+        formatter_class=FORMATTER,
+    )
+    params_option(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible API + web chat for a registry alias, version or local model",
+        formatter_class=FORMATTER,
+    )
+    serve.add_argument("--model", required=True,
+                       help="models:/NAME@champion, models:/NAME/3, or a path (HF folder, AWQ/GPTQ folder, .gguf)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs an API key")
+    serve.add_argument("--port", type=int, default=8000, help="port")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $FTQ_API_KEY)")
+    serve.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                       help="poll the registry and reload when the alias moves (0: off)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-prompt-tokens", type=int, default=3072, help="longest prompt accepted, in tokens")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: all)")
+    params_option(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal (streaming, /reset, /exit)",
+                               formatter_class=FORMATTER)
+    chat.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3, or a path")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=512, help="reply length limit")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    params_option(chat)
+    chat.set_defaults(func=cmd_chat)
 
     data = commands.add_parser("data", help="data tools", formatter_class=FORMATTER)
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import load_params, mlflow_runs, set_params
+from conftest import load_params, make_project, mlflow_runs, set_params
 from ftq.params import ParamsError
 from ftq.quantize.check import BuildCheckError
 from ftq.runtimes import artifact_format, open_model
@@ -14,13 +14,25 @@ SMALL_CHECK = {"heldout_examples": 6, "heldout_max_length": 128, "max_new_tokens
 SMALL_CALIBRATION = {"split": "train", "samples": 8, "max_length": 128, "seed": 0}
 
 
-@pytest.fixture()
-def merged(project):
-    set_params(project, train=FAST_TRAIN, quantize={"check": SMALL_CHECK, "calibration": SMALL_CALIBRATION})
-    params = load_params(project)
-    for stage in (base, prepare, train, merge):
-        stage.run(params)
-    return project
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, tiny_model_dir):
+    """One trained and merged tiny project shared by this module's tests (each build has its own folder)."""
+    import os
+
+    project = make_project(tmp_path_factory.mktemp("quantize") / "project", tiny_model_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
+            patch.delenv(key, raising=False)
+        patch.chdir(project)
+        set_params(project, train=FAST_TRAIN, quantize={"check": SMALL_CHECK, "calibration": SMALL_CALIBRATION})
+        params = load_params(project)
+        for stage in (base, prepare, train, merge):
+            stage.run(params)
+        yield project
+
+
+def quantize_runs(root, name):
+    return [r for r in mlflow_runs(root) if r.info.run_name == f"quantize@{name}"]
 
 
 def with_builds(root, **builds):
@@ -47,8 +59,8 @@ def test_gguf_build_with_output_type_and_manifest(merged):
     assert manifest["source"]["lineage"]["train_method"] == "lora"
     report = json.loads((merged / "reports" / "quantize" / "tq4.json").read_text())
     assert report["perplexity_ratio"] == round(check["perplexity_ratio"], 4)
-    [run] = [r for r in mlflow_runs(merged) if r.data.tags["ftq.stage"] == "quantize"]
-    assert run.info.run_name == "quantize@tq4" and run.data.params["quantize.type"] == "q4_0"
+    [run] = quantize_runs(merged, "tq4")
+    assert run.data.tags["ftq.stage"] == "quantize" and run.data.params["quantize.type"] == "q4_0"
     assert run.data.metrics["compression_ratio"] == manifest["compression_ratio"]
     assert run.data.tags["quantize.artifact"].endswith("tq4/model.gguf")
     # the build is usable by any llama.cpp consumer
@@ -64,7 +76,7 @@ def test_failed_check_leaves_no_partial_directory(merged):
     assert not (merged / "models" / "quantized" / "broken").exists()
     assert not list((merged / "models" / "quantized").glob("broken.tmp-*"))
     assert not (merged / "reports" / "quantize" / "broken.json").exists()
-    [run] = [r for r in mlflow_runs(merged) if r.data.tags["ftq.stage"] == "quantize"]
+    [run] = quantize_runs(merged, "broken")
     assert run.info.status == "FAILED"
 
 

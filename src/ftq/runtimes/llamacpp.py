@@ -46,12 +46,34 @@ class LlamaCppRuntime:
                                                   seed=0)
         return (reply["choices"][0]["message"]["content"] or "").strip()
 
-    def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                    top_p: float = 1.0, stop: list[str] | None = None) -> Iterator[str]:
         for chunk in self.llama.create_chat_completion(messages=messages, max_tokens=max_new_tokens,
-                                                       temperature=temperature, seed=0, stream=True):
+                                                       temperature=temperature, top_p=top_p, stop=stop or None,
+                                                       seed=0, stream=True):
             text = chunk["choices"][0]["delta"].get("content")
             if text:
                 yield text
+
+    def stream_text(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                    stop: list[str] | None = None) -> Iterator[str]:
+        for chunk in self.llama.create_completion(prompt, max_tokens=max_new_tokens, temperature=temperature,
+                                                  top_p=top_p, stop=stop or None, seed=0, stream=True):
+            text = chunk["choices"][0].get("text")
+            if text:
+                yield text
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llama.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
+
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            return sum(self.count_tokens(m["content"]) for m in messages)
+        formatter = Jinja2ChatFormatter(template, eos_token="", bos_token="", add_generation_prompt=True)
+        return self.count_tokens(formatter(messages=messages).prompt)
 
     def sequence_nll(self, token_ids: list[int]) -> tuple[float, int]:
         if self._scoring_model is None:

@@ -30,13 +30,23 @@ class TransformersRuntime:
         )
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
-    def _generation_kwargs(self, max_new_tokens: int, temperature: float) -> dict:
+    def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                           stop: list[str] | None = None) -> dict:
         kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         return kwargs
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False))
 
     @torch.no_grad()
     def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
@@ -44,15 +54,35 @@ class TransformersRuntime:
         output = self.model.generate(**inputs, **self._generation_kwargs(max_new_tokens, temperature))
         return self.tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                    top_p: float = 1.0, stop: list[str] | None = None) -> Iterator[str]:
+        yield from self._stream(self._inputs(messages), max_new_tokens, temperature, top_p, stop)
+
+    def stream_text(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                    stop: list[str] | None = None) -> Iterator[str]:
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=True)
+        yield from self._stream({k: v.to(self.model.device) for k, v in inputs.items()}, max_new_tokens, temperature,
+                                top_p, stop)
+
+    def _stream(self, inputs: dict, max_new_tokens: int, temperature: float, top_p: float, stop) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
-        inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**inputs, **self._generation_kwargs(max_new_tokens, temperature), "streamer": streamer}
+        kwargs = {**inputs, **self._generation_kwargs(max_new_tokens, temperature, top_p, stop), "streamer": streamer}
         worker = threading.Thread(target=lambda: torch.no_grad()(self.model.generate)(**kwargs), daemon=True)
         worker.start()
-        yield from (text for text in streamer if text)
+        text = ""
+        for piece in streamer:
+            if not piece:
+                continue
+            text += piece
+            cut = _stop_index(text, stop)
+            if cut is not None:  # generate stops at the stop string but the streamer still emits it
+                piece = piece[: max(0, len(piece) - (len(text) - cut))]
+                if piece:
+                    yield piece
+                break
+            yield piece
         worker.join()
 
     @torch.no_grad()
@@ -65,3 +95,8 @@ class TransformersRuntime:
 
     def close(self) -> None:
         self.model = None
+
+
+def _stop_index(text: str, stop: list[str] | None) -> int | None:
+    found = [text.find(s) for s in stop or [] if s and s in text]
+    return min(found) if found else None

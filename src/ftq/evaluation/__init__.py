@@ -1,0 +1,1 @@
+"""Evaluation pieces used by the `evaluate` stage: task metrics on held-out data, efficiency."""

@@ -1,0 +1,179 @@
+"""Stage `compare`: every evaluated candidate side by side.
+
+Reads reports/eval/<candidate>.json and .answers.jsonl and writes
+  reports/compare.md      one table of all metrics for all candidates, retention vs. `merged` in %,
+                          and the answers of every candidate to the same prompts
+  reports/compare.html    the same, self-contained (charts inlined as base64 PNG)
+  reports/compare/*.png   one bar chart per metric group
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ftq.io import atomic_write_text, save_figure
+from ftq.params import repo_root
+
+log = logging.getLogger(__name__)
+
+EVAL_ROOT = Path("reports/eval")
+MARKDOWN = Path("reports/compare.md")
+HTML = Path("reports/compare.html")
+CHART_ROOT = Path("reports/compare")
+# (key, label, higher is better)
+METRICS = [
+    ("task_exact_match", "task exact match", True),
+    ("task_json_valid", "JSON valid", True),
+    ("task_json_field_accuracy", "JSON field accuracy", True),
+    ("task_rouge_l", "ROUGE-L", True),
+    ("mt_bench_score", "MT-Bench (1-10)", True),
+    ("perplexity", "held-out perplexity", False),
+    ("size_bytes", "size (MB)", False),
+    ("load_seconds", "load s", False),
+    ("ttft_seconds_p50", "TTFT p50 s", False),
+    ("tokens_per_second", "tokens/s", True),
+    ("peak_memory_bytes", "peak memory (MB)", False),
+]
+GROUPS = {
+    "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l"],
+    "perplexity": ["perplexity"],
+    "size": ["size_bytes", "peak_memory_bytes"],
+    "speed": ["tokens_per_second", "ttft_seconds_p50", "load_seconds"],
+}
+ANSWERS_SHOWN = 8
+ORDER = ("base", "merged")
+
+
+def load_reports(root: Path) -> dict[str, dict]:
+    folder = root / EVAL_ROOT
+    reports = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    if not reports:
+        raise FileNotFoundError(f"{folder}: no evaluations; run `dvc repro evaluate` first")
+    ordered = [n for n in ORDER if n in reports] + sorted(n for n in reports if n not in ORDER)
+    return {n: reports[n] for n in ordered}
+
+
+def load_answers(root: Path, names: list[str]) -> dict[str, list[dict]]:
+    answers = {}
+    for name in names:
+        path = root / EVAL_ROOT / f"{name}.answers.jsonl"
+        answers[name] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return answers
+
+
+def display(key: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if key in ("size_bytes", "peak_memory_bytes"):
+        return f"{value / 1e6:,.1f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def retention(key: str, value: Any, reference: Any) -> str:
+    if not isinstance(value, (int, float)) or not isinstance(reference, (int, float)) or not reference:
+        return ""
+    return f" ({100 * value / reference:.1f}%)"
+
+
+def table_rows(reports: dict[str, dict]) -> list[list[str]]:
+    merged = reports.get("merged", {})
+    rows = []
+    for key, label, _higher in METRICS:
+        if not any(key in r for r in reports.values()):
+            continue
+        cells = [display(key, r.get(key)) + (retention(key, r.get(key), merged.get(key)) if name != "merged" else "")
+                 for name, r in reports.items()]
+        rows.append([label, *cells])
+    rows.append(["MT-Bench", *[r.get("mt_bench_status", "not run") for r in reports.values()]])
+    return rows
+
+
+def chart(reports: dict[str, dict], keys: list[str], title: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in reports.values())]
+    if not keys:
+        return None
+    labels = dict((k, label) for k, label, _ in METRICS)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [r.get(key) or 0 for r in reports.values()]
+        scale = 1e6 if key.endswith("_bytes") else 1
+        ax.bar(list(reports), [v / scale for v in values], color="#4c72b0")
+        ax.set_title(labels[key], fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def markdown(reports, rows, answers, charts) -> str:
+    names = list(reports)
+    lines = ["# Candidates compared", "",
+             "Retention in parentheses is the value as a percentage of `merged`'s.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"![{c.stem}](compare/{c.name})" for c in charts]
+    lines += ["", "## Answers side by side", ""]
+    for i, first in enumerate(answers[names[0]][:ANSWERS_SHOWN]):
+        lines += [f"### {i + 1}. {first['prompt'][:300]}", "", f"- **reference**: {first['reference'][:300]}"]
+        for name in names:
+            row = answers[name][i] if i < len(answers[name]) else {}
+            lines.append(f"- **{name}**: {str(row.get('answer', '–'))[:300]}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def html_page(reports, rows, answers, charts) -> str:
+    names = list(reports)
+    esc = html.escape
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    images = "".join(
+        f'<img alt="{esc(c.stem)}" src="data:image/png;base64,{base64.b64encode(c.read_bytes()).decode()}">' for c in charts
+    )
+    blocks = []
+    for i, first in enumerate(answers[names[0]][:ANSWERS_SHOWN]):
+        cells = "".join(
+            f"<tr><th>{esc(n)}</th><td><pre>{esc(str((answers[n][i] if i < len(answers[n]) else {}).get('answer', '–')))}</pre></td></tr>"
+            for n in names
+        )
+        blocks.append(f"<h3>{i + 1}. {esc(first['prompt'][:300])}</h3><table><tr><th>reference</th>"
+                      f"<td><pre>{esc(first['reference'])}</pre></td></tr>{cells}</table>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+             "pre{white-space:pre-wrap;margin:0}img{max-width:100%;margin:4px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ftq: candidates compared</title>"
+            f"<style>{style}</style></head><body><h1>Candidates compared</h1>"
+            f"<p>Retention in parentheses is the value as a percentage of <code>merged</code>'s.</p>"
+            f"<table><tr><th>metric</th>{head}</tr>{body}</table>{images}<h2>Answers side by side</h2>"
+            f"{''.join(blocks)}</body></html>\n")
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    from ftq.tracking import stage_run
+
+    root = repo_root()
+    reports = load_reports(root)
+    answers = load_answers(root, list(reports))
+    rows = table_rows(reports)
+    with stage_run("compare", params, block_values={"candidates": list(reports)}) as tracked:
+        charts = [c for group, keys in GROUPS.items()
+                  if (c := chart(reports, keys, group, root / CHART_ROOT / f"{group}.png")) is not None]
+        atomic_write_text(root / MARKDOWN, markdown(reports, rows, answers, charts))
+        atomic_write_text(root / HTML, html_page(reports, rows, answers, charts))
+        for path in (root / MARKDOWN, root / HTML, *charts):
+            tracked.log_artifact(path)
+    log.info("compared %d candidates -> %s, %s", len(reports), MARKDOWN, HTML)
+    return {"candidates": list(reports), "charts": [str(c) for c in charts]}

@@ -1,0 +1,131 @@
+"""Stage `evaluate`: one candidate (`base`, `merged`, or a build in models/quantized/) measured the same
+way as every other, by its own runtime (transformers for HF folders, AWQ and GPTQ; llama.cpp for GGUF).
+
+dvc.yaml runs it with foreach over [base, merged] and over quantize.enabled, so a new build adds an
+evaluation and a changed build reevaluates only itself. Outputs:
+  reports/eval/<candidate>.json           metrics (DVC metrics: `dvc metrics diff`, `dvc exp show`)
+  reports/eval/<candidate>.answers.jsonl  the candidate's answers to the held-out prompts
+Metrics: task accuracy on the held-out split (exact match, JSON validity and field accuracy, ROUGE-L),
+held-out perplexity, and efficiency (size, load time, time to first token, tokens/s, peak memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from ftq.io import atomic_write_json, atomic_write_text, dir_size
+from ftq.params import ParamsError, block, repo_root
+
+log = logging.getLogger(__name__)
+
+REPORT_ROOT = Path("reports/eval")
+DEFAULTS = {
+    "task_examples": 48,       # held-out conversations answered and scored (0: all)
+    "max_new_tokens": 96,
+    "perplexity_examples": 32,
+    "perplexity_max_length": 512,
+    "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
+    "speed_max_new_tokens": 48,
+}
+
+
+def settings(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(block(params, "evaluate"))
+    known = set(DEFAULTS)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate: unknown keys {unknown}")
+    return {**DEFAULTS, **cfg}
+
+
+def candidate_path(root: Path, name: str) -> Path:
+    """Where a candidate's artifact lives: models/base, models/merged or models/quantized/<name>."""
+    if name in ("base", "merged"):
+        path = root / "models" / name
+    else:
+        folder = root / "models" / "quantized" / name
+        manifest = folder / "manifest.json"
+        if not manifest.exists():
+            raise FileNotFoundError(f"{folder}: no build '{name}' (run `dvc repro quantize@{name}`)")
+        path = folder / (json.loads(manifest.read_text()).get("artifact") or "")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: candidate '{name}' is missing; run the stage that makes it first")
+    return path
+
+
+def peak_memory_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def answer_all(runtime, examples: list[dict], max_new_tokens: int) -> list[dict]:
+    from ftq.evaluation.task import score
+
+    rows = []
+    for example in examples:
+        answer = runtime.chat(example["prompt"], max_new_tokens=max_new_tokens)
+        rows.append({"id": example["id"], "prompt": example["prompt"][-1]["content"], "reference": example["reference"],
+                     "answer": answer, **score(answer, example["reference"])})
+    return rows
+
+
+def run(params: dict[str, Any], name: str) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from ftq.evaluation import speed, task
+    from ftq.quantize.calibration import heldout
+    from ftq.quantize.check import perplexity
+    from ftq.runtimes import artifact_format, open_model
+    from ftq.tracking import stage_run
+
+    cfg = settings(params)
+    root = repo_root()
+    path = candidate_path(root, name)
+    examples_file = root / "data" / "processed" / "eval.jsonl"
+    if not examples_file.exists() or not examples_file.read_text().strip():
+        examples_file = root / "data" / "processed" / "train.jsonl"
+    examples = task.load_examples(examples_file, int(cfg["task_examples"]) or -1)
+    sequences = heldout(root, int(cfg["perplexity_examples"]), int(cfg["perplexity_max_length"]))
+    tokenizer = AutoTokenizer.from_pretrained(root / "models" / "merged" if (root / "models" / "merged").exists()
+                                              else root / "models" / "base")
+    with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
+        started = time.time()
+        runtime = open_model(path, n_ctx=max(2048, int(cfg["perplexity_max_length"]) + 8))
+        runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
+        load_seconds = time.time() - started
+        rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
+        load_and_answer = time.time() - started
+        ppl = perplexity(runtime, sequences)
+        efficiency = speed.measure(runtime, list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
+                                   lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        runtime.close()
+        size = path.stat().st_size if path.is_file() else dir_size(path)
+        report = {
+            "candidate": name,
+            "format": artifact_format(path),
+            "runtime": runtime.kind,
+            **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
+            "perplexity": round(ppl, 4),
+            "perplexity_tokens": sum(len(s) - 1 for s in sequences.ids),
+            "size_bytes": size,
+            **efficiency,
+            "load_seconds": round(load_seconds, 3),
+            "answer_seconds": round(load_and_answer - load_seconds, 2),
+            "peak_memory_bytes": peak_memory_bytes(),
+            "wall_seconds": round(time.time() - started, 2),
+        }
+        out = root / REPORT_ROOT
+        answers = out / f"{name}.answers.jsonl"
+        atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_json(out / f"{name}.json", report)
+        tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        tracked.set_tags({"evaluate.candidate": name, "evaluate.format": report["format"], "evaluate.path": str(path)})
+        tracked.log_artifact(out / f"{name}.json")
+        tracked.log_artifact(answers)
+    log.info("%s: task %s, perplexity %.3f, %s tok/s, %s bytes", name,
+             {k: v for k, v in report.items() if k.startswith("task_")}, ppl, report["tokens_per_second"], size)
+    return report
