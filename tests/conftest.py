@@ -166,3 +166,36 @@ def shared_file(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared test data {path} is absent (../shared/data beside the project)")
     return path
+
+
+SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4, "perplexity_max_length": 96,
+              "speed_prompts": ["Who are you?", "Hello"], "speed_max_new_tokens": 8}
+
+
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory, tiny_model_dir):
+    """A tiny project with base, merged and two GGUF builds, each evaluated, then compared (shared by the
+    evaluate, compare and promote tests; promote tests only touch the registry and reports/promotion.json)."""
+    from ftq.stages import base, compare, evaluate, merge, prepare, quantize, train
+
+    project = make_project(tmp_path_factory.mktemp("evaluate") / "project", tiny_model_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
+            patch.delenv(key, raising=False)
+        patch.chdir(project)
+        set_params(project, train={"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2,
+                                   "warmup": 0},
+                   quantize={"enabled": ["q8_0", "q4_0"], "check": {"heldout_examples": 4, "heldout_max_length": 96,
+                                                             "max_new_tokens": 8, "prompt": "Who are you?",
+                                                             "max_perplexity_ratio": 1.5}},
+                   evaluate=SMALL_EVAL)
+        params = load_params(project)
+        for stage in (base, prepare, train, merge):
+            stage.run(params)
+        quantize.run(params, "q8_0")
+        quantize.run(params, "q4_0")
+        reports = {name: evaluate.run(params, name) for name in ("base", "merged", "q8_0", "q4_0")}
+        compare.run(params)
+    yield project, reports
+
+

@@ -121,6 +121,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from ftq.stages import promote
+
+    report = promote.run(_params(args))
+    for row in report["candidates"]:
+        print(f"{row['name']}: version {row['version']}, {row['status']}: {'; '.join(row['reasons'])}")
+    champion = report["champion"]
+    print(f"models:/{report['model_name']}@champion -> version {champion['version']} ({champion['note']})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from ftq.serve.app import Limits
     from ftq.serve.server import serve
@@ -255,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params_option(compare)
     compare.set_defaults(func=cmd_compare)
+
+    promote = commands.add_parser(
+        "promote", help="stage promote: register builds in the MLflow registry, move alias champion by policy",
+        formatter_class=FORMATTER,
+    )
+    params_option(promote)
+    promote.set_defaults(func=cmd_promote)
 
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible API + web chat for a registry alias, version or local model",

@@ -1,0 +1,164 @@
+"""A real `ftq serve` process on loopback serving the tiny model, driven by the official openai client."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: str, *args: str, cwd=None, env=None):
+    port = free_port()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ftq", "serve", "--model", model, "--port", str(port), "--threads", "1", *args],
+        cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"ftq serve exited:\n{process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return process, port, json.loads(response.read())
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("ftq serve did not come up in 120 s")
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory, tiny_model_dir):
+    """The tiny model as a q8_0 GGUF (llama.cpp runtime)."""
+    from ftq.quantize import gguf
+
+    out = tmp_path_factory.mktemp("gguf")
+    gguf.build(tiny_model_dir, out, gguf.validate({"type": "q8_0"}, "test"))
+    return out / "model.gguf"
+
+
+@pytest.fixture(scope="module")
+def server(gguf_model):
+    process, port, health = start_server(str(gguf_model), "--api-key", "sekrit")
+    yield port, health
+    stop(process)
+
+
+def client(port, key="sekrit"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(port, path, body: bytes, key="sekrit"):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_health_names_what_is_served(server):
+    _port, health = server
+    assert health["status"] == "ok" and health["format"] == "gguf" and health["runtime"] == "llama.cpp"
+    assert health["model"].startswith("gguf")  # a local path is named by its folder
+
+
+def test_openai_client_chat_stream_and_completions(server):
+    port, health = server
+    api = client(port)
+    assert [m.id for m in api.models.list().data] == [health["model"]]
+    reply = api.chat.completions.create(model=health["model"], messages=[{"role": "user", "content": "Hello"}],
+                                        max_tokens=8, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens <= 8
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    chunks = list(api.chat.completions.create(model=health["model"], messages=[{"role": "user", "content": "Hello"}],
+                                              max_tokens=8, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content  # greedy: the same text either way
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    completion = api.completions.create(model=health["model"], prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert completion.object == "text_completion" and completion.usage.completion_tokens <= 5
+
+
+def test_bad_requests_get_400_with_a_message(server):
+    port, _ = server
+    cases = [
+        (b"{not json", "not valid JSON"),
+        (b'{"messages": []}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temprature": 1}', "temprature"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 3}', "temperature"),
+        (b'{"messages": [{"role": "robot", "content": "x"}]}', "role"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', "limit of 1024"),
+        (b'{"messages": [{"role": "user", "content": "' + b"word " * 4000 + b'"}]}', "prompt is"),
+    ]
+    for body, expected in cases:
+        status, payload = post(port, "/v1/chat/completions", body)
+        assert status == 400 and expected in payload["error"]["message"], (body[:60], payload)
+    status, payload = post(port, "/v1/completions", b'{"prompt": "x", "n": 2}')
+    assert status == 400 and "n" in payload["error"]["message"]
+
+
+def test_api_key_is_required_when_set(server):
+    import openai
+
+    port, _ = server
+    with pytest.raises(openai.AuthenticationError):
+        client(port, key="wrong").models.list()
+    status, payload = post(port, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', key="")
+    assert status == 401 and "API key" in payload["error"]["message"]
+
+
+def test_32_concurrent_streaming_clients_all_succeed(server):
+    port, health = server
+
+    def one(i):
+        chunks = client(port).chat.completions.create(
+            model=health["model"], messages=[{"role": "user", "content": f"Count to {i}"}], max_tokens=4,
+            temperature=0, stream=True)
+        return [c for c in chunks if c.choices][-1].choices[0].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert len(results) == 32 and all(r in ("stop", "length") for r in results)
+
+
+def test_binding_beyond_loopback_needs_an_api_key(gguf_model):
+    env = {k: v for k, v in os.environ.items() if k != "FTQ_API_KEY"}
+    result = subprocess.run([sys.executable, "-m", "ftq", "serve", "--model", str(gguf_model), "--host", "0.0.0.0"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "--api-key" in result.stderr
+
+
+def test_web_page_is_served_without_external_resources(server):
+    port, health = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        page = response.read().decode()
+    assert "/v1/chat/completions" in page and health["model"] in page
+    assert "http://" not in page and "https://" not in page
