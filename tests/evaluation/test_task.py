@@ -25,7 +25,8 @@ def test_examples_take_every_turn_before_the_last_answer(tmp_path):
     record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
                            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
                            {"role": "assistant", "content": "a2"}], "record": 4, "dataset": "d"}
-    path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    path.write_text(json.dumps(record) + "\n" + json.dumps({**record, "record": 5}) + "\n")
+    assert [e["id"] for e in load_examples(path, 0)] == ["d#4", "d#5"]
     [example] = load_examples(path, 1)
     assert example["reference"] == "a2" and [m["content"] for m in example["prompt"]] == ["s", "q1", "a1", "q2"]
     assert example["id"] == "d#4"

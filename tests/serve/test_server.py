@@ -162,3 +162,91 @@ def test_web_page_is_served_without_external_resources(server):
         page = response.read().decode()
     assert "/v1/chat/completions" in page and health["model"] in page
     assert "http://" not in page and "https://" not in page
+
+
+def test_serve_resolves_the_champion_alias_and_follows_it_with_watch(evaluated):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import load_params, set_params
+    from ftq.stages import promote
+
+    project, _ = evaluated
+    old = os.getcwd()
+    os.chdir(project)
+    try:
+        set_params(project, promote={"model_name": "served", "policy": {"metric": "perplexity", "direction": "min",
+                                                                        "min_retention": 0.5}})
+        report = promote.run(load_params(project))
+    finally:
+        os.chdir(old)
+    champion = report["champion"]["version"]
+    process, port, health = start_server("models:/served@champion", "--watch", "1", cwd=project)
+    try:
+        assert (health["model"], health["version"], health["alias"]) == ("served", champion, "champion")
+        assert client(port, key="x").chat.completions.create(
+            model="served", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).choices[0].message.role == "assistant"
+        other = report["challenger"]
+        MlflowClient(f"sqlite:///{project / 'mlflow.db'}").set_registered_model_alias("served", "champion", other)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if json.loads(response.read())["version"] == other:
+                    break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the server did not follow the alias within 60 s")
+    finally:
+        stop(process)
+
+
+def test_unknown_alias_is_a_clear_error(evaluated):
+    project, _ = evaluated
+    result = subprocess.run([sys.executable, "-m", "ftq", "serve", "--model", "models:/nope@champion"], cwd=project,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "models:/nope@champion" in result.stderr
+
+
+def test_terminal_chat_streams_keeps_history_and_resets(gguf_model):
+    result = subprocess.run(
+        [sys.executable, "-m", "ftq", "chat", "--model", str(gguf_model), "--max-tokens", "6", "--temperature", "0"],
+        input="Hello\nAnd again\n/reset\n/what\nHi\n/exit\n", capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("model> ") == 3 and "(new conversation)" in out and "unknown command /what" in out
+
+
+def test_web_page_exchanges_a_message_in_headless_chromium(server, tmp_path):
+    import shutil
+
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.skip("Debian chromium and chromium-driver are not installed (make test installs them where apt works)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port, _ = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "key").send_keys("sekrit")
+        driver.find_element(By.ID, "input").send_keys("Hello there")
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']") or d.find_elements(By.CSS_SELECTOR, ".error"))
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text == "Hello there"
+        shot = tmp_path / "web-chat.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        assert shot.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        driver.quit()

@@ -11,15 +11,17 @@ from pathlib import Path
 
 
 def load_examples(path: Path, limit: int) -> list[dict]:
+    """`limit` conversations spread evenly over the file (held-out sets are often grouped by kind), or all."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if 0 < limit < len(lines):
+        lines = [lines[i * len(lines) // limit] for i in range(limit)]
     examples = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         record = json.loads(line)
         messages = record["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         examples.append({"id": f"{record.get('dataset', '')}#{record.get('record', len(examples))}",
                          "prompt": messages[:last], "reference": messages[last]["content"]})
-        if len(examples) == limit:
-            break
     return examples
 
 
