@@ -199,3 +199,72 @@ def evaluated(tmp_path_factory, tiny_model_dir):
     yield project, reports
 
 
+
+
+@pytest.fixture(scope="session")
+def rating_judge_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny model trained until it answers every judge prompt with 'Rating: [[7]]': a real model whose
+    real generated text the MT-Bench code must parse (the random tiny model never writes a rating)."""
+    import torch
+
+    model = build_tiny_model(tokenizer, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    prompts = ["Please act as an impartial judge. [Question] Tell me about Rome. [The Start of Assistant's Answer] "
+               f"Rome is old. {i} [The End of Assistant's Answer]" for i in range(16)]
+    model.train()
+    for step in range(120):
+        messages = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": prompts[step % len(prompts)]}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        target = tokenizer("Rating: [[7]]<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + target])
+        labels = torch.tensor([[-100] * len(prompt_ids) + target])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("rating-judge")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: str, *args: str, cwd=None, env=None):
+    """A real `ftq serve` process on loopback; returns (process, port, /health) once it answers."""
+    import json
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ftq", "serve", "--model", model, "--port", str(port), "--threads", "1", *args],
+        cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"ftq serve exited:\n{process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return process, port, json.loads(response.read())
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("ftq serve did not come up in 120 s")
+
+
+def stop(process) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()

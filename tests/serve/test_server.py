@@ -11,41 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str, *args: str, cwd=None, env=None):
-    port = free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ftq", "serve", "--model", model, "--port", str(port), "--threads", "1", *args],
-        cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"ftq serve exited:\n{process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                return process, port, json.loads(response.read())
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise AssertionError("ftq serve did not come up in 120 s")
-
-
-def stop(process):
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+from conftest import start_server, stop
 
 
 @pytest.fixture(scope="module")

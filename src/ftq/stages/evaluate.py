@@ -31,6 +31,14 @@ DEFAULTS = {
     "perplexity_max_length": 512,
     "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
     "speed_max_new_tokens": 48,
+    "mt_bench": {},
+}
+MT_BENCH_DEFAULTS = {
+    "path": None,  # a folder in FastChat's layout, e.g. ../shared/data/mt_bench
+    "judge": {"base_url": None, "model": None, "api_key_env": "OPENAI_API_KEY"},
+    "limit": 0,  # first N questions (0: all 80)
+    "max_new_tokens": 512,
+    "retries": 2,
 }
 
 
@@ -40,7 +48,33 @@ def settings(params: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate: unknown keys {unknown}")
-    return {**DEFAULTS, **cfg}
+    merged = {**DEFAULTS, **cfg}
+    mt = dict(cfg.get("mt_bench") or {})
+    unknown = sorted(set(mt) - set(MT_BENCH_DEFAULTS))
+    if unknown:
+        raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.mt_bench: unknown keys {unknown}")
+    merged["mt_bench"] = {**MT_BENCH_DEFAULTS, **mt, "judge": {**MT_BENCH_DEFAULTS["judge"], **(mt.get("judge") or {})}}
+    return merged
+
+
+def mt_bench(runtime, cfg: dict, root: Path, out: Path) -> dict:
+    """MT-Bench scores, or the reason it was skipped; answers and judgments go to <out>."""
+    from ftq.evaluation import mt_bench as bench
+
+    mt = cfg["mt_bench"]
+    judge = mt["judge"]
+    out.unlink(missing_ok=True)  # never leave an earlier run's judgments beside a skipped one
+    if not mt["path"]:
+        return {"mt_bench_status": "skipped: no questions configured (evaluate.mt_bench.path)"}
+    if not judge.get("base_url") or not judge.get("model"):
+        return {"mt_bench_status": "skipped: no judge configured (evaluate.mt_bench.judge.base_url and .model)"}
+    folder = Path(mt["path"]) if Path(mt["path"]).is_absolute() else root / mt["path"]
+    scores, rows = bench.run(runtime, folder, bench.Judge(judge["base_url"], judge["model"], judge.get("api_key_env"),
+                                                          int(mt["retries"])),
+                             int(mt["limit"]), int(mt["max_new_tokens"]))
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    status = "ok" if scores["mt_bench_judged"] else "failed: the judge gave no parsable [[rating]]"
+    return {**scores, "mt_bench_status": status, "mt_bench_judge": judge["model"]}
 
 
 def candidate_path(root: Path, name: str) -> Path:
@@ -100,6 +134,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
         load_and_answer = time.time() - started
         ppl = perplexity(runtime, sequences)
+        mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         efficiency = speed.measure(runtime, list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
                                    lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
         runtime.close()
@@ -113,6 +148,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "perplexity_tokens": sum(len(s) - 1 for s in sequences.ids),
             "size_bytes": size,
             **efficiency,
+            **mt_scores,
             "load_seconds": round(load_seconds, 3),
             "answer_seconds": round(load_and_answer - load_seconds, 2),
             "peak_memory_bytes": peak_memory_bytes(),
@@ -123,9 +159,12 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         atomic_write_json(out / f"{name}.json", report)
         tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        tracked.log_metrics({f"mt_bench_{c}": v for c, v in (report.get("mt_bench_categories") or {}).items()
+                             if v is not None})
         tracked.set_tags({"evaluate.candidate": name, "evaluate.format": report["format"], "evaluate.path": str(path)})
         tracked.log_artifact(out / f"{name}.json")
         tracked.log_artifact(answers)
+        tracked.log_artifact(out / f"{name}.mt_bench.jsonl")
     log.info("%s: task %s, perplexity %.3f, %s tok/s, %s bytes", name,
              {k: v for k, v in report.items() if k.startswith("task_")}, ppl, report["tokens_per_second"], size)
     return report
