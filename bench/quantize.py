@@ -130,6 +130,21 @@ def main() -> None:
         sys.exit(f"{merged}: no merged model; run `ftq run merge` first")
     text, windows = heldout_windows(merged, args.windows, args.width)
     report = json.loads(OUT.read_text()) if OUT.exists() else {}
+
+    def save(rows: dict, reference: dict) -> None:
+        report.update({
+            "model": json.loads((merged / "ftq_merge.json").read_text())["lineage"]["base_source"],
+            "merged_size_bytes": sum(p.stat().st_size for p in merged.rglob("*") if p.is_file()),
+            "heldout": text,
+            "merged_perplexity": reference["perplexity"],
+            "merged_runtime": reference["runtime"],
+            "tokens_scored": reference["tokens"],
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "builds": rows,
+        })
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="ftq-bench-quantize-") as scratch:
         windows_file = Path(scratch) / "windows.json"
         windows_file.write_text(json.dumps(windows))
@@ -153,18 +168,7 @@ def main() -> None:
             print(f"{name}: {built['build_seconds']} s, peak {built['peak_memory_bytes'] / 2**20:.0f} MiB, "
                   f"{built['size_bytes'] / 2**20:.1f} MiB, perplexity {scored['perplexity']} ({ratio:.4f}x)", flush=True)
             shutil_rmtree(out)
-    report.update({
-        "model": json.loads((merged / "ftq_merge.json").read_text())["lineage"]["base_source"],
-        "merged_size_bytes": sum(p.stat().st_size for p in merged.rglob("*") if p.is_file()),
-        "heldout": text,
-        "merged_perplexity": reference["perplexity"],
-        "merged_runtime": reference["runtime"],
-        "tokens_scored": reference["tokens"],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "builds": rows,
-    })
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+            save(rows, reference)
     print(f"wrote {OUT}")
 
 
