@@ -20,7 +20,7 @@ LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.llama_cpp_python-$(LLAMA_CPP)-built
 LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test ui clean-venv
+.PHONY: install demo test ui clean-venv browser
 
 install: $(STAMP)
 
@@ -58,7 +58,16 @@ demo: install
 	@echo "  models/             base, adapter, merged and quantized models (versioned by DVC)"
 	@echo "  $(BIN)/ftq ui       MLflow UI at http://127.0.0.1:5000 (runs, params, metrics, registry)"
 
-test: install
+# Debian's Chromium + ChromeDriver for the web chat page test (it skips with a reason where they are absent)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium chromium-driver >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "chromium/chromedriver not installed (needs root and apt-get): the web page test will skip"; fi
+
+test: install browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ui: install
