@@ -26,7 +26,7 @@ def gguf_model(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(gguf_model):
-    process, port, health = start_server(str(gguf_model), "--api-key", "sekrit")
+    process, port, health = start_server(str(gguf_model), "--api-key", "sekrit", "--max-tokens-limit", "64")
     yield port, health
     stop(process)
 
@@ -81,7 +81,7 @@ def test_bad_requests_get_400_with_a_message(server):
         (b'{"messages": [{"role": "user", "content": "x"}], "temprature": 1}', "temprature"),
         (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 3}', "temperature"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}', "role"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', "limit of 1024"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', "limit of 64"),
         (b'{"messages": [{"role": "user", "content": "' + b"word " * 4000 + b'"}]}', "prompt is"),
     ]
     for body, expected in cases:

@@ -173,7 +173,8 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
 
     @app.get("/", response_class=HTMLResponse)
     def page():
-        return PAGE.replace("__MODEL__", host.model_id).replace("__NEEDS_KEY__", "true" if api_key else "false")
+        return (PAGE.replace("__MODEL__", host.model_id).replace("__NEEDS_KEY__", "true" if api_key else "false")
+                .replace("__MAX_TOKENS__", str(min(512, limits.max_tokens))))
 
     @app.get("/health")
     def health():

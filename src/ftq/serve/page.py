@@ -40,7 +40,7 @@ async function ask(text) {
   if (keyField.value) headers['Authorization'] = 'Bearer ' + keyField.value;
   try {
     const response = await fetch('/v1/chat/completions', {method: 'POST', headers,
-      body: JSON.stringify({messages: history, stream: true, temperature: 0.7, max_tokens: 512})});
+      body: JSON.stringify({messages: history, stream: true, temperature: 0.7, max_tokens: __MAX_TOKENS__})});
     if (!response.ok) { const body = await response.json(); throw new Error(body.error ? body.error.message : response.status); }
     const reader = response.body.getReader(); const decoder = new TextDecoder(); let buffer = '', reply = '';
     for (;;) {

@@ -116,6 +116,7 @@ def check_build(folder: Path, heldout, check: dict, reference: dict) -> dict:
 
     started = time.time()
     runtime = open_model(folder, n_ctx=max(2048, check["heldout_max_length"] + 8))
+    runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
     load_seconds = time.time() - started
     try:
         measured = measure(runtime, heldout, check["prompt"], check["max_new_tokens"])
