@@ -13,6 +13,8 @@ from pathlib import Path
 class Sequences:
     split: str
     ids: list[list[int]] = field(repr=False)
+    # per sequence, which tokens are scored (the answers: labels != -100); None scores every token
+    targets: list[list[bool]] | None = field(default=None, repr=False)
 
     @property
     def tokens(self) -> int:
@@ -42,19 +44,22 @@ def sample(root: Path, split: str, count: int, max_length: int, seed: int | None
     order = list(range(len(rows)))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    ids = []
+    ids, targets = [], []
     for index in order:
         seq = list(rows[index]["input_ids"])[:max_length]
+        labels = list(rows[index]["labels"])[:max_length] if "labels" in rows.column_names else None
         if len(seq) >= min_length:
             ids.append(seq)
+            targets.append([label != -100 for label in labels] if labels is not None else [True] * len(seq))
         if len(ids) == count:
             break
     if not ids:
         raise ValueError(f"data/processed/{split}: no usable examples for calibration")
-    return Sequences(split, ids)
+    return Sequences(split, ids, targets)
 
 
 def heldout(root: Path, count: int, max_length: int) -> Sequences:
-    """The first examples of the eval split (the train split when there is none)."""
+    """The first examples of the eval split (the train split when there is none), with their answer
+    tokens marked: perplexity there measures what fine-tuning taught, not how the prompts read."""
     split = "eval" if (root / "data" / "processed" / "eval").exists() else "train"
     return sample(root, split, count, max_length, seed=None)

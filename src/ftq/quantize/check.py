@@ -16,8 +16,9 @@ class BuildCheckError(RuntimeError):
 
 def perplexity(runtime, sequences: Sequences) -> float:
     total, count = 0.0, 0
-    for ids in sequences.ids:
-        nll, n = runtime.sequence_nll(ids)
+    targets = sequences.targets or [None] * len(sequences.ids)
+    for ids, scored in zip(sequences.ids, targets):
+        nll, n = runtime.sequence_nll(ids, scored)
         total += nll
         count += n
     return math.exp(total / count)

@@ -17,8 +17,9 @@ class Runtime(Protocol):
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> Iterator[str]: ...
 
-    def sequence_nll(self, token_ids: list[int]) -> tuple[float, int]:
-        """Summed negative log-likelihood of tokens 1..n given their prefixes, and n - 1."""
+    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
+        """Summed negative log-likelihood of tokens 1..n given their prefixes (only where `scored`),
+        and how many tokens that was."""
         ...
 
     def close(self) -> None: ...

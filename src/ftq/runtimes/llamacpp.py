@@ -75,7 +75,7 @@ class LlamaCppRuntime:
         formatter = Jinja2ChatFormatter(template, eos_token="", bos_token="", add_generation_prompt=True)
         return self.count_tokens(formatter(messages=messages).prompt)
 
-    def sequence_nll(self, token_ids: list[int]) -> tuple[float, int]:
+    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
         if self._scoring_model is None:
             self._scoring_model = self._load(logits_all=True)
         llm = self._scoring_model
@@ -87,7 +87,11 @@ class LlamaCppRuntime:
         shifted = logits - logits.max(axis=1, keepdims=True)
         logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         targets = np.asarray(token_ids[1:])
-        return float(-logprobs[np.arange(len(targets)), targets].sum()), len(targets)
+        token_nll = -logprobs[np.arange(len(targets)), targets]
+        if scored is not None:
+            keep = np.asarray(scored[1:], dtype=bool)
+            return float(token_nll[keep].sum()), int(keep.sum())
+        return float(token_nll.sum()), len(targets)
 
     def close(self) -> None:
         for model in (self._chat_model, self._scoring_model):

@@ -86,12 +86,15 @@ class TransformersRuntime:
         worker.join()
 
     @torch.no_grad()
-    def sequence_nll(self, token_ids: list[int]) -> tuple[float, int]:
+    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
         ids = torch.tensor([token_ids], device=self.model.device)
         logits = self.model(input_ids=ids, use_cache=False).logits.float()
         logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-        nll = -logprobs.gather(1, ids[0, 1:].unsqueeze(1)).sum()
-        return float(nll), len(token_ids) - 1
+        token_nll = -logprobs.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
+        if scored is not None:
+            keep = torch.tensor(scored[1:], device=token_nll.device)
+            return float(token_nll[keep].sum()), int(keep.sum())
+        return float(token_nll.sum()), len(token_ids) - 1
 
     def close(self) -> None:
         self.model = None

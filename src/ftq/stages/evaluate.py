@@ -145,7 +145,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "runtime": runtime.kind,
             **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
             "perplexity": round(ppl, 4),
-            "perplexity_tokens": sum(len(s) - 1 for s in sequences.ids),
+            "perplexity_tokens": sum(sum(t[1:]) for t in sequences.targets),
             "size_bytes": size,
             **efficiency,
             **mt_scores,
