@@ -152,7 +152,7 @@ def parse(model_cls, body: bytes):
 
 
 def budget(request, limits: Limits, asked: int | None) -> int:
-    asked = asked or limits.default_max_tokens
+    asked = asked or min(limits.default_max_tokens, limits.max_tokens)
     if asked > limits.max_tokens:
         raise RequestError(f"max_tokens: {asked} is above this server's limit of {limits.max_tokens}")
     return asked
