@@ -45,10 +45,14 @@ def test_evaluate_runs_mt_bench_with_a_real_judge_endpoint(evaluated, judge_serv
     set_params(project, evaluate={"mt_bench": {"path": str(folder), "limit": 3, "max_new_tokens": 8,
                                                 "judge": {"base_url": judge_server, "model": "rating-judge",
                                                           "api_key_env": "NO_SUCH_KEY"}}})
+    outputs = [project / "reports" / "eval" / f"q8_0{suffix}" for suffix in (".json", ".answers.jsonl")]
+    saved = [p.read_bytes() for p in outputs]  # the shared fixture's other tests read the originals
     try:
         report = evaluate.run(load_params(project), "q8_0")
     finally:
         set_params(project, evaluate={"mt_bench": {}})
+        for path, content in zip(outputs, saved):
+            path.write_bytes(content)
     assert report["mt_bench_status"] == "ok" and report["mt_bench_judged"] == 6 and report["mt_bench_failed"] == 0
     assert report["mt_bench_score"] == 7.0 and report["mt_bench_turn2"] == 7.0
     assert set(report["mt_bench_categories"]) == {"writing"}
