@@ -260,9 +260,12 @@ def promotion_report(model_name, policy, rows, eligible, before, decision, merge
         listed.append({"name": name, "version": row["version"], "registered_now": row["registered_now"],
                        "status": status, "reasons": why,
                        "metric": metrics.get(policy["metric"]), "size_bytes": metrics.get("size_bytes")})
+    held = next((r for r in rows if r["version"] == champion_version), None)
     return {
         "model_name": model_name,
         "policy": policy,
+        # False when the champion kept its alias only because nothing passes the policy now
+        "champion_passes_policy": bool(held) and not held["reasons"],
         "merged_metric": (merged or {}).get(policy["metric"]),
         "champion": {"version": champion_version, "moved": decision["champion"] is not None, "note": decision["note"],
                      "previous": (before or {}).get("version")},
