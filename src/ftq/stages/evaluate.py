@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -92,10 +91,6 @@ def candidate_path(root: Path, name: str) -> Path:
     return path
 
 
-def peak_memory_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def answer_all(runtime, examples: list[dict], max_new_tokens: int) -> list[dict]:
     from ftq.evaluation.task import score
 
@@ -108,12 +103,11 @@ def answer_all(runtime, examples: list[dict], max_new_tokens: int) -> list[dict]
 
 
 def run(params: dict[str, Any], name: str) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from ftq.evaluation import speed, task
     from ftq.quantize.calibration import heldout
     from ftq.quantize.check import perplexity
     from ftq.runtimes import artifact_format, open_model
+    from ftq.stages.train import peak_memory_bytes
     from ftq.tracking import stage_run
 
     cfg = settings(params)
@@ -124,8 +118,6 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         examples_file = root / "data" / "processed" / "train.jsonl"
     examples = task.load_examples(examples_file, int(cfg["task_examples"]) or -1)
     sequences = heldout(root, int(cfg["perplexity_examples"]), int(cfg["perplexity_max_length"]))
-    tokenizer = AutoTokenizer.from_pretrained(root / "models" / "merged" if (root / "models" / "merged").exists()
-                                              else root / "models" / "base")
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
         runtime = open_model(path, n_ctx=max(2048, int(cfg["perplexity_max_length"]) + 8))
@@ -136,7 +128,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         ppl = perplexity(runtime, sequences)
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         efficiency = speed.measure(runtime, list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
-                                   lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+                                   runtime.count_tokens)
         runtime.close()
         size = path.stat().st_size if path.is_file() else dir_size(path)
         report = {
