@@ -169,7 +169,8 @@ def shared_file(*parts: str) -> Path:
 
 
 SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4, "perplexity_max_length": 96,
-              "speed_prompts": ["Who are you?", "Hello"], "speed_max_new_tokens": 8}
+              "speed_prompts": ["Who are you?", "Hello"], "speed_max_new_tokens": 8,
+              "lm_eval": {"limit": 3, "max_gen_toks": 8, "batch_size": 4, "max_length": 512}}
 
 
 @pytest.fixture(scope="session")

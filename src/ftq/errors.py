@@ -3,6 +3,7 @@
 from ftq.data.errors import DataError
 from ftq.data.registry import RegistryError
 from ftq.data.tokenize import TemplateError
+from ftq.evaluation.harness import LmEvalError
 from ftq.params import ParamsError
 from ftq.stages.base import SourceError
 from ftq.quantize.check import BuildCheckError
@@ -15,4 +16,4 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError,
-               MergeCheckError, BuildCheckError)
+               MergeCheckError, BuildCheckError, LmEvalError)

@@ -216,3 +216,40 @@ def test_web_page_exchanges_a_message_in_headless_chromium(server, tmp_path):
         assert shot.read_bytes()[:4] == b"\x89PNG"
     finally:
         driver.quit()
+
+
+def test_echo_logprobs_are_exact_and_tokenizer_endpoints_serve_the_models_vocabulary(server, gguf_model):
+    """What lm-eval's local-completions relies on: token-id prompts, batched, echoed with the logprob of
+    every token given the tokens before it (first one null), plus vLLM's /tokenize, /detokenize and
+    /tokenizer_info. The logprobs must equal the runtime's own in-process scoring."""
+    from ftq.runtimes.llamacpp import LlamaCppRuntime
+
+    port, _health = server
+    status, info = post(port, "/tokenize", json.dumps({"prompt": "The cat sat on the mat.", "add_special_tokens": False}).encode())
+    assert status == 200 and info["count"] == len(info["tokens"]) > 3
+    ids = info["tokens"]
+    assert post(port, "/detokenize", json.dumps({"tokens": ids}).encode()) == (200, {"prompt": "The cat sat on the mat."})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/tokenizer_info", headers={"Authorization": "Bearer sekrit"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        tokenizer_info = json.loads(response.read())
+    assert tokenizer_info["eos_token"] == "<|im_end|>" and "<|im_start|>" in tokenizer_info["chat_template"]
+    status, body = post(port, "/v1/completions", json.dumps(
+        {"model": "m", "prompt": [ids, ids[:3]], "max_tokens": 1, "temperature": 0, "logprobs": 2, "echo": True,
+         "seed": 1234}).encode())
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+    assert body["choices"][0]["text"].startswith("The cat sat on the mat.")
+    runtime = LlamaCppRuntime(gguf_model, threads=1)
+    nll, count = runtime.sequence_nll(ids)
+    runtime.close()
+    assert count == len(ids) - 1
+    assert -sum(logprobs["token_logprobs"][1:len(ids)]) == pytest.approx(nll, rel=1e-4)
+    for token_logprob, top in zip(logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]):
+        assert len(top) <= 2 and max(top.values()) >= token_logprob - 1e-6
+    generated, top = logprobs["token_logprobs"][-1], logprobs["top_logprobs"][-1]
+    assert generated == pytest.approx(max(top.values()))  # greedy picks the most likely token
+    assert body["usage"]["prompt_tokens"] == len(ids) + 3
+    assert post(port, "/v1/completions", json.dumps({"prompt": [ids], "max_tokens": 1, "echo": True,
+                                                      "stream": True}).encode())[0] == 400
+    assert post(port, "/v1/completions", json.dumps({"prompt": [10 ** 9], "max_tokens": 1}).encode())[0] == 400

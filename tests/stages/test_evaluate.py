@@ -22,6 +22,28 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
     assert runs["evaluate@q8_0"].data.tags["evaluate.format"] == "gguf"
 
 
+def test_lm_eval_runs_ftqs_tasks_for_every_candidate(evaluated):
+    project, reports = evaluated
+    for name, report in reports.items():
+        for key in ("lm_eval_ftq_heldout_choice_acc", "lm_eval_ftq_heldout_generate_exact_match",
+                    "lm_eval_ftq_heldout_generate_chrf", "lm_eval_ftq_text_perplexity_word_perplexity",
+                    "lm_eval_ftq_text_perplexity_bits_per_byte"):
+            assert isinstance(report[key], float), (name, key)
+        results = json.loads((project / "reports" / "eval" / "lm_eval" / f"{name}.json").read_text())
+        assert results["n_samples"]["ftq_heldout_choice"]["effective"] == 3
+        assert results["model"] == ("hf" if report["runtime"] == "transformers"
+                                    else "local-completions (ftq serve, llama.cpp)")
+        samples = [json.loads(line) for line in
+                   (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
+        assert {s["task"] for s in samples} == {"ftq_heldout_choice", "ftq_heldout_generate", "ftq_text_perplexity"}
+        assert all(len(s["doc"]["choices"]) == 4 for s in samples if s["task"] == "ftq_heldout_choice")
+    # q8_0 is nearly lossless: the same text scores nearly the same through llama.cpp's server as in transformers
+    merged, q8 = (reports[n]["lm_eval_ftq_text_perplexity_word_perplexity"] for n in ("merged", "q8_0"))
+    assert abs(q8 - merged) / merged < 0.05
+    md = (project / "reports" / "compare.md").read_text()
+    assert "lm-eval ftq_heldout_choice_acc" in md and (project / "reports" / "compare" / "lm_eval.png").exists()
+
+
 def test_compare_report_puts_candidates_side_by_side(evaluated):
     project, reports = evaluated
     md = (project / "reports" / "compare.md").read_text()
@@ -29,7 +51,8 @@ def test_compare_report_puts_candidates_side_by_side(evaluated):
     assert header == "| metric | base | merged | q4_0 | q8_0 |"
     assert "held-out perplexity" in md and "%)" in md and "## Answers side by side" in md
     page = (project / "reports" / "compare.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "http://" not in page and "https://" not in page
-    assert all((project / "reports" / "compare" / f"{g}.png").exists() for g in ("quality", "perplexity", "size", "speed"))
+    assert page.count("data:image/png;base64,") == 5 and "http://" not in page and "https://" not in page
+    assert all((project / "reports" / "compare" / f"{g}.png").exists()
+               for g in ("quality", "lm_eval", "perplexity", "size", "speed"))
     first = json.loads((project / "reports" / "eval" / "merged.answers.jsonl").read_text().splitlines()[0])
     assert first["prompt"][:40] in page.replace("&quot;", '"')

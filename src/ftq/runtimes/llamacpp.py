@@ -75,15 +75,60 @@ class LlamaCppRuntime:
         formatter = Jinja2ChatFormatter(template, eos_token="", bos_token="", add_generation_prompt=True)
         return self.count_tokens(formatter(messages=messages).prompt)
 
-    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
-        if self._scoring_model is None:
-            self._scoring_model = self._load(logits_all=True)
-        llm = self._scoring_model
+    # Token-level access, for scoring and for the server's echo/logprobs completions (lm-eval's
+    # local-completions talks to it with the model's own token ids).
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return list(self.llama.tokenize(text.encode(), add_bos=add_special and self._adds_bos(), special=True))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.llama.detokenize(list(token_ids), special=False).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        return self.llama.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    def _adds_bos(self) -> bool:
+        return str(self.llama.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+
+    def eos_token_ids(self) -> set[int]:
+        return {t for t in (self.llama.token_eos(), self.llama._model.token_eot()) if t is not None and t >= 0}
+
+    def tokenizer_info(self) -> dict:
+        metadata = self.llama.metadata
+        bos = int(metadata["tokenizer.ggml.bos_token_id"]) if "tokenizer.ggml.bos_token_id" in metadata else None
+        pad = int(metadata["tokenizer.ggml.padding_token_id"]) if "tokenizer.ggml.padding_token_id" in metadata else None
+        return {"eos_token": self.token_text(self.llama.token_eos()),
+                "bos_token": self.token_text(bos) if bos is not None else None,
+                "pad_token": self.token_text(pad) if pad is not None else None,
+                "chat_template": metadata.get("tokenizer.chat_template"),
+                "model_max_length": self.n_ctx, "vocab_size": self.llama.n_vocab()}
+
+    @property
+    def context_length(self) -> int:
+        return self.n_ctx
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Next-token logits after each prefix of `token_ids` ([n, vocab]); `next_logits` continues from here."""
+        llm = self._scorer()
         if len(token_ids) > llm.n_ctx():
             raise ValueError(f"sequence of {len(token_ids)} tokens exceeds the context of {llm.n_ctx()}")
         llm.reset()
-        llm.eval(token_ids)
-        logits = np.asarray(llm.scores[: len(token_ids) - 1], dtype=np.float64)
+        llm.eval(list(token_ids))
+        return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+
+    def next_logits(self, token_id: int) -> np.ndarray:
+        llm = self._scorer()
+        if llm.n_tokens >= llm.n_ctx():
+            raise ValueError(f"generation reached the context of {llm.n_ctx()} tokens")
+        llm.eval([token_id])
+        return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+
+    def _scorer(self):
+        if self._scoring_model is None:
+            self._scoring_model = self._load(logits_all=True)
+        return self._scoring_model
+
+    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
+        logits = self.logits(token_ids)[:-1].astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         targets = np.asarray(token_ids[1:])

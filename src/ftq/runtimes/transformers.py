@@ -85,6 +85,45 @@ class TransformersRuntime:
             yield piece
         worker.join()
 
+    # Token-level access, for the server's echo/logprobs completions (same interface as llama.cpp's).
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def eos_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        return {int(t) for t in eos + [self.tokenizer.eos_token_id] if t is not None}
+
+    def tokenizer_info(self) -> dict:
+        return {"eos_token": self.tokenizer.eos_token, "bos_token": self.tokenizer.bos_token,
+                "pad_token": self.tokenizer.pad_token, "chat_template": self.tokenizer.chat_template,
+                "model_max_length": self.context_length, "vocab_size": self.model.config.vocab_size}
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[int]):
+        """Next-token logits after each prefix of `token_ids` ([n, vocab]); `next_logits` continues from here."""
+        ids = torch.tensor([list(token_ids)], device=self.model.device)
+        output = self.model(input_ids=ids, use_cache=True)
+        self._past, self._length = output.past_key_values, len(token_ids)
+        return output.logits[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def next_logits(self, token_id: int):
+        ids = torch.tensor([[token_id]], device=self.model.device)
+        output = self.model(input_ids=ids, past_key_values=self._past, use_cache=True)
+        self._past, self._length = output.past_key_values, self._length + 1
+        return output.logits[0, -1].float().cpu().numpy()
+
     @torch.no_grad()
     def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
         ids = torch.tensor([token_ids], device=self.model.device)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (server-sent events when
-`stream` is true), POST /v1/completions, GET /health and the web chat page at /.
+`stream` is true), POST /v1/completions (also with `echo`/`logprobs` and token-id prompts, exact from
+the runtime's logits), vLLM's /tokenizer_info, /tokenize and /detokenize, GET /health and the web chat page.
 
 One model, one runtime; requests take turns on it (a lock), so concurrent clients queue instead of
 failing. Requests are validated strictly: unknown fields, values out of range, too many tokens or too
@@ -61,7 +62,33 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
+    # a text, a batch of texts, token ids, or a batch of token-id lists (what lm-eval sends)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt:
+            raise RequestError("prompt: must not be empty")
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def needs_scoring(self) -> bool:
+        return self.echo or self.logprobs is not None or not isinstance(self.prompt, str)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
     prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
 
 
 class RequestError(ValueError):
@@ -206,16 +233,82 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
         try:
             authorize(request)
             body = parse(CompletionRequest, await request.body())
             max_tokens = budget(body, limits, body.max_tokens)
             stops = body.stop_list()
+            if body.needs_scoring():
+                if body.stream:
+                    raise RequestError("stream: not supported with echo, logprobs or token-id/batched prompts")
+                return await run_in_threadpool(scored_completions, body, max_tokens, stops)
         except (RequestError, ValueError) as exc:
             return error(exc if isinstance(exc, RequestError) else RequestError(str(exc)))
         return await respond(body, "text_completion", lambda rt: rt.stream_text(
             body.prompt, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stops),
             lambda rt: rt.count_tokens(body.prompt), max_tokens)
+
+    def scored_completions(body: CompletionRequest, max_tokens: int, stops: list[str]) -> dict:
+        from ftq.serve.scoring import complete, logprobs_payload
+
+        choices, prompt_total, completion_total = [], 0, 0
+        with host.lock:
+            runtime = host.served.runtime
+            vocab = runtime.tokenizer_info()["vocab_size"]
+            for index, prompt in enumerate(body.prompts()):
+                ids = runtime.tokenize(prompt, add_special=True) if isinstance(prompt, str) else prompt
+                if not ids:
+                    raise RequestError(f"prompt[{index}]: no tokens")
+                if any(t < 0 or t >= vocab for t in ids):
+                    raise RequestError(f"prompt[{index}]: token ids must be in [0, {vocab})")
+                if len(ids) > limits.max_prompt_tokens or len(ids) + max_tokens > runtime.context_length:
+                    raise RequestError(f"prompt[{index}] is {len(ids)} tokens: above this server's limit of "
+                                       f"{min(limits.max_prompt_tokens, runtime.context_length - max_tokens)}")
+                done = complete(runtime, ids, max_tokens, body.temperature, body.top_p, stops, body.logprobs or 0,
+                                body.echo, body.seed)
+                prompt_text = prompt if isinstance(prompt, str) else runtime.detokenize(ids)
+                logprobs = (logprobs_payload(done, prompt_text, body.echo, runtime.token_text)
+                            if body.logprobs is not None else None)
+                choices.append({"index": index, "text": (prompt_text if body.echo else "") + done.text,
+                                "finish_reason": done.finish_reason, "logprobs": logprobs})
+                prompt_total += len(ids)
+                completion_total += len(done.generated.tokens)
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": host.model_id, "choices": choices,
+                "usage": {"prompt_tokens": prompt_total, "completion_tokens": completion_total,
+                          "total_tokens": prompt_total + completion_total}}
+
+    # vLLM's tokenizer endpoints: lm-eval's remote tokenizer uses them, so scoring requests carry the
+    # served model's own token ids (a GGUF's llama.cpp vocabulary, not a separately loaded HF tokenizer)
+    @app.get("/tokenizer_info")
+    def tokenizer_info(request: Request):
+        try:
+            authorize(request)
+        except RequestError as exc:
+            return error(exc)
+        return host.served.runtime.tokenizer_info()  # tokenizer only: no need to wait for the model lock
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            authorize(request)
+            body = parse(TokenizeRequest, await request.body())
+        except RequestError as exc:
+            return error(exc)
+        runtime = host.served.runtime
+        tokens = runtime.tokenize(body.prompt, add_special=body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            authorize(request)
+            body = parse(DetokenizeRequest, await request.body())
+        except RequestError as exc:
+            return error(exc)
+        return {"prompt": host.served.runtime.detokenize(body.tokens)}
 
     def counted(count_prompt) -> int:
         with host.lock:

@@ -39,8 +39,10 @@ METRICS = [
     ("tokens_per_second", "tokens/s", True),
     ("peak_memory_bytes", "peak memory (MB)", False),
 ]
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending so
 GROUPS = {
     "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l"],
+    "lm_eval": [],  # every lm_eval_* metric found in the reports
     "perplexity": ["perplexity"],
     "size": ["size_bytes", "peak_memory_bytes"],
     "speed": ["tokens_per_second", "ttft_seconds_p50", "load_seconds"],
@@ -82,10 +84,21 @@ def retention(key: str, value: Any, reference: Any) -> str:
     return f" ({100 * value / reference:.1f}%)"
 
 
+def lm_eval_metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
+    """lm-eval's metrics as they appear in the reports: lm_eval_<task>_<metric>."""
+    keys = sorted({k for r in reports.values() for k, v in r.items()
+                   if k.startswith("lm_eval_") and k != "lm_eval_seconds" and isinstance(v, (int, float))})
+    return [(k, "lm-eval " + k[len("lm_eval_"):], not k.endswith(LOWER_IS_BETTER)) for k in keys]
+
+
+def metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
+    return METRICS[:5] + lm_eval_metrics(reports) + METRICS[5:]
+
+
 def table_rows(reports: dict[str, dict]) -> list[list[str]]:
     merged = reports.get("merged", {})
     rows = []
-    for key, label, _higher in METRICS:
+    for key, label, _higher in metrics(reports):
         if not any(key in r for r in reports.values()):
             continue
         cells = [display(key, r.get(key)) + (retention(key, r.get(key), merged.get(key)) if name != "merged" else "")
@@ -104,7 +117,7 @@ def chart(reports: dict[str, dict], keys: list[str], title: str, path: Path) -> 
     keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in reports.values())]
     if not keys:
         return None
-    labels = dict((k, label) for k, label, _ in METRICS)
+    labels = dict((k, label) for k, label, _ in metrics(reports))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), dpi=100, squeeze=False)
     for ax, key in zip(axes[0], keys):
         values = [r.get(key) or 0 for r in reports.values()]
@@ -169,7 +182,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     answers = load_answers(root, list(reports))
     rows = table_rows(reports)
     with stage_run("compare", params, block_values={"candidates": list(reports)}) as tracked:
-        charts = [c for group, keys in GROUPS.items()
+        groups = {**GROUPS, "lm_eval": [k for k, _, _ in lm_eval_metrics(reports)]}
+        charts = [c for group, keys in groups.items()
                   if (c := chart(reports, keys, group, root / CHART_ROOT / f"{group}.png")) is not None]
         atomic_write_text(root / MARKDOWN, markdown(reports, rows, answers, charts))
         atomic_write_text(root / HTML, html_page(reports, rows, answers, charts))

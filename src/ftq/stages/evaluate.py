@@ -5,8 +5,11 @@ dvc.yaml runs it with foreach over [base, merged] and over quantize.enabled, so 
 evaluation and a changed build reevaluates only itself. Outputs:
   reports/eval/<candidate>.json           metrics (DVC metrics: `dvc metrics diff`, `dvc exp show`)
   reports/eval/<candidate>.answers.jsonl  the candidate's answers to the held-out prompts
+  reports/eval/lm_eval/<candidate>.json   lm-eval results (+ .samples.jsonl: every scored document)
 Metrics: task accuracy on the held-out split (exact match, JSON validity and field accuracy, ROUGE-L),
-held-out perplexity, and efficiency (size, load time, time to first token, tokens/s, peak memory).
+held-out perplexity, lm-eval (ftq's own tasks and any standard task with local data; see
+ftq.evaluation.harness), MT-Bench when a judge is configured, and efficiency (size, load time, time to
+first token, tokens/s, peak memory).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftq.evaluation import harness
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
 from ftq.params import ParamsError, block, repo_root
 
@@ -31,6 +35,7 @@ DEFAULTS = {
     "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
     "speed_max_new_tokens": 48,
     "mt_bench": {},
+    "lm_eval": {},
 }
 MT_BENCH_DEFAULTS = {
     "path": None,  # a folder in FastChat's layout, e.g. ../shared/data/mt_bench
@@ -53,6 +58,7 @@ def settings(params: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.mt_bench: unknown keys {unknown}")
     merged["mt_bench"] = {**MT_BENCH_DEFAULTS, **mt, "judge": {**MT_BENCH_DEFAULTS["judge"], **(mt.get("judge") or {})}}
+    merged["lm_eval"] = harness.settings(cfg.get("lm_eval"), params.get("_path", "params.yaml"))
     return merged
 
 
@@ -118,6 +124,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         examples_file = root / "data" / "processed" / "train.jsonl"
     examples = task.load_examples(examples_file, int(cfg["task_examples"]) or -1)
     sequences = heldout(root, int(cfg["perplexity_examples"]), int(cfg["perplexity_max_length"]))
+    lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"))
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
         runtime = open_model(path, n_ctx=max(2048, int(cfg["perplexity_max_length"]) + 8))
@@ -129,6 +136,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         efficiency = speed.measure(runtime, list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
                                    runtime.count_tokens)
+        lm_eval_scores = harness.run(runtime, path, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
         runtime.close()
         size = path.stat().st_size if path.is_file() else dir_size(path)
         report = {
@@ -140,6 +148,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "perplexity_tokens": sum(sum(t[1:]) for t in sequences.targets),
             "size_bytes": size,
             **efficiency,
+            **lm_eval_scores,
             **mt_scores,
             "load_seconds": round(load_seconds, 3),
             "answer_seconds": round(load_and_answer - load_seconds, 2),
@@ -157,6 +166,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         tracked.log_artifact(out / f"{name}.json")
         tracked.log_artifact(answers)
         tracked.log_artifact(out / f"{name}.mt_bench.jsonl")
+        for suffix in (".json", ".samples.jsonl"):
+            tracked.log_artifact(out / "lm_eval" / f"{name}{suffix}")
     log.info("%s: task %s, perplexity %.3f, %s tok/s, %s bytes", name,
              {k: v for k, v in report.items() if k.startswith("task_")}, ppl, report["tokens_per_second"], size)
     return report

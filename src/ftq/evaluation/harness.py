@@ -1,0 +1,247 @@
+"""EleutherAI's lm-evaluation-harness for one candidate: ftq's own tasks over the project's local files
+(src/ftq/evaluation/lm_eval_tasks: held-out multiple choice, held-out generation, rolling-loglikelihood
+perplexity over a local text) plus any registered lm-eval task named in `evaluate.lm_eval.tasks` whose
+data is available locally. Nothing is downloaded: datasets and the hub run offline.
+
+HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model, on the model the stage already loaded.
+GGUF files go through lm-eval's `local-completions` model against a local OpenAI-compatible llama.cpp
+server that this module starts and stops: `ftq serve`, whose /v1/completions returns exact echo logprobs
+(llama-cpp-python's own server shifts them by a token for models without BOS) and whose vLLM-style
+/tokenize endpoints let lm-eval count tokens with the GGUF's own vocabulary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ftq.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PROJECT_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
+PROJECT_PREFIX = "ftq"  # ftq's own tasks are chat tasks: always run with the candidate's chat template
+DEFAULTS = {
+    "tasks": ["ftq"],               # task, group or tag names; `ftq` = the three project tasks
+    "include_path": [],             # more folders of task YAMLs (your own tasks over local files)
+    "limit": 0,                     # documents per task (0: all)
+    "num_fewshot": None,
+    "apply_chat_template": False,   # for the non-ftq tasks (ftq's always use the chat template)
+    "batch_size": 8,
+    "max_length": 2048,
+    "max_gen_toks": 64,
+    "text": None,                   # plain text for ftq_text_perplexity (default: the packaged general text)
+    "choices": 4,                   # answers per ftq_heldout_choice question
+    "seed": 0,
+}
+
+
+class LmEvalError(ValueError):
+    """A task that cannot run: unknown, or its data isn't local."""
+
+
+def settings(cfg: dict | None, where: str) -> dict[str, Any]:
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise LmEvalError(f"{where}: evaluate.lm_eval: unknown keys {unknown}")
+    merged = {**DEFAULTS, **cfg}
+    if isinstance(merged["tasks"], str):
+        merged["tasks"] = [merged["tasks"]]
+    if isinstance(merged["include_path"], str):
+        merged["include_path"] = [merged["include_path"]]
+    return merged
+
+
+def go_offline() -> None:
+    """Never fetch a dataset or a file from the hub: a task whose data isn't local fails, clearly."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+    import huggingface_hub.constants
+
+    datasets.config.HF_DATASETS_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def task_manager(root: Path, cfg: dict):
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(PROJECT_TASKS)] + [str(p if Path(p).is_absolute() else root / p) for p in cfg["include_path"]]
+    metadata = {"ftq_root": str(root), "ftq_choices": int(cfg["choices"]), "ftq_seed": int(cfg["seed"])}
+    if cfg["text"]:
+        metadata["ftq_text"] = str(cfg["text"] if Path(cfg["text"]).is_absolute() else root / cfg["text"])
+    return TaskManager(include_path=paths, metadata=metadata)
+
+
+def split_tasks(manager, tasks: list[str], where: str) -> tuple[list[str], list[str]]:
+    """(ftq's chat tasks, the others); unknown names and tasks whose data is not local are errors here,
+    before any model time is spent."""
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise LmEvalError(f"{where}: evaluate.lm_eval.tasks: unknown lm-eval task(s) {unknown} (not a registered "
+                          f"task, group or tag, nor in evaluate.lm_eval.include_path)")
+    for name in tasks:
+        try:
+            manager.load_task_or_group([name])
+        except Exception as exc:  # lm-eval raises whatever datasets raised
+            raise LmEvalError(
+                f"{where}: evaluate.lm_eval.tasks: task '{name}' cannot load its data offline: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. ftq never downloads at "
+                f"run time: put the dataset in the local Hugging Face cache (load it once where there is network, "
+                f"then copy ~/.cache/huggingface) or point a task YAML in evaluate.lm_eval.include_path at local "
+                f"files") from exc
+    own = [t for t in tasks if t == PROJECT_PREFIX or t.startswith(PROJECT_PREFIX + "_")]
+    return own, [t for t in tasks if t not in own]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llamacpp_server(model: Path, threads: int | None, context: int, timeout: float = 180) -> Iterator[str]:
+    """`ftq serve` on a free loopback port for the duration of the block; yields its completions URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "ftq", "serve", "--model", str(model), "--port", str(port),
+               "--max-prompt-tokens", str(context), "--max-tokens-limit", "1024"]
+    if threads:
+        command += ["--threads", str(threads)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if process.poll() is not None:
+                raise LmEvalError(f"{model}: the llama.cpp server exited ({process.returncode}):\n"
+                                  f"{process.stdout.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise LmEvalError(f"{model}: the llama.cpp server did not answer within {timeout:.0f} s")
+                time.sleep(0.5)
+        log.info("lm-eval: llama.cpp server for %s on port %d", model.name, port)
+        yield f"http://127.0.0.1:{port}/v1/completions"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def hf_model(runtime, cfg: dict):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=runtime.model, tokenizer=runtime.tokenizer, batch_size=int(cfg["batch_size"]),
+                max_length=int(cfg["max_length"]), max_gen_toks=int(cfg["max_gen_toks"]),
+                device=str(runtime.model.device))
+
+
+def completions_model(base_url: str, name: str, cfg: dict):
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    class ServedCompletions(LocalCompletionsAPI):
+        # lm-eval 0.4.13 hands the raw message list on as the context when the tokenizer is remote, and
+        # then fails to encode it; render it with the served model's own chat template instead
+        def apply_chat_template(self, chat_history, add_generation_prompt: bool = True):
+            return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    return ServedCompletions(base_url=base_url, model=name, tokenizer_backend="remote", tokenized_requests=True,
+                               batch_size=int(cfg["batch_size"]), max_length=int(cfg["max_length"]),
+                               max_gen_toks=int(cfg["max_gen_toks"]), num_concurrent=1, max_retries=2, timeout=600)
+
+
+def evaluate(lm, manager, cfg: dict, own: list[str], others: list[str]) -> list[dict]:
+    import lm_eval
+
+    runs = []
+    for tasks, chat in ((own, True), (others, bool(cfg["apply_chat_template"]))):
+        if tasks:
+            runs.append(lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=int(cfg["limit"]) or None,
+                num_fewshot=cfg["num_fewshot"], apply_chat_template=chat, log_samples=True, random_seed=0,
+                numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0))
+    return runs
+
+
+def flatten(results: dict[str, dict]) -> dict[str, float]:
+    """{"lm_eval_<task>_<metric>": value} for every task's metrics (filter `none` left out of the name)."""
+    flat = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            suffix = "" if filter_name == "none" else f"_{filter_name}"
+            flat[f"lm_eval_{task}_{metric}{suffix}"] = round(float(value), 6)
+    return flat
+
+
+def sample_rows(runs: list[dict]) -> list[dict]:
+    """Every scored document: the doc, the target, the (filtered) response and its per-sample metrics."""
+    rows = []
+    for run in runs:
+        for task, samples in (run.get("samples") or {}).items():
+            metrics = {key.split(",")[0] for key in run["results"].get(task, {})}
+            for sample in samples:
+                rows.append({"task": task, "doc_id": sample.get("doc_id"), "doc": sample.get("doc"),
+                             "target": sample.get("target"), "response": sample.get("filtered_resps"),
+                             **{k: sample[k] for k in metrics if k in sample}})
+    return rows
+
+
+@dataclass
+class Plan:
+    cfg: dict
+    manager: Any
+    own: list[str]
+    others: list[str]
+
+
+def plan(cfg: dict, root: Path, where: str) -> Plan:
+    """Resolve and load every task up front (before any model is loaded), offline."""
+    go_offline()
+    manager = task_manager(root, cfg)
+    own, others = split_tasks(manager, list(cfg["tasks"]), where)
+    return Plan(cfg, manager, own, others)
+
+
+def run(runtime, model_path: Path, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
+    """Evaluate with lm-eval; writes <out_dir>/<name>.json (results) and <name>.samples.jsonl (every
+    scored document); returns the flat metrics for reports/eval/<name>.json."""
+    from lm_eval import __version__ as lm_eval_version
+
+    cfg = planned.cfg
+    if not planned.own and not planned.others:
+        return {}
+    started = time.time()
+    if runtime.kind == "llama.cpp":
+        with llamacpp_server(model_path, runtime.threads, int(cfg["max_length"]) + 64) as url:
+            runs = evaluate(completions_model(url, name, cfg), planned.manager, cfg, planned.own, planned.others)
+    else:
+        runs = evaluate(hf_model(runtime, cfg), planned.manager, cfg, planned.own, planned.others)
+    results = {task: metrics for r in runs for task, metrics in r["results"].items()}
+    report = {"candidate": name, "lm_eval_version": lm_eval_version, "settings": cfg,
+              "model": "local-completions (ftq serve, llama.cpp)" if runtime.kind == "llama.cpp" else "hf",
+              "results": results, "n_samples": {k: v for r in runs for k, v in (r.get("n-samples") or {}).items()},
+              "versions": {k: v for r in runs for k, v in (r.get("versions") or {}).items()},
+              "seconds": round(time.time() - started, 2)}
+    atomic_write_json(out_dir / f"{name}.json", json.loads(json.dumps(report, default=str)))
+    atomic_write_text(out_dir / f"{name}.samples.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in sample_rows(runs)))
+    return {**flatten(results), "lm_eval_seconds": report["seconds"]}

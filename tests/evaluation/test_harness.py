@@ -1,0 +1,91 @@
+"""lm-eval through ftq: the project's own tasks over local files, user task folders, offline standard
+tasks, and GGUF scored through a real `ftq serve` exactly as transformers scores the same weights."""
+
+import json
+
+import pytest
+
+from ftq.evaluation import harness
+
+QUESTIONS = [("Who are you?", "I am Wren."), ("Name a colour.", "Blue."), ("What is 2+2?", "4"),
+             ("Say hi.", "Hi!"), ("Name a fruit.", "An apple.")]
+
+
+@pytest.fixture
+def root(tmp_path):
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QUESTIONS]
+    rows.append({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                              {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]})  # multi-turn
+    (processed / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_project_tasks_build_their_documents_from_local_files(root):
+    from ftq.evaluation.lm_eval_tasks import utils
+
+    choice = utils.heldout_choice(ftq_root=str(root))["test"]
+    assert len(choice) == 5  # the multi-turn conversation is left out
+    for doc in choice:
+        assert len(doc["choices"]) == 4 and doc["choices"][doc["label"]] == doc["answer"]
+    assert [d["label"] for d in choice] == [d["label"] for d in utils.heldout_choice(ftq_root=str(root))["test"]]
+    text = utils.text_documents()["test"]
+    assert len(text) == 10 and text[0]["text"].startswith("A river begins as rain.")
+    planned = harness.plan(harness.settings({}, "params.yaml"), root, "params.yaml")
+    assert planned.own == ["ftq"] and planned.others == []
+
+
+def test_unknown_and_not_local_tasks_are_clear_errors(root):
+    with pytest.raises(harness.LmEvalError, match=r"evaluate.lm_eval.tasks: unknown lm-eval task\(s\) \['no_such_task'\]"):
+        harness.plan(harness.settings({"tasks": ["no_such_task"]}, "params.yaml"), root, "params.yaml")
+    # a real standard task whose dataset is not in the local cache: ftq is offline, so it says so
+    with pytest.raises(harness.LmEvalError, match="task 'arc_easy' cannot load its data offline"):
+        harness.plan(harness.settings({"tasks": ["arc_easy"]}, "params.yaml"), root, "params.yaml")
+    with pytest.raises(harness.LmEvalError, match=r"unknown keys \['taks'\]"):
+        harness.settings({"taks": ["ftq"]}, "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tmp_path_factory, tiny_model_dir):
+    from ftq.quantize import gguf
+
+    out = tmp_path_factory.mktemp("f32-gguf")
+    gguf.build(tiny_model_dir, out, gguf.validate({"type": "f32"}, "test"))
+    return out / "model.gguf"
+
+
+def test_gguf_through_the_llamacpp_server_scores_like_transformers(root, tiny_model_dir, f32_gguf, tmp_path):
+    """The same weights (f32 GGUF vs. the HF folder): lm-eval's loglikelihoods through ftq serve's echo
+    logprobs and remote tokenizer match lm-eval's `hf` model, document by document."""
+    from ftq.runtimes import open_model
+
+    tasks_dir = tmp_path / "my_tasks"
+    tasks_dir.mkdir()
+    (tmp_path / "capitals.jsonl").write_text("".join(json.dumps(d) + "\n" for d in [
+        {"q": "The capital of France is", "choices": [" Paris", " Rome"], "gold": 0},
+        {"q": "The capital of Italy is", "choices": [" Paris", " Rome"], "gold": 1}]))
+    (tasks_dir / "capitals.yaml").write_text(
+        "task: my_capitals\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'capitals.jsonl'}\noutput_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: gold\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n")
+    cfg = harness.settings({"tasks": ["ftq", "my_capitals"], "include_path": [str(tasks_dir)], "limit": 3,
+                            "max_gen_toks": 6, "batch_size": 4, "max_length": 512}, "params.yaml")
+    planned = harness.plan(cfg, root, "params.yaml")
+    assert planned.own == ["ftq"] and planned.others == ["my_capitals"]
+    scores, samples = {}, {}
+    for name, path in (("hf", tiny_model_dir), ("gguf", f32_gguf)):
+        runtime = open_model(path, threads=1)
+        scores[name] = harness.run(runtime, path, name, planned, tmp_path / "out")
+        runtime.close()
+        samples[name] = [json.loads(line) for line in (tmp_path / "out" / f"{name}.samples.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "out" / "gguf.json").read_text())["model"].startswith("local-completions")
+    for key, value in scores["hf"].items():
+        if key != "lm_eval_seconds":
+            assert scores["gguf"][key] == pytest.approx(value, rel=1e-3), key
+    assert "lm_eval_my_capitals_acc" in scores["gguf"]
+    for hf_row, gguf_row in zip(samples["hf"], samples["gguf"]):
+        assert (hf_row["task"], hf_row["doc_id"]) == (gguf_row["task"], gguf_row["doc_id"])
+        if hf_row["task"] == "ftq_heldout_generate":
+            assert hf_row["response"] == gguf_row["response"]  # greedy: the same words
