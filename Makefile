@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_WHEEL_STAMP)
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/convert_hf_to_gguf.py \
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
-	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc, llama_cpp; print('ftq', ftq.__version__, 'torch', torch.__version__, 'llama_cpp', llama_cpp.__version__)"
+	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc, llama_cpp, lm_eval, tenacity; print('ftq', ftq.__version__, 'torch', torch.__version__, 'llama_cpp', llama_cpp.__version__)"
 	touch $@
 
 $(LLAMA_SDIST):

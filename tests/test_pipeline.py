@@ -102,11 +102,15 @@ def test_train_stage_through_dvc_and_a_learning_rate_experiment(project):
 
 
 def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(project):
-    """`dvc repro` after train makes models/merged and every enabled build (foreach); changing one
-    build's options reruns that build alone; a broken build fails its stage and leaves no folder."""
+    """`dvc repro` after train makes models/merged and every enabled build (foreach), evaluates each
+    candidate, compares and promotes; changing one build's options reruns that build and its evaluation
+    alone; a broken build fails its stage and leaves no folder."""
     import yaml
 
+    from conftest import SMALL_EVAL
+
     params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"].update({**SMALL_EVAL, "lm_eval": {**SMALL_EVAL["lm_eval"], "limit": 2}})
     params["train"].update({"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2, "warmup": 0})
     params["quantize"].update({
         "enabled": ["f16", "q8_0"],
@@ -115,8 +119,14 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     })
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = dvc(project, "repro")
-    for stage in ("merge", "quantize@f16", "quantize@q8_0"):
+    for stage in ("merge", "quantize@f16", "quantize@q8_0", "evaluate_ref@base", "evaluate_ref@merged",
+                  "evaluate@f16", "evaluate@q8_0", "compare", "promote"):
         assert f"Running stage '{stage}'" in first.stdout, stage
+    for name in ("base", "merged", "f16", "q8_0"):
+        report = json.loads((project / "reports" / "eval" / f"{name}.json").read_text())
+        assert report["lm_eval_ftq_heldout_choice_acc"] is not None and report["task_examples"] == 4
+        assert (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").exists()
+    assert json.loads((project / "reports" / "promotion.json").read_text())["candidates"]
     for name in ("f16", "q8_0"):
         manifest = json.loads((project / "models" / "quantized" / name / "manifest.json").read_text())
         assert manifest["check"]["passed"] and (project / "models" / "quantized" / name / "model.gguf").exists()
@@ -128,8 +138,8 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     params["quantize"]["builds"]["q8_0"] = {"method": "gguf", "type": "q8_0", "output_type": "q8_0"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    assert "Running stage 'quantize@q8_0'" in second.stdout
-    for stage in ("train", "merge", "quantize@f16"):
+    assert "Running stage 'quantize@q8_0'" in second.stdout and "Running stage 'evaluate@q8_0'" in second.stdout
+    for stage in ("train", "merge", "quantize@f16", "evaluate@f16", "evaluate_ref@merged"):
         assert f"Running stage '{stage}'" not in second.stdout, stage
 
     params["quantize"]["builds"]["q8_0"]["check"] = {"max_perplexity_ratio": 0.5}

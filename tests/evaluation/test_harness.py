@@ -77,7 +77,7 @@ def test_gguf_through_the_llamacpp_server_scores_like_transformers(root, tiny_mo
     scores, samples = {}, {}
     for name, path in (("hf", tiny_model_dir), ("gguf", f32_gguf)):
         runtime = open_model(path, threads=1)
-        scores[name] = harness.run(runtime, path, name, planned, tmp_path / "out")
+        scores[name] = harness.run(runtime, name, planned, tmp_path / "out")
         runtime.close()
         samples[name] = [json.loads(line) for line in (tmp_path / "out" / f"{name}.samples.jsonl").read_text().splitlines()]
     assert json.loads((tmp_path / "out" / "gguf.json").read_text())["model"].startswith("local-completions")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import load_params, set_params, shared_file, start_server, stop
+from conftest import SMALL_EVAL, load_params, set_params, shared_file, start_server, stop
 from ftq.evaluation import mt_bench
 from ftq.stages import evaluate
 
@@ -44,13 +44,14 @@ def test_evaluate_runs_mt_bench_with_a_real_judge_endpoint(evaluated, judge_serv
     monkeypatch.chdir(project)
     set_params(project, evaluate={"mt_bench": {"path": str(folder), "limit": 3, "max_new_tokens": 8,
                                                 "judge": {"base_url": judge_server, "model": "rating-judge",
-                                                          "api_key_env": "NO_SUCH_KEY"}}})
+                                                          "api_key_env": "NO_SUCH_KEY"}},
+                                  "lm_eval": {"tasks": []}})  # measured by the fixture already
     outputs = [project / "reports" / "eval" / f"q8_0{suffix}" for suffix in (".json", ".answers.jsonl")]
     saved = [p.read_bytes() for p in outputs]  # the shared fixture's other tests read the originals
     try:
         report = evaluate.run(load_params(project), "q8_0")
     finally:
-        set_params(project, evaluate={"mt_bench": {}})
+        set_params(project, evaluate={"mt_bench": {}, "lm_eval": SMALL_EVAL["lm_eval"]})
         for path, content in zip(outputs, saved):
             path.write_bytes(content)
     assert report["mt_bench_status"] == "ok" and report["mt_bench_judged"] == 6 and report["mt_bench_failed"] == 0

@@ -5,21 +5,21 @@ data is available locally. Nothing is downloaded: datasets and the hub run offli
 
 HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model, on the model the stage already loaded.
 GGUF files go through lm-eval's `local-completions` model against a local OpenAI-compatible llama.cpp
-server that this module starts and stops: `ftq serve`, whose /v1/completions returns exact echo logprobs
-(llama-cpp-python's own server shifts them by a token for models without BOS) and whose vLLM-style
-/tokenize endpoints let lm-eval count tokens with the GGUF's own vocabulary."""
+server that this module starts and stops: ftq serve's app on a loopback port, serving the llama.cpp model
+the stage has loaded. Its /v1/completions returns exact echo logprobs (llama-cpp-python's own server
+shifts them by a token for models without BOS) and its vLLM-style /tokenize endpoints let lm-eval count
+tokens with the GGUF's own vocabulary."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
-import subprocess
-import sys
+import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,13 +75,25 @@ def go_offline() -> None:
 
 
 def task_manager(root: Path, cfg: dict):
+    """ftq's tasks and the include_path folders; lm-eval's ~15,000 built-in task names are indexed
+    (~17 s) only when a requested name isn't among those."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(PROJECT_TASKS)] + [str(p if Path(p).is_absolute() else root / p) for p in cfg["include_path"]]
     metadata = {"ftq_root": str(root), "ftq_choices": int(cfg["choices"]), "ftq_seed": int(cfg["seed"])}
     if cfg["text"]:
         metadata["ftq_text"] = str(cfg["text"] if Path(cfg["text"]).is_absolute() else root / cfg["text"])
-    return TaskManager(include_path=paths, metadata=metadata)
+    local = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if all(t in local.all_tasks for t in cfg["tasks"]):
+        return local
+    return _full_task_manager(tuple(paths), tuple(sorted(metadata.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _full_task_manager(paths: tuple[str, ...], metadata: tuple):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), metadata=dict(metadata))
 
 
 def split_tasks(manager, tasks: list[str], where: str) -> tuple[list[str], list[str]]:
@@ -112,36 +124,32 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def llamacpp_server(model: Path, threads: int | None, context: int, timeout: float = 180) -> Iterator[str]:
-    """`ftq serve` on a free loopback port for the duration of the block; yields its completions URL."""
+def local_server(runtime, name: str, context: int, timeout: float = 60) -> Iterator[str]:
+    """ftq serve's OpenAI-compatible app on a free loopback port, in a thread, serving the model the stage
+    has already loaded; stopped when the block ends. Yields its completions URL."""
+    import uvicorn
+
+    from ftq.serve.app import Limits, ModelHost, Served, create_app
+    from ftq.serve.resolve import Resolved
+
+    path = Path(runtime.path)
+    host = ModelHost(str(path), loaded=Served(Resolved(str(path), path, name), runtime))
+    app = create_app(host, None, Limits(max_tokens=1024, default_max_tokens=256, max_prompt_tokens=context))
     port = free_port()
-    command = [sys.executable, "-m", "ftq", "serve", "--model", str(model), "--port", str(port),
-               "--max-prompt-tokens", str(context), "--max-tokens-limit", "1024"]
-    if threads:
-        command += ["--threads", str(threads)]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="ftq-lm-eval-server", daemon=True)
+    thread.start()
     try:
         deadline = time.time() + timeout
-        while True:
-            if process.poll() is not None:
-                raise LmEvalError(f"{model}: the llama.cpp server exited ({process.returncode}):\n"
-                                  f"{process.stdout.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise LmEvalError(f"{model}: the llama.cpp server did not answer within {timeout:.0f} s")
-                time.sleep(0.5)
-        log.info("lm-eval: llama.cpp server for %s on port %d", model.name, port)
+        while not server.started:
+            if not thread.is_alive() or time.time() > deadline:
+                raise LmEvalError(f"{path}: the local llama.cpp server did not start on port {port}")
+            time.sleep(0.05)
+        log.info("lm-eval: %s served on http://127.0.0.1:%d (llama.cpp)", name, port)
         yield f"http://127.0.0.1:{port}/v1/completions"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def hf_model(runtime, cfg: dict):
@@ -221,7 +229,7 @@ def plan(cfg: dict, root: Path, where: str) -> Plan:
     return Plan(cfg, manager, own, others)
 
 
-def run(runtime, model_path: Path, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
+def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
     """Evaluate with lm-eval; writes <out_dir>/<name>.json (results) and <name>.samples.jsonl (every
     scored document); returns the flat metrics for reports/eval/<name>.json."""
     from lm_eval import __version__ as lm_eval_version
@@ -231,7 +239,7 @@ def run(runtime, model_path: Path, name: str, planned: Plan, out_dir: Path) -> d
         return {}
     started = time.time()
     if runtime.kind == "llama.cpp":
-        with llamacpp_server(model_path, runtime.threads, int(cfg["max_length"]) + 64) as url:
+        with local_server(runtime, name, int(cfg["max_length"]) + 64) as url:
             runs = evaluate(completions_model(url, name, cfg), planned.manager, cfg, planned.own, planned.others)
     else:
         runs = evaluate(hf_model(runtime, cfg), planned.manager, cfg, planned.own, planned.others)

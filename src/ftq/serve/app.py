@@ -115,13 +115,15 @@ class Served:
 class ModelHost:
     """The served model, swapped in place when `--watch` sees the alias move."""
 
-    def __init__(self, reference: str, params: dict | None = None, threads: int | None = None, n_ctx: int = 4096):
+    def __init__(self, reference: str, params: dict | None = None, threads: int | None = None, n_ctx: int = 4096,
+                 loaded: Served | None = None):
         self.reference = reference
         self.params = params
         self.threads = threads
         self.n_ctx = n_ctx
         self.lock = threading.Lock()
-        self.served = self._load(resolve(reference, params))
+        # `loaded`: a model already in memory (the evaluate stage serves its candidate to lm-eval)
+        self.served = loaded or self._load(resolve(reference, params))
 
     def _load(self, resolved: Resolved) -> Served:
         from ftq.runtimes import open_model

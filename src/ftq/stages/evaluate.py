@@ -127,7 +127,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"))
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
-        runtime = open_model(path, n_ctx=max(2048, int(cfg["perplexity_max_length"]) + 8))
+        runtime = open_model(path, n_ctx=max(2048, int(cfg["perplexity_max_length"]) + 8,
+                                             int(cfg["lm_eval"]["max_length"]) + 64))
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
         load_seconds = time.time() - started
         rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
@@ -136,7 +137,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         efficiency = speed.measure(runtime, list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
                                    runtime.count_tokens)
-        lm_eval_scores = harness.run(runtime, path, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
+        lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
         runtime.close()
         size = path.stat().st_size if path.is_file() else dir_size(path)
         report = {
