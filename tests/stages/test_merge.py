@@ -1,10 +1,12 @@
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import load_params, mlflow_runs, set_params
+from conftest import load_params, make_project, mlflow_runs, set_params
 from ftq.params import ParamsError
 from ftq.stages import base, merge, prepare, train
 
@@ -12,14 +14,33 @@ FAST = {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "eval
         "warmup": 0}
 
 
+def _clean_env(patch) -> None:
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
+        patch.delenv(key, raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, tiny_model_dir):
+    """base, prepare and a short LoRA run, once for the module; each test merges a copy of it."""
+    root = make_project(tmp_path_factory.mktemp("merge") / "project", tiny_model_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        _clean_env(patch)
+        patch.chdir(root)
+        set_params(root, train=FAST)
+        params = load_params(root)
+        base.run(params)
+        prepare.run(params)
+        train.run(params)
+    return root
+
+
 @pytest.fixture()
-def trained(project):
-    set_params(project, train=FAST)
-    params = load_params(project)
-    base.run(params)
-    prepare.run(params)
-    train.run(params)
-    return project
+def trained(trained_once, tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    shutil.copytree(trained_once, root, symlinks=True)
+    _clean_env(monkeypatch)
+    monkeypatch.chdir(root)
+    return root
 
 
 def test_merge_writes_checked_folder_with_card_and_lineage(trained):
