@@ -19,6 +19,9 @@ LLAMA_WHEELS := $(FTQ_CACHE)/wheels
 LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.llama_cpp_python-$(LLAMA_CPP)-built
 LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
 PYTEST_ARGS ?=
+# the suite runs on both cores (pytest-xdist): many tests spend their time waiting on stage
+# subprocesses, DVC, MLflow and servers; PYTEST_WORKERS=0 runs it in one process
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test ui clean-venv browser
 
@@ -68,7 +71,7 @@ browser:
 	else echo "chromium/chromedriver not installed (needs root and apt-get): the web page test will skip"; fi
 
 test: install browser
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 ui: install
 	$(BIN)/ftq ui

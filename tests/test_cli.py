@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,20 @@ def test_ui_serves_the_project_store(project):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    # mlflow server's own workers (uvicorn, job consumers) stop with it
+    deadline = time.time() + 20
+    while (left := _processes_mentioning(str(project / "mlflow.db"))) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(command[:200])
+    return found

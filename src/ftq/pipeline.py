@@ -4,6 +4,7 @@ makes every stage run that DVC executes its child (through $FTQ_PARENT_RUN_ID)."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,26 @@ def ui(host: str = "127.0.0.1", port: int = 5000) -> int:
         "--host", host, "--port", str(port), "--workers", "1",
     ]
     print(f"ftq: MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    # `mlflow server` starts uvicorn and job workers of its own: run it as a process group and stop the
+    # whole group, or a SIGTERM to ftq would leave them running
+    server = subprocess.Popen(command, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        return subprocess.call(command)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
