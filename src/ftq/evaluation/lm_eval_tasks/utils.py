@@ -6,7 +6,8 @@ lm-eval calls these through `custom_dataset` with the TaskManager's metadata as 
   ftq_text     the plain text for perplexity (default: general_text.txt beside this file)
   ftq_choices  answers per multiple-choice question (default 4), ftq_seed (default 0)
 so the tasks also run from the lm-eval CLI in a project folder:
-  lm_eval --model hf --model_args pretrained=models/merged --include_path <this folder> --tasks ftq --apply_chat_template
+  lm_eval --model hf --model_args pretrained=models/merged --device cpu --include_path <this folder> \
+    --tasks ftq --apply_chat_template
 """
 
 from __future__ import annotations
