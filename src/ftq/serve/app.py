@@ -292,25 +292,26 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
             return error(exc)
         return host.served.runtime.tokenizer_info()  # tokenizer only: no need to wait for the model lock
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
+    async def tokenizer_call(request: Request, model_cls, answer):
         try:
             authorize(request)
-            body = parse(TokenizeRequest, await request.body())
+            body = parse(model_cls, await request.body())
         except RequestError as exc:
             return error(exc)
-        runtime = host.served.runtime
-        tokens = runtime.tokenize(body.prompt, add_special=body.add_special_tokens)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.context_length}
+        return answer(host.served.runtime, body)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        def answer(runtime, body: TokenizeRequest) -> dict:
+            tokens = runtime.tokenize(body.prompt, add_special=body.add_special_tokens)
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.context_length}
+
+        return await tokenizer_call(request, TokenizeRequest, answer)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        try:
-            authorize(request)
-            body = parse(DetokenizeRequest, await request.body())
-        except RequestError as exc:
-            return error(exc)
-        return {"prompt": host.served.runtime.detokenize(body.tokens)}
+        return await tokenizer_call(request, DetokenizeRequest,
+                                    lambda runtime, body: {"prompt": runtime.detokenize(body.tokens)})
 
     def counted(count_prompt) -> int:
         with host.lock:
