@@ -106,8 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from ftq.params import load_params
+    from ftq.registry.resolve import resolve
     from ftq.runtimes import artifact_format, gguf_file
-    from ftq.serve.resolve import resolve
 
     os.chdir(ROOT)
     params = load_params(ROOT / "params.yaml")

@@ -27,6 +27,12 @@ def _single_torch_thread():
     torch.set_num_threads(1)  # steadier than 2 on a shared 2-core box
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _registry_cache(tmp_path_factory):
+    """Registry downloads of the tests (ftq serve models:/...) go to a temp cache, not ~/.cache/ftq."""
+    os.environ["FTQ_CACHE"] = str(tmp_path_factory.mktemp("ftq-cache"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2 tokenizer and chat template, with the eos/pad fixes the base stage applies."""
@@ -238,14 +244,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, *args: str, cwd=None, env=None):
-    """A real `ftq serve` process on loopback; returns (process, port, /health) once it answers."""
+def start_server(model: str, *args: str, cwd=None, env=None, inherit_env=True):
+    """A real `ftq serve` process on loopback; returns (process, port, /health) once it answers.
+    `inherit_env=False`: the process gets `env` alone (a second machine that knows nothing else)."""
     import json
     import time
     import urllib.request
 
     port = free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    env = {**(os.environ if inherit_env else {}), "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, "-m", "ftq", "serve", "--model", model, "--port", str(port), "--threads", "1", *args],
         cwd=cwd or REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -269,3 +276,17 @@ def stop(process) -> None:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture()
+def evaluated_copy(evaluated, tmp_path, monkeypatch) -> Path:
+    """A private copy of the `evaluated` project with an empty MLflow store (tests that rebuild builds
+    or need a registry of their own); the working directory is its root."""
+    project, _ = evaluated
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", ".ftq"))
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FTQ_CACHE", str(tmp_path / "cache"))  # downloads of registry versions
+    monkeypatch.chdir(copy)
+    return copy

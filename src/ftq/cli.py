@@ -19,6 +19,16 @@ def _params(args):
     return load_params(args.params)
 
 
+def _params_if_any(args) -> dict:
+    """serve and chat also run outside a project (a second machine that only reaches the tracking
+    server): no params.yaml there means no params."""
+    from ftq.params import repo_root
+
+    if args.params or (repo_root() / "params.yaml").exists():
+        return _params(args)
+    return {}
+
+
 def cmd_run(args) -> int:
     from ftq.pipeline import run_pipeline
 
@@ -137,14 +147,14 @@ def cmd_serve(args) -> int:
     from ftq.serve.server import serve
 
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
-    serve(args.model, args.host, args.port, args.api_key, args.watch, _params(args), limits, args.threads)
+    serve(args.model, args.host, args.port, args.api_key, args.watch, _params_if_any(args), limits, args.threads)
     return 0
 
 
 def cmd_chat(args) -> int:
     from ftq.serve.chat import chat
 
-    return chat(args.model, args.system, args.max_tokens, args.temperature, _params(args))
+    return chat(args.model, args.system, args.max_tokens, args.temperature, _params_if_any(args))
 
 
 def cmd_data_check(args) -> int:
@@ -185,6 +195,12 @@ def cmd_ui(args) -> int:
     from ftq.pipeline import ui
 
     return ui(args.host, args.port)
+
+
+def cmd_tracking_server(args) -> int:
+    from ftq.tracking_server import serve_forever
+
+    return serve_forever(Path(args.dir), args.port, args.pg_port, args.host)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address")
     ui.add_argument("--port", type=int, default=5000, help="port")
     ui.set_defaults(func=cmd_ui)
+
+    server = commands.add_parser(
+        "tracking-server", formatter_class=FORMATTER,
+        help="team tracking server: mlflow server --serve-artifacts over PostgreSQL, in the foreground")
+    server.add_argument("--dir", default=".ftq/tracking", help="PostgreSQL cluster, artifacts and logs")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="bind address of mlflow server (it has no authentication: keep it on a trusted network)")
+    server.add_argument("--port", type=int, default=5000, help="mlflow server port")
+    server.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL port (127.0.0.1 only)")
+    server.set_defaults(func=cmd_tracking_server)
     return parser
 
 

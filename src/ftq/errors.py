@@ -7,7 +7,10 @@ from ftq.evaluation.harness import LmEvalError
 from ftq.params import ParamsError
 from ftq.stages.base import SourceError
 from ftq.quantize.check import BuildCheckError
+from ftq.registry.lock import RegistryBusy
+from ftq.registry.package import ChangedBuildError
 from ftq.stages.merge import MergeCheckError
+from ftq.tracking_server import Unavailable as TrackingServerUnavailable
 from ftq.training.model import QLoRAUnavailable
 
 
@@ -16,4 +19,5 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError,
-               MergeCheckError, BuildCheckError, LmEvalError)
+               MergeCheckError, BuildCheckError, LmEvalError, RegistryBusy, ChangedBuildError,
+               TrackingServerUnavailable)

@@ -34,9 +34,14 @@ def artifact_root() -> Path:
 
 
 def client(params: dict[str, Any] | None = None):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(params))
+    uri = tracking_uri(params)
+    # MLflow's own code sometimes opens a default client (the registry resolving a `models:/<model_id>`
+    # source does): point the process-wide URI at the same store
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(mlflow_client, params: dict[str, Any] | None = None) -> str:

@@ -129,8 +129,8 @@ def local_server(runtime, name: str, context: int, timeout: float = 60) -> Itera
     has already loaded; stopped when the block ends. Yields its completions URL."""
     import uvicorn
 
+    from ftq.registry.resolve import Resolved
     from ftq.serve.app import Limits, ModelHost, Served, create_app
-    from ftq.serve.resolve import Resolved
 
     path = Path(runtime.path)
     host = ModelHost(str(path), loaded=Served(Resolved(str(path), path, name), runtime))

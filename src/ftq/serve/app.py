@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ftq.serve.resolve import Resolved, resolve
+from ftq.registry.resolve import Resolved, fetch, lookup, resolve
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,12 @@ class ModelHost:
         return Served(resolved, runtime)
 
     def reload_if_moved(self) -> bool:
-        resolved = resolve(self.reference, self.params)
-        current = self.served.resolved
-        if (resolved.version, resolved.path) == (current.version, current.path):
+        if self.served.resolved.version is None:  # a local path: nothing to follow
             return False
+        found = lookup(self.reference, self.params)  # one registry call; download and verify only on a move
+        if found.version == self.served.resolved.version:
+            return False
+        resolved = fetch(found, self.params)
         new = self._load(resolved)
         with self.lock:
             old, self.served = self.served, new
@@ -161,7 +163,8 @@ class ModelHost:
         from ftq.runtimes import artifact_format
 
         return {"status": "ok", "model": resolved.name, "version": resolved.version, "alias": resolved.alias,
-                "reference": resolved.reference, "path": str(resolved.path), "format": artifact_format(resolved.path),
+                "reference": resolved.reference, "sha256": resolved.sha256, "path": str(resolved.path),
+                "format": artifact_format(resolved.path),
                 "runtime": self.served.runtime.kind, "loaded_at": self.served.loaded_at}
 
 
@@ -170,6 +173,10 @@ def parse(model_cls, body: bytes):
         payload = json.loads(body or b"")
     except ValueError as exc:
         raise RequestError(f"request body is not valid JSON: {exc}") from exc
+    return validate(model_cls, payload)
+
+
+def validate(model_cls, payload):
     if not isinstance(payload, dict):
         raise RequestError("request body must be a JSON object")
     try:
@@ -180,11 +187,34 @@ def parse(model_cls, body: bytes):
         raise RequestError(f"{where}: {first['msg']}") from exc
 
 
-def budget(request, limits: Limits, asked: int | None) -> int:
+def budget(limits: Limits, asked: int | None) -> int:
     asked = asked or min(limits.default_max_tokens, limits.max_tokens)
     if asked > limits.max_tokens:
         raise RequestError(f"max_tokens: {asked} is above this server's limit of {limits.max_tokens}")
     return asked
+
+
+def chat_arguments(body: ChatRequest, limits: Limits) -> dict:
+    """A validated chat request -> the keyword arguments of a runtime's `stream_chat`."""
+    messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
+    return {"messages": messages, "max_new_tokens": budget(limits, body.max_completion_tokens or body.max_tokens),
+            "temperature": body.temperature, "top_p": body.top_p, "stop": body.stop_list()}
+
+
+def completion_response(kind: str, ident: str, model: str, text: str, prompt_tokens: int, completion_tokens: int,
+                        max_tokens: int) -> dict:
+    """OpenAI's chat.completion or text_completion object for one finished answer."""
+    finish = "length" if completion_tokens >= max_tokens else "stop"
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+              if kind == "chat.completion" else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+    return {"id": ident, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": usage}
+
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
 def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | None = None):
@@ -224,14 +254,11 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         try:
             authorize(request)
             body = parse(ChatRequest, await request.body())
-            messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
-            max_tokens = budget(body, limits, body.max_completion_tokens or body.max_tokens)
-            stops = body.stop_list()
+            arguments = chat_arguments(body, limits)
         except (RequestError, ValueError) as exc:
             return error(exc if isinstance(exc, RequestError) else RequestError(str(exc)))
-        return await respond(body, "chat.completion", lambda rt: rt.stream_chat(
-            messages, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stops),
-            lambda rt: rt.prompt_tokens(messages), max_tokens)
+        return await respond(body, "chat.completion", lambda rt: rt.stream_chat(**arguments),
+                             lambda rt: rt.prompt_tokens(arguments["messages"]), arguments["max_new_tokens"])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -240,7 +267,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         try:
             authorize(request)
             body = parse(CompletionRequest, await request.body())
-            max_tokens = budget(body, limits, body.max_tokens)
+            max_tokens = budget(limits, body.max_tokens)
             stops = body.stop_list()
             if body.needs_scoring():
                 if body.stream:
@@ -331,19 +358,13 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         if prompt_tokens > limits.max_prompt_tokens:
             return error(RequestError(f"prompt is {prompt_tokens} tokens, above this server's limit of "
                                       f"{limits.max_prompt_tokens}"))
-        ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        ident = new_id(kind)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream_events(ident, kind, generate, prompt_tokens, max_tokens, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text, completion_tokens = await run_in_threadpool(complete, generate)
-        finish = "length" if completion_tokens >= max_tokens else "stop"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if kind == "chat.completion" else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-        return {"id": ident, "object": kind, "created": int(time.time()), "model": host.model_id,
-                "choices": [choice], "usage": usage}
+        return completion_response(kind, ident, host.model_id, text, prompt_tokens, completion_tokens, max_tokens)
 
     def stream_events(ident, kind, generate, prompt_tokens, max_tokens, include_usage) -> Iterator[str]:
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ftq.serve.resolve import resolve
+from ftq.registry.resolve import resolve
 
 HELP = "commands: /reset (new conversation), /exit (quit)"
 

@@ -1,13 +1,19 @@
 """Stage `promote`: register every quantized build in the MLflow model registry and move the alias
 `champion` to the best one by the policy in params.yaml `promote`.
 
-- One model version per distinct artifact (the sha256 of its files): rerunning with nothing new
-  registers nothing. Each version is tagged with its method and options, every eval metric, and its
-  lineage (data md5, base hash, params hash, git rev, DVC experiment, MLflow run ids).
+- One model version per distinct build (the sha256 of its files): rerunning with nothing new
+  registers nothing. A new build is first logged into MLflow's artifact store as an MLflow model
+  (ftq.registry.package) and the version is created from that copy, never from a working-tree path,
+  so a version never changes and deploys wherever the tracking server is reachable. Each version is
+  tagged with the sha256 of every file (verified by `ftq serve` before loading), its method and
+  options, every eval metric, and its lineage (data md5, base hash, params hash, git rev, DVC
+  experiment, MLflow run ids).
 - Policy: a primary metric and direction, minimum retention against `merged` on that metric, a size
   cap, required checks (the build passed its quantize check and was evaluated), tie-breakers.
   `champion` moves only to a candidate that passes and beats the current champion; `challenger`
-  marks the runner-up.
+  marks the runner-up. Concurrent promotes (experiments finishing together) take the registry lock
+  and move `champion` by compare-and-set (ftq.registry.lock), so the later one decides against the
+  earlier one's champion.
 - reports/promotion.json lists every candidate with the reason it was chosen or rejected.
 """
 
@@ -15,16 +21,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from ftq.io import atomic_write_json
 from ftq.params import ParamsError, block, params_hash, repo_root
+from ftq.registry import ARTIFACT_TAG, FILES_TAG, MODEL_TAG, build_digest, files_tag
 
 log = logging.getLogger(__name__)
 
 REPORT = Path("reports/promotion.json")
-HASH_TAG = "ftq.artifact_sha256"
+# seconds to wait between reading the champion and moving it: widens the read-decide-write window so
+# that a test can make two promotes overlap (see tests/stages/test_promote.py); 0 in normal use
+DECIDE_DELAY_ENV = "FTQ_PROMOTE_DECIDE_DELAY"
+CAS_ATTEMPTS = 5
 DEFAULT_POLICY = {
     "metric": "task_json_field_accuracy",
     "direction": "max",
@@ -106,10 +118,6 @@ def sort_key(candidate: dict, policy: dict) -> tuple:
     return tuple(keys) + (candidate["name"],)
 
 
-def artifact_hash(manifest: dict) -> str:
-    return params_hash({path: f["sha256"] for path, f in manifest["files"].items()})
-
-
 def run_ids(client, params: dict, name: str) -> dict[str, str]:
     from ftq.tracking import experiment_id
 
@@ -132,7 +140,7 @@ def version_tags(candidate: dict, params: dict, ids: dict[str, str]) -> dict[str
     manifest = candidate["manifest"]
     lineage = manifest["source"].get("lineage", {})
     tags = {
-        HASH_TAG: artifact_hash(manifest),
+        ARTIFACT_TAG: build_digest(manifest),
         "ftq.build": candidate["name"],
         "method": manifest["method"],
         "format": manifest.get("format", manifest["method"]),
@@ -151,19 +159,61 @@ def version_tags(candidate: dict, params: dict, ids: dict[str, str]) -> dict[str
     return {k: str(v) for k, v in tags.items()}
 
 
-def register(client, model_name: str, candidate: dict, root: Path, params: dict) -> tuple[str, bool]:
-    """The version holding this artifact; registered now if no version has its hash yet."""
-    digest = artifact_hash(candidate["manifest"])
-    for version in client.search_model_versions(f"name = '{model_name}'"):
-        if version.tags.get(HASH_TAG) == digest:
-            return str(version.version), False
-    folder = root / "models" / "quantized" / candidate["name"]
-    source = folder / (candidate["manifest"].get("artifact") or "")
-    ids = run_ids(client, params, candidate["name"])
-    version = client.create_model_version(model_name, str(source.resolve()), run_id=ids["quantize"] or None,
-                                          tags=version_tags(candidate, params, ids),
-                                          description=f"ftq build {candidate['name']} ({candidate['manifest']['method']})")
-    return str(version.version), True
+def existing_version(client, model_name: str, digest: str) -> str | None:
+    found = [int(v.version) for v in client.search_model_versions(f"name = '{model_name}'")
+             if v.tags.get(ARTIFACT_TAG) == digest]
+    return str(min(found)) if found else None
+
+
+def register(client, model_name: str, candidate: dict, root: Path, params: dict, exp_id: str) -> tuple[str, bool]:
+    """The version holding this build; if no version has its bytes yet, the build is logged into the
+    artifact store and a version is created from that logged copy."""
+    from ftq.registry.lock import registry_lock
+    from ftq.registry.package import log_build
+
+    manifest, name = candidate["manifest"], candidate["name"]
+    digest = build_digest(manifest)
+    version = existing_version(client, model_name, digest)
+    if version is not None:
+        return version, False
+    ids = run_ids(client, params, name)
+    logged = log_build(client, exp_id, name, root / "models" / "quantized" / name, manifest, ids["quantize"],
+                       root / ".ftq")
+    tags = {**version_tags(candidate, params, ids), MODEL_TAG: logged.sha256, FILES_TAG: files_tag(logged.files)}
+    with registry_lock(client, model_name):
+        version = existing_version(client, model_name, digest)  # another promote registered these bytes meanwhile
+        if version is not None:
+            client.delete_logged_model(logged.model_id)
+            return version, False
+        created = client.create_model_version(model_name, logged.source, run_id=ids["quantize"] or None,
+                                              model_id=logged.model_id, tags=tags,
+                                              description=version_description(candidate, ids))
+    link_metrics(client, logged.model_id, ids["evaluate"], candidate["metrics"] or {})
+    return str(created.version), True
+
+
+def version_description(candidate: dict, ids: dict[str, str]) -> str:
+    manifest = candidate["manifest"]
+    runs = ", ".join(f"{stage} run {run_id}" for stage, run_id in ids.items() if run_id)
+    return (f"ftq build {candidate['name']} ({manifest['method']}, {json.dumps(manifest['options'], sort_keys=True)}), "
+            f"{manifest['size_bytes']:,} bytes. Made by: {runs or 'runs not found in this tracking store'}.")
+
+
+def link_metrics(client, model_id: str, evaluate_run_id: str, metrics: dict) -> None:
+    """The build's evaluation metrics, linked to its logged model (shown with the model in MLflow 3),
+    logged through the evaluate run that measured them."""
+    from mlflow.entities import Metric
+
+    if not evaluate_run_id:
+        return
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(value), now, 0, model_id=model_id) for key, value in metrics.items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    try:
+        for start in range(0, len(items), 1000):
+            client.log_batch(evaluate_run_id, metrics=items[start:start + 1000], synchronous=True)
+    except Exception as exc:  # the version is registered; the link is a convenience
+        log.warning("could not link metrics to logged model %s: %s", model_id, exc)
 
 
 def current_champion(client, model_name: str) -> dict | None:
@@ -175,7 +225,7 @@ def current_champion(client, model_name: str) -> dict | None:
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    from ftq.tracking import client as mlflow_client, stage_run
+    from ftq.tracking import client as mlflow_client, experiment_id, stage_run
 
     cfg = block(params, "promote")
     model_name = str(cfg.get("model_name") or "ftq-model")
@@ -186,25 +236,18 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     merged = json.loads(merged_path.read_text()) if merged_path.exists() else None
     client = mlflow_client(params)
     with stage_run("promote", params) as tracked:
-        try:
-            client.get_registered_model(model_name)
-        except Exception:
-            client.create_registered_model(model_name, description="ftq quantized builds; alias champion = the best")
+        ensure_registered_model(client, model_name)
+        exp_id = experiment_id(client, params)
         rows = []
         for candidate in candidates(root, names):
             reasons = judge(candidate, merged, policy)
             version, created = (None, False)
             if candidate["manifest"] is not None and candidate["manifest"].get("check", {}).get("passed"):
-                version, created = register(client, model_name, candidate, root, params)
+                version, created = register(client, model_name, candidate, root, params, exp_id)
             rows.append({"candidate": candidate, "version": version, "registered_now": created, "reasons": reasons})
         eligible = sorted((r for r in rows if not r["reasons"]), key=lambda r: sort_key(r["candidate"], policy),
                           reverse=True)
-        champion_before = current_champion(client, model_name)
-        decision = decide(eligible, champion_before, policy)
-        if decision["champion"] is not None:
-            client.set_registered_model_alias(model_name, "champion", decision["champion"])
-        if decision["challenger"] is not None:
-            client.set_registered_model_alias(model_name, "challenger", decision["challenger"])
+        champion_before, decision = move_aliases(client, model_name, eligible, policy)
         report = promotion_report(model_name, policy, rows, eligible, champion_before, decision, merged)
         atomic_write_json(root / REPORT, report)
         tracked.log_artifact(root / REPORT)
@@ -213,6 +256,43 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                              "registered_now": sum(r["registered_now"] for r in rows)})
     log.info("champion: %s", report["champion"])
     return report
+
+
+def ensure_registered_model(client, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            client.create_registered_model(model_name, description="ftq quantized builds; alias champion = the best")
+        except MlflowException as exc:  # a concurrent promote created it first
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+
+
+def move_aliases(client, model_name: str, eligible: list[dict], policy: dict) -> tuple[dict | None, dict]:
+    """Read the champion, decide, move it by compare-and-set, all under the registry lock; a champion
+    moved by someone else since it was read (a conflict) means reading and deciding again."""
+    from ftq.registry.lock import compare_and_set_alias, registry_lock
+
+    with registry_lock(client, model_name):
+        for _ in range(CAS_ATTEMPTS):
+            before = current_champion(client, model_name)
+            decision = decide(eligible, before, policy)
+            delay = float(os.environ.get(DECIDE_DELAY_ENV) or 0)
+            if delay > 0:
+                time.sleep(delay)
+            expected = (before or {}).get("version")
+            if decision["champion"] is None or compare_and_set_alias(client, model_name, "champion", expected,
+                                                                      decision["champion"]):
+                break
+            log.info("champion moved while deciding (conflict); reading it again")
+        else:
+            raise RuntimeError(f"{model_name}: the champion alias kept moving; {CAS_ATTEMPTS} attempts failed")
+        if decision["challenger"] is not None:
+            client.set_registered_model_alias(model_name, "challenger", decision["challenger"])
+    return before, decision
 
 
 def decide(eligible: list[dict], before: dict | None, policy: dict) -> dict:
