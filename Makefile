@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 # subprocesses, DVC, MLflow and servers; PYTEST_WORKERS=0 runs it in one process
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test ui clean-venv browser
+.PHONY: install demo test ui tracking-server postgres clean-venv browser
 
 install: $(STAMP)
 
@@ -70,11 +70,26 @@ browser:
 		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
 	else echo "chromium/chromedriver not installed (needs root and apt-get): the web page test will skip"; fi
 
-test: install browser
+# Debian's PostgreSQL for the team tracking server (`make tracking-server`) and its test (which skips
+# with a reason where it is absent)
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q postgresql >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; \
+	else echo "postgresql not installed (needs root and apt-get): the tracking server test will skip"; fi
+
+test: install browser postgres
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 ui: install
 	$(BIN)/ftq ui
+
+# a team tracking server on this machine: mlflow server --serve-artifacts over PostgreSQL, state in
+# .ftq/tracking; clients set MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+tracking-server: install postgres
+	$(BIN)/ftq tracking-server
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ftq import tracking
 from ftq.errors import UsageError
 from ftq.params import load_params, repo_root
+from ftq.processes import stop_group
 
 
 def dvc_command(targets: list[str], experiment: bool, set_params: list[str], name: str | None, force: bool) -> list[str]:
@@ -76,8 +77,6 @@ def ui(host: str = "127.0.0.1", port: int = 5000) -> int:
         "--host", host, "--port", str(port), "--workers", "1",
     ]
     print(f"ftq: MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C stops it", file=sys.stderr, flush=True)
-    # `mlflow server` starts uvicorn and job workers of its own: run it as a process group and stop the
-    # whole group, or a SIGTERM to ftq would leave them running
     server = subprocess.Popen(command, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -85,17 +84,4 @@ def ui(host: str = "127.0.0.1", port: int = 5000) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop_group(server)
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        stop_group(server)
