@@ -142,6 +142,19 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     for stage in ("train", "merge", "quantize@f16", "evaluate@f16", "evaluate_ref@merged"):
         assert f"Running stage '{stage}'" not in second.stdout, stage
 
+    # DVC shares data and models: push to a remote, clone, pull, and nothing is left to run
+    dvc(project, "remote", "add", "-d", "-f", "shared", str(project.parent / "dvc-remote"))
+    run(["git", "add", "-A"], project, project_env(project))
+    run(["git", "commit", "-qm", "pipeline outputs"], project, project_env(project))
+    assert "files pushed" in dvc(project, "push").stdout
+    clone = project.parent / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], project.parent, project_env(project))
+    dvc(clone, "pull")
+    for path in ("models/base", "data/processed", "models/adapter", "models/merged", "models/quantized/q8_0/model.gguf"):
+        assert (clone / path).exists(), path
+    assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
+    assert "Running stage" not in dvc(clone, "repro").stdout
+
     params["quantize"]["builds"]["q8_0"]["check"] = {"max_perplexity_ratio": 0.5}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     broken = dvc(project, "repro", check=False)
