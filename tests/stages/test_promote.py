@@ -47,6 +47,15 @@ def test_promotion_registers_once_picks_by_policy_and_moves_only_when_beaten(ins
                 "run_id.train", "run_id.merge", "run_id.quantize", "run_id.evaluate"):
         assert tags[key], key
     assert champion.source.startswith("models:/m-")  # a logged copy in the artifact store (tests/registry)
+    # the version page's links: its source run, and a logged model that names the version and carries
+    # the evaluation's metrics from the run that measured them
+    assert champion.run_id == tags["run_id.quantize"]
+    logged = client.get_logged_model(champion.source[len("models:/"):])
+    assert logged.source_run_id == champion.run_id
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny", "version": str(champion.version)}]
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["perplexity"].value == reports[best]["perplexity"]
+    assert linked["perplexity"].run_id == tags["run_id.evaluate"]
     report = json.loads((project / "reports" / "promotion.json").read_text())
     assert {c["name"]: c["status"] for c in report["candidates"]} == {best: "champion", ({"q8_0", "q4_0"} - {best}).pop(): "challenger"}
 

@@ -160,9 +160,13 @@ def version_tags(candidate: dict, params: dict, ids: dict[str, str]) -> dict[str
 
 
 def existing_version(client, model_name: str, digest: str) -> str | None:
-    found = [int(v.version) for v in client.search_model_versions(f"name = '{model_name}'")
-             if v.tags.get(ARTIFACT_TAG) == digest]
-    return str(min(found)) if found else None
+    found = [v for v in client.search_model_versions(f"name = '{model_name}'") if v.tags.get(ARTIFACT_TAG) == digest]
+    if not found:
+        return None
+    first = min(found, key=lambda v: int(v.version))
+    if first.source.startswith("models:/m-"):
+        link_version(client, first.source[len("models:/"):], model_name, str(first.version))
+    return str(first.version)
 
 
 def register(client, model_name: str, candidate: dict, root: Path, params: dict, exp_id: str) -> tuple[str, bool]:
@@ -188,8 +192,21 @@ def register(client, model_name: str, candidate: dict, root: Path, params: dict,
         created = client.create_model_version(model_name, logged.source, run_id=ids["quantize"] or None,
                                               model_id=logged.model_id, tags=tags,
                                               description=version_description(candidate, ids))
+        link_version(client, logged.model_id, model_name, str(created.version))
     link_metrics(client, logged.model_id, ids["evaluate"], candidate["metrics"] or {})
     return str(created.version), True
+
+
+def link_version(client, model_id: str, model_name: str, version: str) -> None:
+    """The logged model's `mlflow.modelVersions` tag, as `mlflow.register_model` sets it (a tracking
+    server sets it on its own; a sqlite store does not), so its page links to the version."""
+    entry = {"name": model_name, "version": version}
+    try:
+        listed = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+        if entry not in listed:
+            client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(listed + [entry])})
+    except Exception as exc:  # a convenience link: never fail a promotion for it
+        log.warning("could not link logged model %s to %s version %s: %s", model_id, model_name, version, exc)
 
 
 def version_description(candidate: dict, ids: dict[str, str]) -> str:
