@@ -17,7 +17,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,13 +43,9 @@ def summary(latencies: list[float], tokens: int, wall: float) -> dict:
             "latency_p95": round(percentile(latencies, 0.95), 3), "latency_mean": round(statistics.mean(latencies), 3)}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(model: str, threads: int) -> tuple[subprocess.Popen, int, dict]:
+    from ftq.processes import free_port  # after main() put src/ on sys.path
+
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "ftq", "serve", "--model", model, "--port", str(port),
                                 "--threads", str(threads)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -236,20 +236,14 @@ def rating_judge_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(model: str, *args: str, cwd=None, env=None, inherit_env=True):
     """A real `ftq serve` process on loopback; returns (process, port, /health) once it answers.
     `inherit_env=False`: the process gets `env` alone (a second machine that knows nothing else)."""
     import json
     import time
     import urllib.request
+
+    from ftq.processes import free_port
 
     port = free_port()
     env = {**(os.environ if inherit_env else {}), "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}

@@ -1,4 +1,3 @@
-import socket
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import project_env
+from ftq.processes import free_port
 
 SUBCOMMANDS = [["run"], ["base"], ["base", "run"], ["base", "check"], ["prepare"], ["data"], ["data", "check"],
                ["data", "make-default"], ["ui"]]
@@ -41,12 +41,6 @@ def test_console_script_is_installed():
 def test_missing_params_file_is_a_clear_error(tmp_path):
     result = ftq("prepare", "--params", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "nope.yaml: no such params file" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_serves_the_project_store(project):

@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -117,18 +116,13 @@ def split_tasks(manager, tasks: list[str], where: str) -> tuple[list[str], list[
     return own, [t for t in tasks if t not in own]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_server(runtime, name: str, context: int, timeout: float = 60) -> Iterator[str]:
     """ftq serve's OpenAI-compatible app on a free loopback port, in a thread, serving the model the stage
     has already loaded; stopped when the block ends. Yields its completions URL."""
     import uvicorn
 
+    from ftq.processes import free_port
     from ftq.registry.resolve import Resolved
     from ftq.serve.app import Limits, ModelHost, Served, create_app
 
