@@ -224,3 +224,20 @@ def test_the_registry_lock_waits_for_its_holder_and_breaks_a_stale_one(evaluated
     client.create_registered_model(lock_name("m"), tags={OWNER_TAG: "dead-host:1:x", SINCE_TAG: str(time.time() - 3600)})
     with registry_lock(client, "m", wait=5, stale_after=600) as owner:
         assert client.get_registered_model(lock_name("m")).tags[OWNER_TAG] == owner
+
+
+def test_a_build_changed_after_quantize_is_not_registered(evaluated_copy):
+    from ftq.registry.package import ChangedBuildError
+
+    project = evaluated_copy
+    gguf = project / "models" / "quantized" / "q4_0" / "model.gguf"
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    gguf.write_bytes(bytes(data))
+    with pytest.raises(ChangedBuildError, match=r"q4_0: the build changed since it was made \(model.gguf has sha256 "
+                                                r".*manifest.json recorded"):
+        promote_as(project, "changed")
+    client = registry(project)
+    versions = client.search_model_versions("name = 'changed'")
+    assert all(v.tags["ftq.build"] != "q4_0" for v in versions)  # nothing registered for it
+    assert not list((project / ".ftq").glob("*.tmp-*"))  # no staging left behind

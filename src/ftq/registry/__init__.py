@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+
+from ftq.io import file_sha256
 
 ARTIFACT_TAG = "ftq.artifact_sha256"  # the build's own files: one version per distinct build
 MODEL_TAG = "ftq.model_sha256"        # every file of the logged MLflow model: the download cache key
@@ -34,3 +37,18 @@ def build_digest(manifest: dict) -> str:
 
 def files_tag(files: dict[str, str]) -> str:
     return json.dumps(files, sort_keys=True, separators=(",", ":"))
+
+
+def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every file below `folder` (relative POSIX path) -> its sha256."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
+
+
+def differences(actual: dict[str, str], expected: dict[str, str], recorder: str) -> list[str]:
+    """What keeps `actual` files from being the `expected` ones: missing, unexpected, changed."""
+    problems = [f"missing {p}" for p in sorted(set(expected) - set(actual))]
+    problems += [f"unexpected {p}" for p in sorted(set(actual) - set(expected))]
+    problems += [f"{p} has sha256 {actual[p]}, {recorder} recorded {expected[p]}"
+                 for p in sorted(set(actual) & set(expected)) if actual[p] != expected[p]]
+    return problems

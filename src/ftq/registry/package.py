@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from ftq.io import file_sha256
 from ftq.params import flatten
-from ftq.registry import ARTIFACT_TAG, BUILD_DIR, build_digest, digest
+from ftq.registry import ARTIFACT_TAG, BUILD_DIR, build_digest, differences, digest, file_hashes
 
 LOADER_MODULE = "ftq.registry.pyfunc"
 # what the runtime of each format needs beside MLflow (requirements.txt of the logged model)
@@ -59,13 +58,13 @@ def stage(build_dir: Path, target: Path, manifest: dict, model_id: str | None) -
         except OSError:  # another filesystem
             shutil.copy2(path, dest)
     write_mlmodel(target, manifest, model_id)
-    files = {p.relative_to(target).as_posix(): file_sha256(p) for p in sorted(target.rglob("*")) if p.is_file()}
+    files = file_hashes(target)
     built = {path[len(BUILD_DIR) + 1:]: sha for path, sha in files.items()
              if path.startswith(f"{BUILD_DIR}/") and path != f"{BUILD_DIR}/manifest.json"}
-    if built != recorded:
-        changed = sorted(set(built.items()) ^ set(recorded.items()))
-        raise ChangedBuildError(f"{build_dir}: its files differ from what manifest.json recorded when the build was "
-                                f"made ({', '.join(sorted({p for p, _ in changed}))}); rebuild it with `dvc repro`")
+    problems = differences(built, recorded, "manifest.json")
+    if problems:
+        raise ChangedBuildError(f"{build_dir}: the build changed since it was made ({'; '.join(problems)}); "
+                                "rebuild it with `dvc repro`")
     return files
 
 

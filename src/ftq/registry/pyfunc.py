@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftq.io import file_sha256
+from ftq.registry import differences, file_hashes
 
 
 def _load_pyfunc(data_path: str) -> ChatModel:
@@ -31,11 +31,10 @@ def check_build(folder: Path, manifest: dict) -> None:
     verifies against the registry's tags; MLflow's loader does not know which version it loads.)"""
     from mlflow.exceptions import MlflowException
 
-    for path, recorded in manifest["files"].items():
-        target = folder / path
-        if not target.is_file() or file_sha256(target) != recorded["sha256"]:
-            raise MlflowException(f"{target}: missing or not the bytes the build's manifest.json recorded; "
-                                  "the downloaded model is corrupt")
+    recorded = {path: f["sha256"] for path, f in manifest["files"].items()}
+    problems = differences(file_hashes(folder, skip=("manifest.json",)), recorded, "manifest.json")
+    if problems:
+        raise MlflowException(f"{folder}: the downloaded model is corrupt: {'; '.join(problems)}")
 
 
 class ChatModel:

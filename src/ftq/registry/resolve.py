@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftq.errors import UsageError
-from ftq.io import file_sha256
-from ftq.registry import BUILD_DIR, FILES_TAG, MODEL_TAG, digest
+from ftq.registry import BUILD_DIR, FILES_TAG, MODEL_TAG, differences, digest, file_hashes
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
 
@@ -142,13 +141,7 @@ def download(found: Found, files: dict[str, str], folder: Path, params: dict | N
 
 def verify(folder: Path, files: dict[str, str], found: Found, fix: str | None = None) -> None:
     where = f"{found.reference} (version {found.version})"
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    missing, extra = sorted(set(files) - present), sorted(present - set(files))
-    problems = [f"missing {p}" for p in missing] + [f"unexpected {p}" for p in extra]
-    for path in sorted(set(files) & present):
-        actual = file_sha256(folder / path)
-        if actual != files[path]:
-            problems.append(f"{path} has sha256 {actual}, the registry recorded {files[path]}")
+    problems = differences(file_hashes(folder), files, "the registry")
     if problems:
         raise VerificationError(f"{where}: {folder} does not hold the registered bytes: {'; '.join(problems)}. "
                                 f"Nothing was loaded. {fix or f'Delete {folder} to download the version again.'}")

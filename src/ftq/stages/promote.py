@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 REPORT = Path("reports/promotion.json")
 # seconds to wait between reading the champion and moving it: widens the read-decide-write window so
-# that a test can make two promotes overlap (see tests/stages/test_promote.py); 0 in normal use
+# that a test can make two promotes overlap (see tests/registry/test_registry.py); 0 in normal use
 DECIDE_DELAY_ENV = "FTQ_PROMOTE_DECIDE_DELAY"
 CAS_ATTEMPTS = 5
 DEFAULT_POLICY = {
@@ -160,13 +160,9 @@ def version_tags(candidate: dict, params: dict, ids: dict[str, str]) -> dict[str
 
 
 def existing_version(client, model_name: str, digest: str) -> str | None:
-    found = [v for v in client.search_model_versions(f"name = '{model_name}'") if v.tags.get(ARTIFACT_TAG) == digest]
-    if not found:
-        return None
-    first = min(found, key=lambda v: int(v.version))
-    if first.source.startswith("models:/m-"):
-        link_version(client, first.source[len("models:/"):], model_name, str(first.version))
-    return str(first.version)
+    found = [int(v.version) for v in client.search_model_versions(f"name = '{model_name}'")
+             if v.tags.get(ARTIFACT_TAG) == digest]
+    return str(min(found)) if found else None
 
 
 def register(client, model_name: str, candidate: dict, root: Path, params: dict, exp_id: str) -> tuple[str, bool]:
