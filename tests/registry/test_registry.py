@@ -166,14 +166,18 @@ def test_mlflow_loads_and_serves_the_champion_through_the_pyfunc_flavor(evaluate
 
 def test_concurrent_promotes_leave_the_champion_on_the_better_build(evaluated_copy, evaluated):
     """Two experiments finish together, each promoting one build: the better build must end up
-    champion whichever writes last. Each process waits 4 s between reading the champion and moving it,
-    and the worse one starts 1 s later: without the registry lock both read 'no champion' and the worse
-    one's write lands last."""
+    champion whichever writes last. Each process waits 6 s between reading the champion and moving it,
+    and the worse one starts once the better one holds the registry lock (started any earlier, the
+    slower start-up of either could order them differently). Without the lock and the compare-and-set,
+    the worse one reads 'no champion' inside that window and its write lands last."""
+    from ftq.registry.lock import lock_name
+
     project = evaluated_copy
     _, reports = evaluated
     better, worse = sorted(("q8_0", "q4_0"), key=lambda n: reports[n]["perplexity"])
     assert reports[better]["perplexity"] < reports[worse]["perplexity"]
-    registry(project).search_experiments()  # the store exists before the two processes open it
+    client = registry(project)
+    client.search_experiments()  # the store exists before the two processes open it
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["promote"] = {"model_name": "race", "policy": POLICY}
     processes = []
@@ -183,11 +187,13 @@ def test_concurrent_promotes_leave_the_champion_on_the_better_build(evaluated_co
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "ftq", "promote", "--params", f"params-{name}.yaml"], cwd=project,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, promote.DECIDE_DELAY_ENV: "4"}))
-        time.sleep(1.0)
+            env={**os.environ, promote.DECIDE_DELAY_ENV: "6"}))
+        deadline = time.time() + 180
+        while name == better and not client.search_registered_models(f"name = '{lock_name('race')}'"):
+            assert time.time() < deadline and processes[0].poll() is None, "the first promote never took the lock"
+            time.sleep(0.1)
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
-    client = registry(project)
     assert client.get_model_version_by_alias("race", "champion").tags["ftq.build"] == better, outputs
     assert "does not beat champion" in outputs[1], outputs[1]
     assert [m.name for m in client.search_registered_models()] == ["race"]  # the lock is gone
