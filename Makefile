@@ -18,6 +18,9 @@ LLAMA_SDIST := $(FTQ_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 LLAMA_WHEELS := $(FTQ_CACHE)/wheels
 LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.llama_cpp_python-$(LLAMA_CPP)-built
 LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
+# llama.cpp's own llama-server, ftq serve's GGUF engine: built once per machine from the same sdist's
+# vendored sources (~6.5 min on 2 cores), without the web UI (its build fetches from a hub) or TLS
+LLAMA_SERVER := $(FTQ_CACHE)/bin/llama-server-$(LLAMA_CPP)
 PYTEST_ARGS ?=
 # the suite runs on both cores (pytest-xdist): many tests spend their time waiting on stage
 # subprocesses, DVC, MLflow and servers; PYTEST_WORKERS=0 runs it in one process
@@ -27,7 +30,7 @@ PYTEST_WORKERS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile $(LLAMA_WHEEL_STAMP)
+$(STAMP): pyproject.toml Makefile $(LLAMA_WHEEL_STAMP) $(LLAMA_SERVER)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
@@ -39,6 +42,7 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_WHEEL_STAMP)
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/convert_hf_to_gguf.py \
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
+	install -m 755 $(LLAMA_SERVER) $(BIN)/llama-server
 	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc, llama_cpp, lm_eval, tenacity; print('ftq', ftq.__version__, 'torch', torch.__version__, 'llama_cpp', llama_cpp.__version__)"
 	touch $@
 
@@ -51,6 +55,19 @@ $(LLAMA_WHEEL_STAMP): $(LLAMA_SDIST)
 	mkdir -p $(LLAMA_WHEELS)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --quiet --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
 	touch $@
+
+$(LLAMA_SERVER): $(LLAMA_SDIST)
+	@echo "building llama-server $(LLAMA_CPP) from the sdist's vendored llama.cpp, once per machine (~6.5 min on 2 cores)"
+	rm -rf $(FTQ_CACHE)/build/llama-server && mkdir -p $(FTQ_CACHE)/build/llama-server $(dir $@)
+	tar -xzf $(LLAMA_SDIST) -C $(FTQ_CACHE)/build/llama-server --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
+	cmake -S $(FTQ_CACHE)/build/llama-server -B $(FTQ_CACHE)/build/llama-server/build -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >/dev/null
+	cmake --build $(FTQ_CACHE)/build/llama-server/build --target llama-server -j$$(nproc) >/dev/null
+	cp $(FTQ_CACHE)/build/llama-server/build/bin/llama-server $@.tmp && mv $@.tmp $@
+	rm -rf $(FTQ_CACHE)/build/llama-server
 
 demo: install
 	@test -d .git || git init -q

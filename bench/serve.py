@@ -1,11 +1,19 @@
-"""Serving benchmark: tokens/s and p50/p95 request latency at 1, 8 and 32 concurrent streaming clients
-through `ftq serve` (the official openai client over HTTP/SSE), next to the same GGUF driven directly
-by llama.cpp (llama-cpp-python in this process) in the same run. The server generates one request at
-a time (one model), so the direct baseline runs the same requests back to back and each request's
-latency is its wait plus its own generation: the difference is the server's overhead.
+"""Serving benchmark: `ftq serve` next to llama.cpp's own `llama-server`, both serving the same GGUF with
+the same threads and slots, driven by the same streaming client in the same run.
+
+Each level (default 1, 8 and 32 concurrent clients) sends `--rounds` requests per client, all chat
+completions streamed over SSE with `ignore_eos` and `max_tokens` 128, so every answer is exactly 128
+tokens; both sides' own `usage` counts are read and asserted equal (prompt and completion tokens) before
+anything is reported. ftq and llama-server alternate level by level, and the whole comparison repeats
+`--repeats` times; the report gives the median of the repeats.
+
+Reported per level and server: aggregate tokens/s (completion tokens / wall time), each request's decode
+tokens/s ((tokens - 1) / time from first to last token, median), latency p50/p95 (request sent to last
+token), time to first token p50. Goals (issue 12): one client's decode within 5 % of llama-server; 8 clients'
+aggregate >= 2.2x one client's and within 5 % of llama-server's; p50 latency at 8 clients <= 4x one client's.
 
     .venv/bin/python bench/serve.py                          # models:/<promote.model_name>@champion
-    .venv/bin/python bench/serve.py --model models/quantized/q4_0/model.gguf
+    .venv/bin/python bench/serve.py --model models/quantized/q4_0/model.gguf --repeats 5
 
 Writes reports/bench/serve.json.
 """
@@ -13,15 +21,15 @@ Writes reports/bench/serve.json.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +37,6 @@ OUT = ROOT / "reports" / "bench" / "serve.json"
 PROMPTS = ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?",
            "Extract the order as JSON with the keys customer, item, quantity and city. Reply with the JSON object only."
            "\nSend 4 lamps to Oslo for Maria."]
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,112 +44,176 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summary(latencies: list[float], tokens: int, wall: float) -> dict:
-    return {"requests": len(latencies), "tokens": tokens, "wall_seconds": round(wall, 3),
-            "tokens_per_second": round(tokens / wall, 2), "latency_p50": round(percentile(latencies, 0.5), 3),
-            "latency_p95": round(percentile(latencies, 0.95), 3), "latency_mean": round(statistics.mean(latencies), 3)}
+async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    first = last = None
+    usage = None
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+    if usage is None or first is None:
+        raise RuntimeError(f"{url}: no usage or no text in the stream")
+    return {"latency": last - sent, "ttft": first - sent, "decode_seconds": last - first,
+            "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]}
 
 
-def start_server(model: str, threads: int) -> tuple[subprocess.Popen, int, dict]:
-    from ftq.processes import free_port  # after main() put src/ on sys.path
+async def level(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[dict, list[dict]]:
+    import httpx
 
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "ftq", "serve", "--model", model, "--port", str(port),
-                                "--threads", str(threads)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(240):
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=clients + 8, max_keepalive_connections=0)) as client:
+        async def worker(index: int) -> list[dict]:
+            return [await one_request(client, url, PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
+                    for r in range(rounds)]
+
+        started = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - started
+    tokens = sum(r["completion_tokens"] for r in results)
+    decode = [(r["completion_tokens"] - 1) / r["decode_seconds"] for r in results if r["decode_seconds"] > 0]
+    summary = {"requests": len(results), "completion_tokens": tokens, "wall_seconds": round(wall, 3),
+               "tokens_per_second": round(tokens / wall, 2),
+               "decode_tokens_per_second_p50": round(statistics.median(decode), 2),
+               "latency_p50": round(percentile([r["latency"] for r in results], 0.5), 3),
+               "latency_p95": round(percentile([r["latency"] for r in results], 0.95), 3),
+               "ttft_p50": round(percentile([r["ttft"] for r in results], 0.5), 3)}
+    return summary, results
+
+
+def wait_health(url: str, process: subprocess.Popen, log: str) -> dict:
+    import urllib.request
+
+    for _ in range(600):
+        if process.poll() is not None:
+            sys.exit(f"{process.args[:3]} exited:\n{Path(log).read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                return process, port, json.loads(response.read())
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return json.loads(response.read())
         except OSError:
             time.sleep(0.5)
-    process.kill()
-    sys.exit("ftq serve did not start")
+    sys.exit(f"{url} did not answer")
 
 
-def through_server(port: int, model: str, concurrency: int, max_tokens: int) -> dict:
-    from openai import OpenAI
-
-    api = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=600)
-
-    def one(i: int) -> tuple[float, int]:
-        started = time.perf_counter()
-        stream = api.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                             max_tokens=max_tokens, temperature=0, stream=True,
-                                             stream_options={"include_usage": True})
-        usage = [c.usage for c in stream if c.usage][-1]
-        return time.perf_counter() - started, usage.completion_tokens
-
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(concurrency)))
-    wall = time.perf_counter() - started
-    return summary([r[0] for r in results], sum(r[1] for r in results), wall)
+def start(command: list[str], health: str, log_dir: str, name: str) -> tuple[subprocess.Popen, dict]:
+    log = os.path.join(log_dir, f"{name}.log")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    return process, wait_health(health, process, log)
 
 
-def direct(llm, concurrency: int, max_tokens: int) -> dict:
-    latencies, tokens, clock = [], 0, 0.0
-    started = time.perf_counter()
-    for i in range(concurrency):
-        t0 = time.perf_counter()
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                         max_tokens=max_tokens, temperature=0, seed=0)
-        clock += time.perf_counter() - t0
-        latencies.append(clock)  # all requests arrive at once and are served back to back
-        tokens += out["usage"]["completion_tokens"]
-    return summary(latencies, tokens, time.perf_counter() - started)
+def median_of(runs: list[dict]) -> dict:
+    return {key: round(statistics.median(run[key] for run in runs), 3) for key in runs[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: models:/<promote.model_name>@champion")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--parallel", type=int, default=8, help="slots on both servers (-np)")
+    parser.add_argument("--ctx-size", type=int, default=1024, help="tokens per slot on both servers")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    from ftq.engines.llama_server import binary
     from ftq.params import load_params
+    from ftq.processes import free_port, stop_group
     from ftq.registry.resolve import resolve
     from ftq.runtimes import artifact_format, gguf_file
 
     os.chdir(ROOT)
     params = load_params(ROOT / "params.yaml")
     reference = args.model or f"models:/{params['promote']['model_name']}@champion"
-    resolved = resolve(reference, params)
-    if artifact_format(resolved.path) != "gguf":
-        sys.exit(f"{reference} is not a GGUF build; the direct baseline needs llama.cpp")
-    from llama_cpp import Llama
-
     levels = [int(x) for x in args.levels.split(",")]
-    rows = {}
-    process, port, health = start_server(reference, args.threads)
-    try:
-        through_server(port, health["model"], 1, 4)  # warm-up
-        for level in levels:
-            rows.setdefault(str(level), {})["server"] = through_server(port, health["model"], level, args.max_tokens)
-            print(f"server  x{level}: {rows[str(level)]['server']}", flush=True)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    llm = Llama(model_path=str(gguf_file(resolved.path)), n_ctx=4096, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
-    direct(llm, 1, 4)  # warm-up
-    for level in levels:
-        row = rows[str(level)]
-        row["llama_cpp_direct"] = direct(llm, level, args.max_tokens)
-        server, base = row["server"], row["llama_cpp_direct"]
-        row["overhead_percent"] = {
-            "tokens_per_second": round(100 * (base["tokens_per_second"] - server["tokens_per_second"]) / base["tokens_per_second"], 2),
-            "latency_p50": round(100 * (server["latency_p50"] - base["latency_p50"]) / base["latency_p50"], 2),
-            "latency_p95": round(100 * (server["latency_p95"] - base["latency_p95"]) / base["latency_p95"], 2),
-        }
-        print(f"direct  x{level}: {base}\noverhead x{level}: {row['overhead_percent']}", flush=True)
-    report = {"model": reference, "version": resolved.version, "path": str(resolved.path), "max_tokens": args.max_tokens,
-              "threads": args.threads, "levels": rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "method": "server: ftq serve + openai client, streaming, all clients at once; direct: llama-cpp-python "
-                        "create_chat_completion back to back, latency = wait + own generation"}
+    log_dir = tempfile.mkdtemp(prefix="ftq-bench-serve-")
+    path = resolve(reference, params).path
+    if artifact_format(path) != "gguf":
+        sys.exit(f"{reference} is not a GGUF build: llama-server serves GGUF only")
+    gguf = gguf_file(path)
+
+    def ftq_command(port: int) -> list[str]:
+        return [sys.executable, "-m", "ftq", "serve", "--model", reference, "--port", str(port), "--threads",
+                str(args.threads), "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
+                "--max-queued", "256"]
+
+    def peer_command(port: int) -> list[str]:  # the same binary, file, threads, slots and context as ftq's engine
+        return [str(binary()), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--threads",
+                str(args.threads), "--threads-batch", str(args.threads), "--parallel", str(args.parallel),
+                "--ctx-size", str(args.ctx_size * args.parallel), "--cont-batching", "--threads-http",
+                str(args.parallel + 4), "--no-webui", "--jinja"]
+
+    servers = {"ftq": ftq_command, "llama-server": peer_command}
+    runs: dict[str, dict[str, list]] = {name: {str(n): [] for n in levels} for name in servers}
+    results: dict[str, dict[int, list]] = {name: {} for name in servers}
+    health = {}
+    for repeat in range(args.repeats):
+        # one server up at a time (llama.cpp's OpenMP threads of an idle second server still cost the
+        # other one), in alternating order
+        for name in (list(servers) if repeat % 2 == 0 else list(reversed(servers))):
+            port = free_port()
+            process, answer = start(servers[name](port), f"http://127.0.0.1:{port}/health", log_dir, name)
+            health = answer if name == "ftq" else health
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            try:
+                asyncio.run(level(url, 2, 1, 8))  # warm-up
+                for clients in levels:
+                    summary, results[name][clients] = asyncio.run(level(url, clients, args.rounds, args.max_tokens))
+                    runs[name][str(clients)].append(summary)
+                    print(f"repeat {repeat + 1} {name:12s} x{clients:<3d} {summary}", flush=True)
+            finally:
+                stop_group(process)
+        for clients in levels:
+            equal_work({name: results[name][clients] for name in servers}, args.max_tokens)
+    table = {name: {n: median_of(rows) for n, rows in by_level.items()} for name, by_level in runs.items()}
+    report = {"model": reference, "version": health.get("version"), "sha256": health.get("sha256"),
+              "max_tokens": args.max_tokens, "ignore_eos": True, "threads": args.threads,
+              "parallel": args.parallel, "ctx_size_per_slot": args.ctx_size, "rounds_per_client": args.rounds,
+              "repeats": args.repeats, "median_of_repeats": table, "goals": goals(table, levels),
+              "runs": runs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "method": "one server up at a time, alternating order per repeat, the same asyncio+httpx streaming client; "
+                        "chat completions, greedy, ignore_eos; usage counts asserted equal per prompt"}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["goals"], indent=2))
     print(f"wrote {OUT}")
+
+
+def equal_work(results: dict[str, list[dict]], max_tokens: int) -> None:
+    """Both servers saw the same prompts (same prompt tokens) and produced exactly max_tokens each."""
+    sides = list(results.values())
+    for rows in sides:
+        assert all(r["completion_tokens"] == max_tokens for r in rows), [r["completion_tokens"] for r in rows]
+    prompts = [sorted(r["prompt_tokens"] for r in rows) for rows in sides]
+    assert all(p == prompts[0] for p in prompts), prompts
+
+
+def goals(table: dict, levels: list[int]) -> dict:
+    if 1 not in levels or 8 not in levels:
+        return {}
+    ftq, peer = table["ftq"], table["llama-server"]
+    one, eight = ftq["1"], ftq["8"]
+    return {
+        "one_client_decode_vs_llama_server": round(one["decode_tokens_per_second_p50"]
+                                                   / peer["1"]["decode_tokens_per_second_p50"], 3),
+        "one_client_tokens_per_second_vs_llama_server": round(one["tokens_per_second"] / peer["1"]["tokens_per_second"], 3),
+        "eight_clients_aggregate_vs_one": round(eight["tokens_per_second"] / one["tokens_per_second"], 3),
+        "eight_clients_aggregate_vs_llama_server": round(eight["tokens_per_second"] / peer["8"]["tokens_per_second"], 3),
+        "eight_clients_p50_latency_vs_one": round(eight["latency_p50"] / one["latency_p50"], 3),
+        "targets": {"one_client_decode_vs_llama_server": ">= 0.95", "eight_clients_aggregate_vs_one": ">= 2.2",
+                    "eight_clients_aggregate_vs_llama_server": ">= 0.95", "eight_clients_p50_latency_vs_one": "<= 4"},
+    }
 
 
 if __name__ == "__main__":

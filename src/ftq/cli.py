@@ -143,11 +143,13 @@ def cmd_promote(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ftq.serve.app import Limits
+    from ftq.openai.schema import Limits
     from ftq.serve.server import serve
 
-    limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens)
-    serve(args.model, args.host, args.port, args.api_key, args.watch, _params_if_any(args), limits, args.threads)
+    limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                    max_body_bytes=args.max_body_bytes)
+    serve(args.model, args.host, args.port, args.api_key, args.watch, _params_if_any(args), limits, args.threads,
+          args.parallel, args.max_queued, args.ctx_size)
     return 0
 
 
@@ -301,9 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $FTQ_API_KEY)")
     serve.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                        help="poll the registry and reload when the alias moves (0: off)")
-    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    serve.add_argument("--max-prompt-tokens", type=int, default=3072, help="longest prompt accepted, in tokens")
-    serve.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: all)")
+    from ftq.openai.schema import Limits
+
+    serve.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens,
+                       help="largest max_tokens a request may ask")
+    serve.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens,
+                       help="longest prompt accepted, in tokens")
+    serve.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                       help="larger request bodies get 413 before they are read")
+    serve.add_argument("--parallel", type=int, default=8,
+                       help="requests decoded together (engine slots); more wait in the queue")
+    serve.add_argument("--max-queued", type=int, default=64,
+                       help="requests that may wait for a slot; beyond that, 503 with Retry-After")
+    serve.add_argument("--ctx-size", type=int, default=4096,
+                       help="tokens per sequence (prompt + answer); the engine's KV cache holds parallel x this")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads for the engine (default: all)")
     params_option(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -49,7 +49,7 @@ def post(port, path, body: bytes, key="sekrit"):
 
 def test_health_names_what_is_served(server):
     _port, health = server
-    assert health["status"] == "ok" and health["format"] == "gguf" and health["runtime"] == "llama.cpp"
+    assert health["status"] == "ok" and health["format"] == "gguf" and health["engine"] == "llama-server"
     assert health["model"].startswith("gguf")  # a local path is named by its folder
 
 

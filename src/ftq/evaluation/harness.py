@@ -5,8 +5,9 @@ data is available locally. Nothing is downloaded: datasets and the hub run offli
 
 HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model, on the model the stage already loaded.
 GGUF files go through lm-eval's `local-completions` model against a local OpenAI-compatible llama.cpp
-server that this module starts and stops: ftq serve's app on a loopback port, serving the llama.cpp model
-the stage has loaded. Its /v1/completions returns exact echo logprobs (llama-cpp-python's own server
+server that this module starts and stops: ftq's completions app (`ftq.openai.completions`, not the
+`ftq serve` gateway) on a loopback port, over the llama.cpp model the stage has loaded. Its
+/v1/completions returns exact echo logprobs (llama-cpp-python's own server
 shifts them by a token for models without BOS) and its vLLM-style /tokenize endpoints let lm-eval count
 tokens with the GGUF's own vocabulary."""
 
@@ -118,17 +119,19 @@ def split_tasks(manager, tasks: list[str], where: str) -> tuple[list[str], list[
 
 @contextlib.contextmanager
 def local_server(runtime, name: str, context: int, timeout: float = 60) -> Iterator[str]:
-    """ftq serve's OpenAI-compatible app on a free loopback port, in a thread, serving the model the stage
-    has already loaded; stopped when the block ends. Yields its completions URL."""
+    """ftq's completions app (`ftq.openai.completions`) on a free loopback port, in a thread, over the
+    model the stage has already loaded; stopped when the block ends. Yields its completions URL."""
     import uvicorn
 
+    from ftq.openai.completions import completions_app
+    from ftq.openai.schema import Limits
     from ftq.processes import free_port
-    from ftq.registry.resolve import Resolved
-    from ftq.serve.app import Limits, ModelHost, Served, create_app
 
     path = Path(runtime.path)
-    host = ModelHost(str(path), loaded=Served(Resolved(str(path), path, name), runtime))
-    app = create_app(host, None, Limits(max_tokens=1024, default_max_tokens=256, max_prompt_tokens=context))
+    app = completions_app(runtime, name, Limits(max_tokens=1024, default_max_tokens=256, max_prompt_tokens=context,
+                                                 # lm-eval's own batches on a private loopback port: no caps
+                                                 max_batch_prompts=1 << 20, max_batch_tokens=1 << 40,
+                                                 max_body_bytes=1 << 40))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="ftq-lm-eval-server", daemon=True)

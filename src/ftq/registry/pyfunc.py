@@ -59,8 +59,8 @@ class ChatModel:
     def answer(self, request: dict) -> dict:
         from mlflow.exceptions import MlflowException
 
-        from ftq.serve.app import (ChatRequest, Limits, RequestError, chat_arguments, completion_response, new_id,
-                                   validate)
+        from ftq.openai.schema import (ChatRequest, Limits, RequestError, chat_arguments, completion_response, new_id,
+                                       validate)
 
         try:
             body = validate(ChatRequest, request)

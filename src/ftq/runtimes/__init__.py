@@ -25,6 +25,13 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+def default_threads() -> int:
+    """llama.cpp's threads (runtime and engine): $FTQ_LLAMA_THREADS, else every CPU."""
+    import os
+
+    return max(1, int(os.environ.get("FTQ_LLAMA_THREADS") or os.cpu_count() or 1))
+
+
 def artifact_format(path: str | Path) -> str:
     """gguf | hf | awq | gptq | compressed-tensors, from the files themselves."""
     path = Path(path)

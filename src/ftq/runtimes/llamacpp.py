@@ -11,12 +11,12 @@ from typing import Iterator
 
 import numpy as np
 
-# llama.cpp's OpenMP workers spin while idle; on a shared 2-core box that starves everything else
+# llama.cpp's OpenMP workers spin while idle; on a shared 2-core box that starves everything else.
+# Only for this process's runtime: the serving engine (a process of its own) keeps llama.cpp's default.
+SETS_OMP_POLICY = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-def default_threads() -> int:
-    return max(1, int(os.environ.get("FTQ_LLAMA_THREADS") or os.cpu_count() or 1))
+from ftq.runtimes import default_threads  # noqa: E402  (after the OMP setting, which must come first)
 
 
 class LlamaCppRuntime:

@@ -1,137 +1,86 @@
-"""The OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (server-sent events when
-`stream` is true), POST /v1/completions (also with `echo`/`logprobs` and token-id prompts, exact from
-the runtime's logits), vLLM's /tokenizer_info, /tokenize and /detokenize, GET /health and the web chat page.
+"""The OpenAI-compatible gateway in front of an engine (`ftq.engines`): GET /v1/models, POST
+/v1/chat/completions and /v1/completions (server-sent events when `stream` is true), vLLM's
+/tokenizer_info, /tokenize and /detokenize, GET /health, GET /metrics (Prometheus) and the web chat page.
 
-One model, one runtime; requests take turns on it (a lock), so concurrent clients queue instead of
-failing. Requests are validated strictly: unknown fields, values out of range, too many tokens or too
-long a prompt get a 400 with a message in OpenAI's error shape."""
+The engine batches concurrent requests; the gateway decides who gets in. `parallel` requests run at once,
+up to `max_queued` more wait, and beyond that a request gets 503 with Retry-After. Bodies over the size limit
+get 413 before they are parsed. Prompts are rendered and counted by the engine off the event loop, and
+checked before a slot is taken. A client that disconnects ends its generation in the engine at once.
+
+Completions with `echo`/`logprobs`, token-id or batched prompts are scored exactly by an in-process runtime
+(`ftq.openai.scoring`), loaded on the first such request; they take a slot like any other request."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
+import html
 import json
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
+from ftq.engines import Settings
+from ftq.engines.llama_server import EngineError
+from ftq.openai.schema import (ChatRequest, CompletionRequest, DetokenizeRequest, Limits, RequestError,
+                               TokenizeRequest, budget, check_prompt, completion_response, error_body, new_id, parse,
+                               usage)
 from ftq.registry.resolve import Resolved, fetch, lookup, resolve
+from ftq.serve.admission import BodyLimit, Busy, ClosingStream, Gate, until_disconnected
+from ftq.serve.metrics import Counted, Metrics
 
 log = logging.getLogger(__name__)
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)  # accepted for client compatibility; only 0 supported
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if len(stops) > 4:
-            raise ValueError("stop: at most 4 sequences")
-        return stops
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(Sampling):
-    # a text, a batch of texts, token ids, or a batch of token-id lists (what lm-eval sends)
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
-
-    def prompts(self) -> list[str | list[int]]:
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if not self.prompt:
-            raise RequestError("prompt: must not be empty")
-        if all(isinstance(p, int) for p in self.prompt):
-            return [list(self.prompt)]
-        return list(self.prompt)
-
-    def needs_scoring(self) -> bool:
-        return self.echo or self.logprobs is not None or not isinstance(self.prompt, str)
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    prompt: str
-    add_special_tokens: bool = False
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    tokens: list[int]
-
-
-class RequestError(ValueError):
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-
-
-@dataclass
-class Limits:
-    max_tokens: int = 1024  # the most a request may ask for (and the default when it asks for none: 256)
-    default_max_tokens: int = 256
-    max_prompt_tokens: int = 3072
 
 
 @dataclass
 class Served:
     resolved: Resolved
-    runtime: Any
+    engine: Any
     loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    _scorer: Any = None
+    scorer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def scorer(self, n_ctx: int):
+        """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights)."""
+        from ftq.runtimes import open_model
+
+        with self.scorer_lock:
+            if self._scorer is None:
+                self._scorer = open_model(self.resolved.path, n_ctx=n_ctx)
+            return self._scorer
+
+    def close(self) -> None:
+        self.engine.close()
+        if self._scorer is not None:
+            self._scorer.close()
 
 
 class ModelHost:
     """The served model, swapped in place when `--watch` sees the alias move."""
 
     def __init__(self, reference: str, params: dict | None = None, threads: int | None = None, n_ctx: int = 4096,
-                 loaded: Served | None = None):
+                 parallel: int = 8):
         self.reference = reference
         self.params = params
         self.threads = threads
         self.n_ctx = n_ctx
-        self.lock = threading.Lock()
-        # `loaded`: a model already in memory (the evaluate stage serves its candidate to lm-eval)
-        self.served = loaded or self._load(resolve(reference, params))
+        self.parallel = parallel
+        self.served = self._load(resolve(reference, params))
 
     def _load(self, resolved: Resolved) -> Served:
-        from ftq.runtimes import open_model
+        from ftq.engines import open_engine
 
         log.info("loading %s (%s)", resolved.path, resolved.reference)
-        runtime = open_model(resolved.path, threads=self.threads, n_ctx=self.n_ctx)
-        runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # load now, not on the first request
-        return Served(resolved, runtime)
+        return Served(resolved, open_engine(resolved.path, self.threads, self.n_ctx, self.parallel))
 
     def reload_if_moved(self) -> bool:
         if self.served.resolved.version is None:  # a local path: nothing to follow
@@ -139,12 +88,13 @@ class ModelHost:
         found = lookup(self.reference, self.params)  # one registry call; download and verify only on a move
         if found.version == self.served.resolved.version:
             return False
-        resolved = fetch(found, self.params)
-        new = self._load(resolved)
-        with self.lock:
-            old, self.served = self.served, new
-        old.runtime.close()
-        log.info("now serving %s version %s", resolved.name, resolved.version)
+        new = self._load(fetch(found, self.params))
+        old, self.served = self.served, new
+        log.info("now serving %s version %s", new.resolved.name, new.resolved.version)
+        deadline = time.time() + 3600
+        while old.inflight and time.time() < deadline:  # requests already running finish on the old engine
+            time.sleep(0.5)
+        old.close()
         return True
 
     def watch(self, interval: float, stop: threading.Event) -> None:
@@ -158,241 +108,229 @@ class ModelHost:
     def model_id(self) -> str:
         return self.served.resolved.name
 
-    def health(self) -> dict:
-        resolved = self.served.resolved
-        from ftq.runtimes import artifact_format
-
-        return {"status": "ok", "model": resolved.name, "version": resolved.version, "alias": resolved.alias,
-                "reference": resolved.reference, "sha256": resolved.sha256, "path": str(resolved.path),
-                "format": artifact_format(resolved.path),
-                "runtime": self.served.runtime.kind, "loaded_at": self.served.loaded_at}
+    def close(self) -> None:
+        self.served.close()
 
 
-def parse(model_cls, body: bytes):
-    try:
-        payload = json.loads(body or b"")
-    except ValueError as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}") from exc
-    return validate(model_cls, payload)
-
-
-def validate(model_cls, payload):
-    if not isinstance(payload, dict):
-        raise RequestError("request body must be a JSON object")
-    try:
-        return model_cls.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise RequestError(f"{where}: {first['msg']}") from exc
-
-
-def budget(limits: Limits, asked: int | None) -> int:
-    asked = asked or min(limits.default_max_tokens, limits.max_tokens)
-    if asked > limits.max_tokens:
-        raise RequestError(f"max_tokens: {asked} is above this server's limit of {limits.max_tokens}")
-    return asked
-
-
-def chat_arguments(body: ChatRequest, limits: Limits) -> dict:
-    """A validated chat request -> the keyword arguments of a runtime's `stream_chat`."""
-    messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
-    return {"messages": messages, "max_new_tokens": budget(limits, body.max_completion_tokens or body.max_tokens),
-            "temperature": body.temperature, "top_p": body.top_p, "stop": body.stop_list()}
-
-
-def completion_response(kind: str, ident: str, model: str, text: str, prompt_tokens: int, completion_tokens: int,
-                        max_tokens: int) -> dict:
-    """OpenAI's chat.completion or text_completion object for one finished answer."""
-    finish = "length" if completion_tokens >= max_tokens else "stop"
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-              if kind == "chat.completion" else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-    return {"id": ident, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage}
-
-
-def new_id(kind: str) -> str:
-    return f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-
-def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | None = None):
-    from ftq.serve.page import PAGE
-
+def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | None = None,
+               max_queued: int = 64) -> FastAPI:
     limits = limits or Limits()
-    app = FastAPI(title="ftq serve", docs_url=None, redoc_url=None)
+    gate = Gate(host.parallel, max_queued)
+    metrics = Metrics(gate)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await host.served.engine.warm_up()
+        yield
+        host.close()  # before uvicorn re-raises SIGTERM/SIGINT: the engine process stops with the gateway
 
-    def error(exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}, status_code=exc.status)
+    app = FastAPI(title="ftq serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def keyed(request: Request) -> bool:
+        return expected is None or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
 
     def authorize(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if not keyed(request):
             raise RequestError("missing or wrong API key (Authorization: Bearer ...)", 401, "authentication_error")
+
+    def error(exc: RequestError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+    app.add_middleware(Counted, metrics=metrics)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request: Request, exc: RequestError):
+        return error(exc)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_request: Request, exc: EngineError):
+        log.error("engine: %s", exc)
+        return JSONResponse({"error": {"message": str(exc), "type": "server_error", "code": 500}}, status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
-        return (PAGE.replace("__MODEL__", host.model_id).replace("__NEEDS_KEY__", "true" if api_key else "false")
+        from ftq.serve.page import PAGE
+
+        name = host.model_id
+        return (PAGE.replace("__MODEL__", html.escape(name)).replace("__NEEDS_KEY__", "true" if api_key else "false")
                 .replace("__MAX_TOKENS__", str(min(512, limits.max_tokens))))
 
     @app.get("/health")
-    def health():
-        return host.health()
+    def health(request: Request):
+        served = host.served
+        resolved = served.resolved
+        from ftq.runtimes import artifact_format
+
+        alive = served.engine.alive()
+        answer = {"status": "ok" if alive else "engine stopped", "model": resolved.name, "version": resolved.version,
+                  "alias": resolved.alias, "sha256": resolved.sha256, "format": artifact_format(resolved.path),
+                  "engine": served.engine.kind, "parallel": gate.slots, "active": gate.active, "queued": gate.queued,
+                  "max_queued": gate.max_queued, "loaded_at": served.loaded_at}
+        if keyed(request):  # where the files are is for the key holder only
+            answer.update(reference=resolved.reference, path=str(resolved.path))
+        return JSONResponse(answer, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     def models(request: Request):
-        try:
-            authorize(request)
-        except RequestError as exc:
-            return error(exc)
-        served = host.served
-        return {"object": "list", "data": [{"id": host.model_id, "object": "model", "created": int(served.loaded_at),
-                                            "owned_by": "ftq"}]}
+        authorize(request)
+        return {"object": "list", "data": [{"id": host.model_id, "object": "model",
+                                            "created": int(host.served.loaded_at), "owned_by": "ftq"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            authorize(request)
-            body = parse(ChatRequest, await request.body())
-            arguments = chat_arguments(body, limits)
-        except (RequestError, ValueError) as exc:
-            return error(exc if isinstance(exc, RequestError) else RequestError(str(exc)))
-        return await respond(body, "chat.completion", lambda rt: rt.stream_chat(**arguments),
-                             lambda rt: rt.prompt_tokens(arguments["messages"]), arguments["max_new_tokens"])
+        authorize(request)
+        body = parse(ChatRequest, await request.body())
+        max_tokens = budget(limits, body.max_completion_tokens or body.max_tokens)
+        settings = settings_of(body, max_tokens)
+        served = host.served
+        messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
+        prompt = await served.engine.tokenize(await served.engine.chat_prompt(messages), False)
+        check_prompt(limits, len(prompt), max_tokens, served.engine.context_length)
+        return await generation(request, body, "chat.completion", served, prompt, settings)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        from starlette.concurrency import run_in_threadpool
+        authorize(request)
+        body = parse(CompletionRequest, await request.body())
+        max_tokens = budget(limits, body.max_tokens)
+        settings = settings_of(body, max_tokens)
+        served = host.served
+        if body.needs_scoring():
+            if body.stream:
+                raise RequestError("stream: not supported with echo, logprobs or token-id/batched prompts")
+            return await scored(request, body, served, max_tokens)
+        prompt = await served.engine.tokenize(body.prompt, True)
+        check_prompt(limits, len(prompt), max_tokens, served.engine.context_length)
+        return await generation(request, body, "text_completion", served, prompt, settings)
 
+    def settings_of(body, max_tokens: int) -> Settings:
+        return Settings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        stop=tuple(body.stop_list()), seed=body.seed, ignore_eos=body.ignore_eos)
+
+    async def scored(request: Request, body: CompletionRequest, served: Served, max_tokens: int):
+        from ftq.openai.scoring import check_prompts, prompt_ids, scored_completions
+
+        def work() -> dict:
+            runtime = served.scorer(served.engine.context_length)
+            with served.scorer_lock:
+                batch = prompt_ids(runtime, body)
+                check_prompts(batch, limits, max_tokens, runtime.context_length)
+                return scored_completions(runtime, body, batch, max_tokens, host.model_id)
+
+        ticket = gate.admit()
+        async with ticket:
+            return await run_in_threadpool(work)
+
+    async def generation(request: Request, body, kind: str, served: Served, prompt: list[int], settings: Settings):
+        ticket = gate.admit()
+        metrics.prompt_tokens.inc(len(prompt))
+        ident = new_id(kind)
+        if body.stream:
+            events = stream_events(ticket, ident, kind, served, prompt, settings, body.include_usage())
+            return ClosingStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        work = asyncio.ensure_future(whole(ticket, served, prompt, settings))
+        left = asyncio.ensure_future(until_disconnected(request.receive))
+        await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the client went away: stop generating for it
+            work.cancel()
+            metrics.disconnects.inc()
+            await asyncio.gather(work, return_exceptions=True)
+            return Response(status_code=499)
+        left.cancel()
+        text, tokens, finish = work.result()
+        return completion_response(kind, ident, host.model_id, text, len(prompt), tokens, settings.max_tokens, finish)
+
+    async def pieces(ticket, served: Served, prompt: list[int], settings: Settings, route: str):
+        """The engine's pieces for one request, holding a slot; records latency and tokens."""
+        async with ticket:
+            served.inflight += 1
+            start, first, tokens = time.perf_counter(), None, 0
+            generated = served.engine.generate(prompt, settings)
+            try:
+                async for piece in generated:
+                    if first is None:
+                        first = time.perf_counter()
+                        metrics.first_token.observe(first - start)
+                    metrics.generation_tokens.inc(piece.tokens - tokens)
+                    tokens = piece.tokens
+                    yield piece
+                metrics.latency.labels(route).observe(time.perf_counter() - start)
+            finally:
+                await generated.aclose()  # a disconnect or error: the engine cancels the sequence now
+                served.inflight -= 1
+
+    async def whole(ticket, served: Served, prompt: list[int], settings: Settings) -> tuple[str, int, str]:
+        text, tokens, finish = [], 0, "stop"
+        async for piece in pieces(ticket, served, prompt, settings, "whole"):
+            text.append(piece.text)
+            tokens, finish = piece.tokens, piece.finish or finish
+        return "".join(text), tokens, finish
+
+    async def stream_events(ticket, ident: str, kind: str, served: Served, prompt: list[int], settings: Settings,
+                            include_usage: bool):
+        chat = kind == "chat.completion"
+        created = int(time.time())
+
+        def event(choice: dict | None, extra: dict | None = None) -> str:
+            payload = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                       "created": created, "model": host.model_id, "choices": [choice] if choice else []}
+            return b"data: " + orjson.dumps({**payload, **(extra or {})}) + b"\n\n"
+
+        def choice(text: str, finish: str | None) -> dict:
+            if chat:
+                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        tokens, finish = 0, "stop"
+        generated = pieces(ticket, served, prompt, settings, "stream")
         try:
-            authorize(request)
-            body = parse(CompletionRequest, await request.body())
-            max_tokens = budget(limits, body.max_tokens)
-            stops = body.stop_list()
-            if body.needs_scoring():
-                if body.stream:
-                    raise RequestError("stream: not supported with echo, logprobs or token-id/batched prompts")
-                return await run_in_threadpool(scored_completions, body, max_tokens, stops)
-        except (RequestError, ValueError) as exc:
-            return error(exc if isinstance(exc, RequestError) else RequestError(str(exc)))
-        return await respond(body, "text_completion", lambda rt: rt.stream_text(
-            body.prompt, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stops),
-            lambda rt: rt.count_tokens(body.prompt), max_tokens)
+            if chat:
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            async for piece in generated:
+                tokens, finish = piece.tokens, piece.finish or finish
+                if piece.text:
+                    yield event(choice(piece.text, None))
+            yield event(choice("", finish))
+            if include_usage:
+                yield event(None, {"usage": usage(len(prompt), tokens)})
+        except asyncio.CancelledError:
+            metrics.disconnects.inc()
+            raise
+        except Exception as exc:  # the engine failed mid-stream: the status line is sent, so say it in the stream
+            log.exception("stream %s failed", ident)
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error', 'code': 500}})}\n\n"
+        finally:
+            ticket.drop()  # still queued when the client left: give the place back
+            await generated.aclose()
+        yield "data: [DONE]\n\n"
 
-    def scored_completions(body: CompletionRequest, max_tokens: int, stops: list[str]) -> dict:
-        from ftq.serve.scoring import complete, logprobs_payload
-
-        choices, prompt_total, completion_total = [], 0, 0
-        with host.lock:
-            runtime = host.served.runtime
-            vocab = runtime.tokenizer_info()["vocab_size"]
-            for index, prompt in enumerate(body.prompts()):
-                ids = runtime.tokenize(prompt, add_special=True) if isinstance(prompt, str) else prompt
-                if not ids:
-                    raise RequestError(f"prompt[{index}]: no tokens")
-                if any(t < 0 or t >= vocab for t in ids):
-                    raise RequestError(f"prompt[{index}]: token ids must be in [0, {vocab})")
-                if len(ids) > limits.max_prompt_tokens or len(ids) + max_tokens > runtime.context_length:
-                    raise RequestError(f"prompt[{index}] is {len(ids)} tokens: above this server's limit of "
-                                       f"{min(limits.max_prompt_tokens, runtime.context_length - max_tokens)}")
-                done = complete(runtime, ids, max_tokens, body.temperature, body.top_p, stops, body.logprobs or 0,
-                                body.echo, body.seed)
-                prompt_text = prompt if isinstance(prompt, str) else runtime.detokenize(ids)
-                logprobs = (logprobs_payload(done, prompt_text, body.echo, runtime.token_text)
-                            if body.logprobs is not None else None)
-                choices.append({"index": index, "text": (prompt_text if body.echo else "") + done.text,
-                                "finish_reason": done.finish_reason, "logprobs": logprobs})
-                prompt_total += len(ids)
-                completion_total += len(done.generated.tokens)
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": host.model_id, "choices": choices,
-                "usage": {"prompt_tokens": prompt_total, "completion_tokens": completion_total,
-                          "total_tokens": prompt_total + completion_total}}
-
-    # vLLM's tokenizer endpoints: lm-eval's remote tokenizer uses them, so scoring requests carry the
-    # served model's own token ids (a GGUF's llama.cpp vocabulary, not a separately loaded HF tokenizer)
     @app.get("/tokenizer_info")
-    def tokenizer_info(request: Request):
-        try:
-            authorize(request)
-        except RequestError as exc:
-            return error(exc)
-        return host.served.runtime.tokenizer_info()  # tokenizer only: no need to wait for the model lock
-
-    async def tokenizer_call(request: Request, model_cls, answer):
-        try:
-            authorize(request)
-            body = parse(model_cls, await request.body())
-        except RequestError as exc:
-            return error(exc)
-        return answer(host.served.runtime, body)
+    async def tokenizer_info(request: Request):
+        authorize(request)
+        return await host.served.engine.tokenizer_info()
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        def answer(runtime, body: TokenizeRequest) -> dict:
-            tokens = runtime.tokenize(body.prompt, add_special=body.add_special_tokens)
-            return {"tokens": tokens, "count": len(tokens), "max_model_len": runtime.context_length}
-
-        return await tokenizer_call(request, TokenizeRequest, answer)
+        authorize(request)
+        body = parse(TokenizeRequest, await request.body())
+        engine = host.served.engine
+        tokens = await engine.tokenize(body.prompt, body.add_special_tokens)
+        check_prompt(limits, len(tokens), 0, engine.context_length)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return await tokenizer_call(request, DetokenizeRequest,
-                                    lambda runtime, body: {"prompt": runtime.detokenize(body.tokens)})
-
-    def counted(count_prompt) -> int:
-        with host.lock:
-            return count_prompt(host.served.runtime)
-
-    def complete(generate) -> tuple[str, int]:
-        with host.lock:
-            runtime = host.served.runtime
-            text = "".join(generate(runtime))
-            return text, runtime.count_tokens(text)
-
-    async def respond(body, kind: str, generate, count_prompt, max_tokens: int):
-        from starlette.concurrency import run_in_threadpool
-
-        # the model works in worker threads: the event loop keeps serving other clients meanwhile
-        prompt_tokens = await run_in_threadpool(counted, count_prompt)
-        if prompt_tokens > limits.max_prompt_tokens:
-            return error(RequestError(f"prompt is {prompt_tokens} tokens, above this server's limit of "
-                                      f"{limits.max_prompt_tokens}"))
-        ident = new_id(kind)
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_events(ident, kind, generate, prompt_tokens, max_tokens, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, completion_tokens = await run_in_threadpool(complete, generate)
-        return completion_response(kind, ident, host.model_id, text, prompt_tokens, completion_tokens, max_tokens)
-
-    def stream_events(ident, kind, generate, prompt_tokens, max_tokens, include_usage) -> Iterator[str]:
-        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-        created = int(time.time())
-
-        def event(choice: dict, usage=None) -> str:
-            payload = {"id": ident, "object": chunk_kind, "created": created, "model": host.model_id,
-                       "choices": [choice] if choice else []}
-            if usage is not None:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n"
-
-        with host.lock:  # held for the whole stream: one generation at a time, the others wait their turn
-            runtime = host.served.runtime
-            if kind == "chat.completion":
-                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            text = ""
-            for piece in generate(runtime):
-                text += piece
-                yield event({"index": 0, "delta": {"content": piece}, "finish_reason": None} if kind == "chat.completion"
-                            else {"index": 0, "text": piece, "finish_reason": None, "logprobs": None})
-            completion_tokens = runtime.count_tokens(text)
-        finish = "length" if completion_tokens >= max_tokens else "stop"
-        yield event({"index": 0, "delta": {}, "finish_reason": finish} if kind == "chat.completion"
-                    else {"index": 0, "text": "", "finish_reason": finish, "logprobs": None})
-        if include_usage:
-            yield event({}, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens})
-        yield "data: [DONE]\n\n"
+        authorize(request)
+        body = parse(DetokenizeRequest, await request.body())
+        if len(body.tokens) > limits.max_batch_tokens:
+            raise RequestError(f"tokens: {len(body.tokens)} tokens, above this server's limit of "
+                               f"{limits.max_batch_tokens}")
+        return {"prompt": await host.served.engine.detokenize(body.tokens)}
 
     return app

@@ -8,9 +8,13 @@ own server gets wrong by one token for models without a BOS token."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ftq.openai.schema import CompletionRequest, Limits, RequestError, check_batch, check_prompt, usage
 
 ROWS_PER_CHUNK = 256  # log-softmax over the vocabulary a chunk of prompt positions at a time (memory)
 
@@ -103,3 +107,40 @@ def logprobs_payload(completion: Completion, prompt_text: str, echo: bool, token
         position += len(piece)
     return {"tokens": texts, "token_logprobs": [lp for part in parts for lp in part.logprobs],
             "top_logprobs": [top for part in parts for top in part.top], "text_offset": offsets}
+
+
+def prompt_ids(runtime, body: CompletionRequest) -> list[list[int]]:
+    """Every prompt of a request as token ids, checked against the vocabulary."""
+    vocab = runtime.tokenizer_info()["vocab_size"]
+    batch = []
+    for index, prompt in enumerate(body.prompts()):
+        ids = runtime.tokenize(prompt, add_special=True) if isinstance(prompt, str) else prompt
+        if not ids:
+            raise RequestError(f"prompt[{index}]: no tokens")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt[{index}]: token ids must be in [0, {vocab})")
+        batch.append(ids)
+    return batch
+
+
+def check_prompts(batch: list[list[int]], limits: Limits, max_tokens: int, context: int) -> None:
+    check_batch(limits, [len(ids) for ids in batch], max_tokens)
+    for index, ids in enumerate(batch):
+        check_prompt(limits, len(ids), max_tokens, context, f"prompt[{index}]")
+
+
+def scored_completions(runtime, body: CompletionRequest, batch: list[list[int]], max_tokens: int, model: str) -> dict:
+    """A /v1/completions answer for already checked token-id prompts, with exact logprobs when asked."""
+    choices, prompt_total, completion_total = [], 0, 0
+    for index, (prompt, ids) in enumerate(zip(body.prompts(), batch)):
+        done = complete(runtime, ids, max_tokens, body.temperature, body.top_p, body.stop_list(), body.logprobs or 0,
+                        body.echo, body.seed)
+        prompt_text = prompt if isinstance(prompt, str) else runtime.detokenize(ids)
+        logprobs = (logprobs_payload(done, prompt_text, body.echo, runtime.token_text)
+                    if body.logprobs is not None else None)
+        choices.append({"index": index, "text": (prompt_text if body.echo else "") + done.text,
+                        "finish_reason": done.finish_reason, "logprobs": logprobs})
+        prompt_total += len(ids)
+        completion_total += len(done.generated.tokens)
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage(prompt_total, completion_total)}

@@ -1,0 +1,176 @@
+"""Request models, validation and limits for the OpenAI-compatible endpoints, and the response shapes.
+Requests are validated strictly: unknown fields, values out of range, too many tokens or too long a
+prompt get a 400 with a message in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # generate exactly max_tokens tokens (as llama-server and vLLM accept it): benchmarks fix the answer length
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)  # accepted for client compatibility; only 0 supported
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stops) > 4:
+            raise RequestError("stop: at most 4 sequences")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(Sampling):
+    # a text, a batch of texts, token ids, or a batch of token-id lists (what lm-eval sends)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt:
+            raise RequestError("prompt: must not be empty")
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def needs_scoring(self) -> bool:
+        return self.echo or self.logprobs is not None or not isinstance(self.prompt, str)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+@dataclass
+class Limits:
+    """What one request may cost. A batch of prompts counts as a whole: its prompts together against
+    `max_batch_tokens`, each one against `max_prompt_tokens`."""
+    max_tokens: int = 1024  # the most a request may ask for (and the default when it asks for none: 256)
+    default_max_tokens: int = 256
+    max_prompt_tokens: int = 3072
+    max_batch_prompts: int = 32
+    max_batch_tokens: int = 16384  # prompt + completion tokens of every prompt in one request
+    max_body_bytes: int = 2 * 1024 * 1024  # larger bodies get 413 before they are read
+
+
+def parse(model_cls, body: bytes):
+    try:
+        payload = json.loads(body or b"")
+    except ValueError as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from exc
+    return validate(model_cls, payload)
+
+
+def validate(model_cls, payload):
+    if not isinstance(payload, dict):
+        raise RequestError("request body must be a JSON object")
+    try:
+        return model_cls.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise RequestError(f"{where}: {first['msg']}") from exc
+
+
+def budget(limits: Limits, asked: int | None) -> int:
+    asked = asked or min(limits.default_max_tokens, limits.max_tokens)
+    if asked > limits.max_tokens:
+        raise RequestError(f"max_tokens: {asked} is above this server's limit of {limits.max_tokens}")
+    return asked
+
+
+def check_prompt(limits: Limits, prompt_tokens: int, max_tokens: int, context: int, where: str = "prompt") -> None:
+    allowed = min(limits.max_prompt_tokens, context - max_tokens)
+    if prompt_tokens > allowed:
+        raise RequestError(f"{where} is {prompt_tokens} tokens, above this server's limit of {allowed} "
+                           f"(max_prompt_tokens {limits.max_prompt_tokens}, context {context} - max_tokens {max_tokens})")
+
+
+def check_batch(limits: Limits, prompt_lengths: list[int], max_tokens: int) -> None:
+    if len(prompt_lengths) > limits.max_batch_prompts:
+        raise RequestError(f"prompt: {len(prompt_lengths)} prompts in one request, above this server's limit of "
+                           f"{limits.max_batch_prompts}")
+    total = sum(prompt_lengths) + len(prompt_lengths) * max_tokens
+    if total > limits.max_batch_tokens:
+        raise RequestError(f"prompt: this batch needs {total} tokens (prompts + max_tokens for each), above this "
+                           f"server's limit of {limits.max_batch_tokens} per request")
+
+
+def chat_arguments(body: ChatRequest, limits: Limits) -> dict:
+    """A validated chat request -> the keyword arguments of a runtime's `stream_chat`."""
+    messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
+    return {"messages": messages, "max_new_tokens": budget(limits, body.max_completion_tokens or body.max_tokens),
+            "temperature": body.temperature, "top_p": body.top_p, "stop": body.stop_list()}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(kind: str, ident: str, model: str, text: str, prompt_tokens: int, completion_tokens: int,
+                        max_tokens: int, finish: str | None = None) -> dict:
+    """OpenAI's chat.completion or text_completion object for one finished answer."""
+    finish = finish or ("length" if completion_tokens >= max_tokens else "stop")
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+              if kind == "chat.completion" else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+    return {"id": ident, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def error_body(exc: RequestError) -> dict:
+    return {"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}
