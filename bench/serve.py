@@ -15,7 +15,9 @@ aggregate >= 2.2x one client's and within 5 % of llama-server's; p50 latency at 
     .venv/bin/python bench/serve.py                          # models:/<promote.model_name>@champion
     .venv/bin/python bench/serve.py --model models/quantized/q4_0/model.gguf --repeats 5
 
-Writes reports/bench/serve.json.
+An HF folder (transformers engine) is measured alone (`--model models/merged --out ...`).
+
+Writes reports/bench/serve.json (or --out).
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--parallel", type=int, default=8, help="slots on both servers (-np)")
     parser.add_argument("--ctx-size", type=int, default=1024, help="tokens per slot on both servers")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from ftq.engines.llama_server import binary
@@ -139,9 +142,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     log_dir = tempfile.mkdtemp(prefix="ftq-bench-serve-")
     path = resolve(reference, params).path
-    if artifact_format(path) != "gguf":
-        sys.exit(f"{reference} is not a GGUF build: llama-server serves GGUF only")
-    gguf = gguf_file(path)
+    is_gguf = artifact_format(path) == "gguf"  # llama-server serves GGUF only: HF builds are measured alone
 
     def ftq_command(port: int) -> list[str]:
         return [sys.executable, "-m", "ftq", "serve", "--model", reference, "--port", str(port), "--threads",
@@ -149,12 +150,12 @@ def main() -> None:
                 "--max-queued", "256"]
 
     def peer_command(port: int) -> list[str]:  # the same binary, file, threads, slots and context as ftq's engine
-        return [str(binary()), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--threads",
+        return [str(binary()), "--model", str(gguf_file(path)), "--host", "127.0.0.1", "--port", str(port), "--threads",
                 str(args.threads), "--threads-batch", str(args.threads), "--parallel", str(args.parallel),
                 "--ctx-size", str(args.ctx_size * args.parallel), "--cont-batching", "--threads-http",
                 str(args.parallel + 4), "--no-webui", "--jinja"]
 
-    servers = {"ftq": ftq_command, "llama-server": peer_command}
+    servers = {"ftq": ftq_command, "llama-server": peer_command} if is_gguf else {"ftq": ftq_command}
     runs: dict[str, dict[str, list]] = {name: {str(n): [] for n in levels} for name in servers}
     results: dict[str, dict[int, list]] = {name: {} for name in servers}
     health = {}
@@ -184,10 +185,10 @@ def main() -> None:
               "runs": runs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "method": "one server up at a time, alternating order per repeat, the same asyncio+httpx streaming client; "
                         "chat completions, greedy, ignore_eos; usage counts asserted equal per prompt"}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["goals"], indent=2))
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 def equal_work(results: dict[str, list[dict]], max_tokens: int) -> None:
@@ -202,8 +203,12 @@ def equal_work(results: dict[str, list[dict]], max_tokens: int) -> None:
 def goals(table: dict, levels: list[int]) -> dict:
     if 1 not in levels or 8 not in levels:
         return {}
-    ftq, peer = table["ftq"], table["llama-server"]
+    ftq = table["ftq"]
     one, eight = ftq["1"], ftq["8"]
+    if "llama-server" not in table:
+        return {"eight_clients_aggregate_vs_one": round(eight["tokens_per_second"] / one["tokens_per_second"], 3),
+                "eight_clients_p50_latency_vs_one": round(eight["latency_p50"] / one["latency_p50"], 3)}
+    peer = table["llama-server"]
     return {
         "one_client_decode_vs_llama_server": round(one["decode_tokens_per_second_p50"]
                                                    / peer["1"]["decode_tokens_per_second_p50"], 3),

@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                        help="poll the registry and reload when the alias moves (0: off)")
     from ftq.openai.schema import Limits
+    from ftq.serve import CTX_SIZE, MAX_QUEUED, PARALLEL
 
     serve.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens,
                        help="largest max_tokens a request may ask")
@@ -311,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest prompt accepted, in tokens")
     serve.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                        help="larger request bodies get 413 before they are read")
-    serve.add_argument("--parallel", type=int, default=8,
+    serve.add_argument("--parallel", type=int, default=PARALLEL,
                        help="requests decoded together (engine slots); more wait in the queue")
-    serve.add_argument("--max-queued", type=int, default=64,
+    serve.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                        help="requests that may wait for a slot; beyond that, 503 with Retry-After")
-    serve.add_argument("--ctx-size", type=int, default=4096,
+    serve.add_argument("--ctx-size", type=int, default=CTX_SIZE,
                        help="tokens per sequence (prompt + answer); the engine's KV cache holds parallel x this")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads for the engine (default: all)")
     params_option(serve)

@@ -56,7 +56,7 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def open_engine(path: str | Path, threads: int | None = None, n_ctx: int = 4096, parallel: int = 8) -> Engine:
+def open_engine(path: str | Path, threads: int | None, n_ctx: int, parallel: int) -> Engine:
     from ftq.runtimes import artifact_format, gguf_file
 
     path = Path(path)

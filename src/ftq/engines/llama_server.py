@@ -65,7 +65,7 @@ def engine_environment() -> dict:
 class LlamaServerEngine:
     kind = "llama-server"
 
-    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 4096, parallel: int = 8):
+    def __init__(self, path: Path, threads: int | None, n_ctx: int, parallel: int):
         from ftq.runtimes import default_threads
 
         self.path = Path(path)

@@ -23,7 +23,7 @@ BLOCK_SIZE = 32  # tokens per KV-cache page
 class TransformersEngine:
     kind = "transformers"
 
-    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 4096, parallel: int = 8):
+    def __init__(self, path: Path, threads: int | None, n_ctx: int, parallel: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
 
         if threads:

@@ -34,6 +34,7 @@ from ftq.openai.schema import (ChatRequest, CompletionRequest, DetokenizeRequest
                                TokenizeRequest, budget, check_prompt, completion_response, error_body, new_id, parse,
                                usage)
 from ftq.registry.resolve import Resolved, fetch, lookup, resolve
+from ftq.serve import CTX_SIZE, MAX_QUEUED, PARALLEL
 from ftq.serve.admission import BodyLimit, Busy, ClosingStream, Gate, until_disconnected
 from ftq.serve.metrics import Counted, Metrics
 
@@ -67,8 +68,8 @@ class Served:
 class ModelHost:
     """The served model, swapped in place when `--watch` sees the alias move."""
 
-    def __init__(self, reference: str, params: dict | None = None, threads: int | None = None, n_ctx: int = 4096,
-                 parallel: int = 8):
+    def __init__(self, reference: str, params: dict | None = None, threads: int | None = None, n_ctx: int = CTX_SIZE,
+                 parallel: int = PARALLEL):
         self.reference = reference
         self.params = params
         self.threads = threads
@@ -113,7 +114,7 @@ class ModelHost:
 
 
 def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | None = None,
-               max_queued: int = 64) -> FastAPI:
+               max_queued: int = MAX_QUEUED) -> FastAPI:
     limits = limits or Limits()
     gate = Gate(host.parallel, max_queued)
     metrics = Metrics(gate)

@@ -9,6 +9,7 @@ import threading
 
 from ftq.errors import UsageError
 from ftq.openai.schema import Limits
+from ftq.serve import CTX_SIZE, MAX_QUEUED, PARALLEL
 from ftq.serve.app import ModelHost, create_app
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def is_loopback(host: str) -> bool:
 
 def serve(reference: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           watch: float = 0.0, params: dict | None = None, limits: Limits | None = None, threads: int | None = None,
-          parallel: int = 8, max_queued: int = 64, n_ctx: int = 4096) -> None:
+          parallel: int = PARALLEL, max_queued: int = MAX_QUEUED, n_ctx: int = CTX_SIZE) -> None:
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
