@@ -26,6 +26,10 @@ class Settings:
     ignore_eos: bool = False
 
 
+class EngineError(RuntimeError):
+    """The engine failed a request (not the client's fault)."""
+
+
 @dataclass
 class Piece:
     text: str

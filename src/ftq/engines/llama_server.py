@@ -20,16 +20,12 @@ from typing import AsyncIterator
 
 import orjson
 
-from ftq.engines import Piece, Settings
+from ftq.engines import EngineError, Piece, Settings
 from ftq.errors import UsageError
 from ftq.processes import free_port, stop_group, wait_http
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per engine call otherwise
 START_TIMEOUT = 600  # seconds: a 70B GGUF takes a while to map
-
-
-class EngineError(RuntimeError):
-    """The engine failed a request (not the client's fault)."""
 
 
 def binary() -> Path:

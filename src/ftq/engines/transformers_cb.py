@@ -14,8 +14,7 @@ from typing import AsyncIterator
 
 import torch
 
-from ftq.engines import Piece, Settings
-from ftq.engines.llama_server import EngineError
+from ftq.engines import EngineError, Piece, Settings
 
 BLOCK_SIZE = 32  # tokens per KV-cache page
 

@@ -28,8 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ftq.engines import Settings
-from ftq.engines.llama_server import EngineError
+from ftq.engines import EngineError, Settings
 from ftq.openai.schema import (ChatRequest, CompletionRequest, DetokenizeRequest, Limits, RequestError,
                                TokenizeRequest, budget, check_prompt, completion_response, error_body, new_id, parse,
                                usage)
