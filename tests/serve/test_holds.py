@@ -13,15 +13,23 @@ import pytest
 from conftest import start_server, stop
 
 KEY = "sekrit"
-LONG = 20000  # tokens a slot would spend on an abandoned answer if it were not cancelled
+LONG = 6000  # tokens a slot would spend on an abandoned answer if it were not cancelled
 
 
 @pytest.fixture(scope="module")
-def gguf_model(tmp_path_factory, tiny_model_dir):
+def gguf_model(tmp_path_factory, tokenizer):
+    """The tiny model with a trained context of 8k tokens: llama-server stops a sequence at the model's
+    context, and an abandoned answer must be able to run long enough to show."""
+    from conftest import build_tiny_model
     from ftq.quantize import gguf
 
+    model = build_tiny_model(tokenizer)
+    model.config.max_position_embeddings = 8192
+    folder = tmp_path_factory.mktemp("tiny-long")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     out = tmp_path_factory.mktemp("gguf")
-    gguf.build(tiny_model_dir, out, gguf.validate({"type": "q8_0"}, "test"))
+    gguf.build(folder, out, gguf.validate({"type": "q8_0"}, "test"))
     return out / "model.gguf"
 
 
@@ -29,7 +37,7 @@ def gguf_model(tmp_path_factory, tiny_model_dir):
 def one_slot(gguf_model):
     """One engine slot and room for one waiting request: every request that should have left shows."""
     process, port, _ = start_server(str(gguf_model), "--api-key", KEY, "--parallel", "1", "--max-queued", "1",
-                                    "--ctx-size", "24000", "--max-tokens-limit", str(LONG),
+                                    "--ctx-size", "8192", "--max-tokens-limit", str(LONG),
                                     "--max-body-bytes", "1000000")
     yield port, process
     stop(process)
@@ -91,15 +99,30 @@ def wait_idle(port, seconds=10.0) -> dict:
     raise AssertionError(f"still busy after {seconds} s: {answer}")
 
 
+def engine_busy(process) -> bool:
+    """Whether the llama-server engine behind the gateway is decoding anything, from its own /slots."""
+    import psutil
+
+    engine = next(p for p in psutil.Process(process.pid).children(recursive=True) if "llama-server" in p.name())
+    args = engine.cmdline()
+    port = args[args.index("--port") + 1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as response:
+        return any(slot["is_processing"] for slot in json.loads(response.read()))
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_its_generation(one_slot):
-    port, _ = one_slot
+    port, process = one_slot
     baseline = short_answer_seconds(port)
     before = sum(metric(port, "ftq_generation_tokens_total").values())
     sock = open_stream(port)
-    assert health(port)["active"] == 1
+    assert health(port)["active"] == 1 and engine_busy(process)
     sock.close()  # the browser tab closes after the first chunk
     wait_idle(port, 5)
-    # one slot: had the engine kept decoding the 20000-token answer, this would wait behind it
+    deadline = time.time() + 2
+    while engine_busy(process):  # the engine itself stops decoding the abandoned answer
+        assert time.time() < deadline, "llama-server still decoding 2 s after the client left"
+        time.sleep(0.1)
+    # one slot: had the engine kept decoding the 6000-token answer, this would wait behind it
     assert short_answer_seconds(port) < max(5.0, 5 * baseline)
     generated = sum(metric(port, "ftq_generation_tokens_total").values()) - before
     assert generated < LONG / 4, generated
@@ -107,14 +130,29 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_its_generation
 
 
 def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(one_slot):
-    port, _ = one_slot
+    port, process = one_slot
     sock = open_stream(port, stream=False)
     deadline = time.time() + 10
     while health(port)["active"] == 0 and time.time() < deadline:
         time.sleep(0.05)
     sock.close()
     wait_idle(port, 5)
+    time.sleep(0.5)
+    assert not engine_busy(process)
     assert short_answer_seconds(port) < 5.0
+
+
+def test_an_abandoned_answer_would_keep_the_engine_busy_for_longer_than_the_test_waits(one_slot):
+    """The baseline for the disconnect tests: the same 6000-token answer, left to run, takes the engine
+    well over the 2 s they allow for it to stop."""
+    port, _ = one_slot
+    started = time.perf_counter()
+    status, _, body = request(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                             "max_tokens": LONG, "ignore_eos": True}, timeout=120)
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == LONG
+    seconds = time.perf_counter() - started
+    print(f"abandoned answer: {LONG} tokens in {seconds:.1f} s")
+    assert seconds > 4
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_recovers(one_slot):
