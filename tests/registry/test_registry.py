@@ -144,6 +144,15 @@ def test_mlflow_loads_and_serves_the_champion_through_the_pyfunc_flavor(evaluate
     assert 1 <= answer["usage"]["completion_tokens"] <= 5 and answer["usage"]["prompt_tokens"] > 0
     with pytest.raises(MlflowException, match="messages"):
         model.predict({"messages": "not a list"})
+    # MLflow's loader has just written its registered_model_meta into the local artifact store:
+    # a fresh download by ftq must still verify
+    from unittest import mock
+
+    from conftest import load_params
+    from ftq.registry.resolve import resolve
+
+    with mock.patch.dict(os.environ, {"FTQ_CACHE": str(tmp_path / "fresh-cache")}):
+        assert resolve("models:/native@champion", load_params(project)).path.exists()
 
     port = free_port()
     log = tmp_path / "models-serve.log"

@@ -141,7 +141,9 @@ def download(found: Found, files: dict[str, str], folder: Path, params: dict | N
 
 def verify(folder: Path, files: dict[str, str], found: Found, fix: str | None = None) -> None:
     where = f"{found.reference} (version {found.version})"
-    problems = differences(file_hashes(folder), files, "the registry")
+    # MLflow's own loader (mlflow.pyfunc.load_model on models:/...) writes `registered_model_meta` into
+    # a local artifact store's folder; it is MLflow's bookkeeping, not part of the build
+    problems = differences(file_hashes(folder, skip=("registered_model_meta",)), files, "the registry")
     if problems:
         raise VerificationError(f"{where}: {folder} does not hold the registered bytes: {'; '.join(problems)}. "
                                 f"Nothing was loaded. {fix or f'Delete {folder} to download the version again.'}")
