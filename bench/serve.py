@@ -92,25 +92,18 @@ async def level(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[d
     return summary, results
 
 
-def wait_health(url: str, process: subprocess.Popen, log: str) -> dict:
+def start(command: list[str], health: str, log_dir: str, name: str) -> tuple[subprocess.Popen, dict]:
+    """A server in its own process group, once its /health answers 200 (ftq.processes.wait_http)."""
     import urllib.request
 
-    for _ in range(600):
-        if process.poll() is not None:
-            sys.exit(f"{process.args[:3]} exited:\n{Path(log).read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return json.loads(response.read())
-        except OSError:
-            time.sleep(0.5)
-    sys.exit(f"{url} did not answer")
+    from ftq.processes import wait_http
 
-
-def start(command: list[str], health: str, log_dir: str, name: str) -> tuple[subprocess.Popen, dict]:
     log = os.path.join(log_dir, f"{name}.log")
     process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
-    return process, wait_health(health, process, log)
+    wait_http(health, process, 300, log)
+    with urllib.request.urlopen(health, timeout=10) as response:
+        return process, json.loads(response.read())
 
 
 def median_of(runs: list[dict]) -> dict:
