@@ -44,19 +44,20 @@ log = logging.getLogger(__name__)
 class Served:
     resolved: Resolved
     engine: Any
+    format: str
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     _scorer: Any = None
     scorer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def scorer(self, n_ctx: int):
-        """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights)."""
+        """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights).
+        The caller holds `scorer_lock`: one scoring request at a time."""
         from ftq.runtimes import open_model
 
-        with self.scorer_lock:
-            if self._scorer is None:
-                self._scorer = open_model(self.resolved.path, n_ctx=n_ctx)
-            return self._scorer
+        if self._scorer is None:
+            self._scorer = open_model(self.resolved.path, n_ctx=n_ctx)
+        return self._scorer
 
     def close(self) -> None:
         self.engine.close()
@@ -78,9 +79,11 @@ class ModelHost:
 
     def _load(self, resolved: Resolved) -> Served:
         from ftq.engines import open_engine
+        from ftq.runtimes import artifact_format
 
         log.info("loading %s (%s)", resolved.path, resolved.reference)
-        return Served(resolved, open_engine(resolved.path, self.threads, self.n_ctx, self.parallel))
+        return Served(resolved, open_engine(resolved.path, self.threads, self.n_ctx, self.parallel),
+                      artifact_format(resolved.path))
 
     def reload_if_moved(self) -> bool:
         if self.served.resolved.version is None:  # a local path: nothing to follow
@@ -161,11 +164,9 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
     def health(request: Request):
         served = host.served
         resolved = served.resolved
-        from ftq.runtimes import artifact_format
-
         alive = served.engine.alive()
         answer = {"status": "ok" if alive else "engine stopped", "model": resolved.name, "version": resolved.version,
-                  "alias": resolved.alias, "sha256": resolved.sha256, "format": artifact_format(resolved.path),
+                  "alias": resolved.alias, "sha256": resolved.sha256, "format": served.format,
                   "engine": served.engine.kind, "parallel": gate.slots, "active": gate.active, "queued": gate.queued,
                   "max_queued": gate.max_queued, "loaded_at": served.loaded_at}
         if keyed(request):  # where the files are is for the key holder only
@@ -217,8 +218,8 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         from ftq.openai.scoring import check_prompts, prompt_ids, scored_completions
 
         def work() -> dict:
-            runtime = served.scorer(served.engine.context_length)
             with served.scorer_lock:
+                runtime = served.scorer(served.engine.context_length)
                 batch = prompt_ids(runtime, body)
                 check_prompts(batch, limits, max_tokens, runtime.context_length)
                 return scored_completions(runtime, body, batch, max_tokens, host.model_id)
