@@ -21,6 +21,8 @@ LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
 # llama.cpp's own llama-server, ftq serve's GGUF engine: built once per machine from the same sdist's
 # vendored sources (~6.5 min on 2 cores), without the web UI (its build fetches from a hub) or TLS
 LLAMA_SERVER := $(FTQ_CACHE)/bin/llama-server-$(LLAMA_CPP)
+# the system's cmake, else one from PyPI in a small venv of its own (pip's wheel build fetches its own the same way)
+CMAKE := $(shell command -v cmake 2>/dev/null || echo $(FTQ_CACHE)/tools/bin/cmake)
 PYTEST_ARGS ?=
 # the suite runs on both cores (pytest-xdist): many tests spend their time waiting on stage
 # subprocesses, DVC, MLflow and servers; PYTEST_WORKERS=0 runs it in one process
@@ -58,14 +60,15 @@ $(LLAMA_WHEEL_STAMP): $(LLAMA_SDIST)
 
 $(LLAMA_SERVER): $(LLAMA_SDIST)
 	@echo "building llama-server $(LLAMA_CPP) from the sdist's vendored llama.cpp, once per machine (~6.5 min on 2 cores)"
+	test -x $(CMAKE) || { $(PYTHON) -m venv $(FTQ_CACHE)/tools && $(FTQ_CACHE)/tools/bin/pip install --quiet cmake; }
 	rm -rf $(FTQ_CACHE)/build/llama-server && mkdir -p $(FTQ_CACHE)/build/llama-server $(dir $@)
 	tar -xzf $(LLAMA_SDIST) -C $(FTQ_CACHE)/build/llama-server --strip-components=3 \
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
-	cmake -S $(FTQ_CACHE)/build/llama-server -B $(FTQ_CACHE)/build/llama-server/build -DCMAKE_BUILD_TYPE=Release \
+	$(CMAKE) -S $(FTQ_CACHE)/build/llama-server -B $(FTQ_CACHE)/build/llama-server/build -DCMAKE_BUILD_TYPE=Release \
 		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
 		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 		-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >/dev/null
-	cmake --build $(FTQ_CACHE)/build/llama-server/build --target llama-server -j$$(nproc) >/dev/null
+	$(CMAKE) --build $(FTQ_CACHE)/build/llama-server/build --target llama-server -j$$(nproc) >/dev/null
 	cp $(FTQ_CACHE)/build/llama-server/build/bin/llama-server $@.tmp && mv $@.tmp $@
 	rm -rf $(FTQ_CACHE)/build/llama-server
 
