@@ -1,11 +1,14 @@
 """Serving benchmark: `ftq serve` next to llama.cpp's own `llama-server`, both serving the same GGUF with
 the same threads and slots, driven by the same streaming client in the same run.
 
-Each level (default 1, 8 and 32 concurrent clients) sends `--rounds` requests per client, all chat
+Each level (default 1, 8 and 32 concurrent clients) sends at least `--requests` requests (default 24;
+each client sends ceil(requests / clients) one after another, so 1 client sends 24 and 32 clients one each), all chat
 completions streamed over SSE with `ignore_eos` and `max_tokens` 128, so every answer is exactly 128
 tokens; both sides' own `usage` counts are read and asserted equal (prompt and completion tokens) before
-anything is reported. ftq and llama-server alternate level by level, and the whole comparison repeats
-`--repeats` times; the report gives the median of the repeats.
+anything is reported. One server is up at a time, ftq and llama-server in alternating order, and the whole
+comparison repeats `--repeats` times (default 5). The table gives the median of the repeats; each goal ratio
+is taken within each repeat (ftq against the llama-server measured beside it) and the median of those
+paired ratios is what the goals are judged on, since this 2-core VM's speed drifts by 10-15 % over minutes.
 
 Reported per level and server: aggregate tokens/s (completion tokens / wall time), each request's decode
 tokens/s ((tokens - 1) / time from first to last token, median), latency p50/p95 (request sent to last
@@ -114,8 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: models:/<promote.model_name>@champion")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=24, help="at least this many requests per level")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--parallel", type=int, default=8, help="slots on both servers (-np)")
@@ -163,7 +166,8 @@ def main() -> None:
             try:
                 asyncio.run(level(url, 2, 1, 8))  # warm-up
                 for clients in levels:
-                    summary, results[name][clients] = asyncio.run(level(url, clients, args.rounds, args.max_tokens))
+                    rounds = -(-args.requests // clients)
+                    summary, results[name][clients] = asyncio.run(level(url, clients, rounds, args.max_tokens))
                     runs[name][str(clients)].append(summary)
                     print(f"repeat {repeat + 1} {name:12s} x{clients:<3d} {summary}", flush=True)
             finally:
@@ -173,14 +177,14 @@ def main() -> None:
     table = {name: {n: median_of(rows) for n, rows in by_level.items()} for name, by_level in runs.items()}
     report = {"model": reference, "version": health.get("version"), "sha256": health.get("sha256"),
               "max_tokens": args.max_tokens, "ignore_eos": True, "threads": args.threads,
-              "parallel": args.parallel, "ctx_size_per_slot": args.ctx_size, "rounds_per_client": args.rounds,
-              "repeats": args.repeats, "median_of_repeats": table, "goals": goals(table, levels),
+              "parallel": args.parallel, "ctx_size_per_slot": args.ctx_size, "min_requests_per_level": args.requests,
+              "repeats": args.repeats, "median_of_repeats": table, "goals": goals(runs, table, levels),
               "runs": runs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "method": "one server up at a time, alternating order per repeat, the same asyncio+httpx streaming client; "
                         "chat completions, greedy, ignore_eos; usage counts asserted equal per prompt"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["goals"], indent=2))
+    print(json.dumps({k: v for k, v in report["goals"].items() if k != "per_repeat"}, indent=2))
     print(f"wrote {args.out}")
 
 
@@ -193,25 +197,38 @@ def equal_work(results: dict[str, list[dict]], max_tokens: int) -> None:
     assert all(p == prompts[0] for p in prompts), prompts
 
 
-def goals(table: dict, levels: list[int]) -> dict:
+TARGETS = {"one_client_decode_vs_llama_server": ">= 0.95", "eight_clients_aggregate_vs_one": ">= 2.2",
+           "eight_clients_aggregate_vs_llama_server": ">= 0.95", "eight_clients_p50_latency_vs_one": "<= 4"}
+
+
+def ratios(ftq: dict, peer: dict | None) -> dict:
+    """The goal ratios from one repeat's rows (`ftq[level]`, `peer[level]`), or from the median table."""
+    one, eight = ftq["1"], ftq["8"]
+    found = {"eight_clients_aggregate_vs_one": eight["tokens_per_second"] / one["tokens_per_second"],
+             "eight_clients_p50_latency_vs_one": eight["latency_p50"] / one["latency_p50"]}
+    if peer is not None:
+        found.update(
+            one_client_decode_vs_llama_server=(one["decode_tokens_per_second_p50"]
+                                               / peer["1"]["decode_tokens_per_second_p50"]),
+            one_client_tokens_per_second_vs_llama_server=one["tokens_per_second"] / peer["1"]["tokens_per_second"],
+            eight_clients_aggregate_vs_llama_server=eight["tokens_per_second"] / peer["8"]["tokens_per_second"])
+    return {key: round(value, 3) for key, value in sorted(found.items())}
+
+
+def goals(runs: dict, table: dict, levels: list[int]) -> dict:
+    """Each ratio per repeat (ftq and llama-server measured minutes apart, so a machine that slows down for
+    a while slows both sides of a pair), then their median: the paired measure the goals are judged on.
+    The ratio of the medians is given beside it."""
     if 1 not in levels or 8 not in levels:
         return {}
-    ftq = table["ftq"]
-    one, eight = ftq["1"], ftq["8"]
-    if "llama-server" not in table:
-        return {"eight_clients_aggregate_vs_one": round(eight["tokens_per_second"] / one["tokens_per_second"], 3),
-                "eight_clients_p50_latency_vs_one": round(eight["latency_p50"] / one["latency_p50"], 3)}
-    peer = table["llama-server"]
-    return {
-        "one_client_decode_vs_llama_server": round(one["decode_tokens_per_second_p50"]
-                                                   / peer["1"]["decode_tokens_per_second_p50"], 3),
-        "one_client_tokens_per_second_vs_llama_server": round(one["tokens_per_second"] / peer["1"]["tokens_per_second"], 3),
-        "eight_clients_aggregate_vs_one": round(eight["tokens_per_second"] / one["tokens_per_second"], 3),
-        "eight_clients_aggregate_vs_llama_server": round(eight["tokens_per_second"] / peer["8"]["tokens_per_second"], 3),
-        "eight_clients_p50_latency_vs_one": round(eight["latency_p50"] / one["latency_p50"], 3),
-        "targets": {"one_client_decode_vs_llama_server": ">= 0.95", "eight_clients_aggregate_vs_one": ">= 2.2",
-                    "eight_clients_aggregate_vs_llama_server": ">= 0.95", "eight_clients_p50_latency_vs_one": "<= 4"},
-    }
+    repeats = len(runs["ftq"]["1"])
+    per_repeat = [ratios({n: rows[i] for n, rows in runs["ftq"].items()},
+                         {n: rows[i] for n, rows in runs["llama-server"].items()} if "llama-server" in runs else None)
+                  for i in range(repeats)]
+    paired = {key: round(statistics.median(r[key] for r in per_repeat), 3) for key in per_repeat[0]}
+    return {"median_of_paired_ratios": paired, "per_repeat": per_repeat,
+            "ratio_of_medians": ratios(table["ftq"], table.get("llama-server")),
+            "targets": {k: v for k, v in TARGETS.items() if k in paired}}
 
 
 if __name__ == "__main__":
