@@ -27,7 +27,12 @@ def target_text(tokenizer, example):
 def test_labels_only_on_assistant_turns_including_end_token(tokenizer):
     example = tokenize_conversation(tokenizer, conversation("What is 2+2?", "4"), max_length=512)
     assert target_text(tokenizer, example) == ["4<|im_end|>\n"]
-    assert example.labels[: example.input_ids.index(tokenizer.convert_tokens_to_ids("<|im_start|>"))] == []
+    # everything up to the assistant's header (system, user turn, "<|im_start|>assistant\n") is masked
+    prompt = tokenizer.apply_chat_template(conversation("What is 2+2?")["messages"], tokenize=False,
+                                           add_generation_prompt=True)
+    head = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert head > 10 and tokenizer.decode(example.input_ids[:head]) == prompt
+    assert set(example.labels[:head]) == {IGNORE_INDEX} and example.labels[head] != IGNORE_INDEX
 
 
 def test_every_assistant_turn_of_a_multi_turn_conversation_is_a_target(tokenizer):

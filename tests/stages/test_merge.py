@@ -51,14 +51,16 @@ def test_merge_writes_checked_folder_with_card_and_lineage(trained):
     assert len(shards) == report["shards"] > 1 and (out / "model.safetensors.index.json").exists()
     for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "README.md"):
         assert (out / name).exists(), name
-    assert report["max_abs_logit_diff"] <= 1e-3 and report["top1_agreement"] == 1.0 and report["dtype"] == "float32"
+    assert report["adapter_effect_max_abs"] > 0.05 and report["dtype"] == "float32" and report["top1_agreement"] == 1.0
+    assert report["merge_residual_max_abs"] <= 0.01 * report["adapter_effect_max_abs"]
+    assert report["residual_ratio"] == report["merge_residual_max_abs"] / report["adapter_effect_max_abs"]
     info = json.loads((out / "ftq_merge.json").read_text())
     lineage = info["lineage"]
     assert lineage["data_md5"] and lineage["base_sha256"] and lineage["train_method"] == "lora"
     [train_run] = [r for r in mlflow_runs(trained) if r.data.tags["ftq.stage"] == "train"]
     assert lineage["train_mlflow_run_id"] == train_run.info.run_id
     card = (out / "README.md").read_text()
-    assert train_run.info.run_id in card and lineage["data_md5"] in card and "max |diff|" in card
+    assert train_run.info.run_id in card and lineage["data_md5"] in card and "differ from the unmerged base + adapter" in card
     assert json.loads((trained / "reports" / "merge.json").read_text()) == report
     # the merged weights really contain the adapter: they differ from the base
     base_weights = load_file(str(trained / "models" / "base" / "model.safetensors"))
@@ -68,14 +70,15 @@ def test_merge_writes_checked_folder_with_card_and_lineage(trained):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base_weights[name], merged[name])
     [run] = [r for r in mlflow_runs(trained) if r.data.tags["ftq.stage"] == "merge"]
-    assert run.data.metrics["max_abs_logit_diff"] == report["max_abs_logit_diff"]
+    assert run.data.metrics["merge_residual_max_abs"] == report["merge_residual_max_abs"]
     assert run.data.tags["lineage.train_run_id"] == train_run.info.run_id
 
 
 def test_merge_in_half_precision_uses_its_tolerance(trained):
     set_params(trained, merge={"dtype": "bfloat16"})
     report = merge.run(load_params(trained)).report
-    assert report["dtype"] == "bfloat16" and report["atol"] == 0.25
+    assert report["dtype"] == "bfloat16" and report["max_residual_ratio"] == merge.DEFAULT_MAX_RESIDUAL_RATIO["bfloat16"]
+    assert 0 < report["residual_ratio"] <= report["max_residual_ratio"]
     config = json.loads((trained / "models" / "merged" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
 
@@ -86,10 +89,63 @@ def test_nan_adapter_fails_loudly_and_writes_nothing(trained):
     key = next(k for k in tensors if "lora_B" in k)
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, str(path))
-    with pytest.raises(merge.MergeCheckError, match="nothing was written"):
+    with pytest.raises(merge.MergeCheckError, match="NaN or Inf; nothing was written"):
         merge.run(load_params(trained))
     assert not (trained / "models" / "merged").exists()
     assert not list((trained / "models").glob("merged.tmp-*"))
+
+
+def drop_adapter(monkeypatch) -> None:
+    """The merge bug peers report most: the saved model is the base, the adapter unloaded instead of merged."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+
+
+def scale_adapter(root, factor: float) -> None:
+    path = root / "models" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, str(path))
+
+
+def test_a_merge_that_drops_the_adapter_fails(trained, monkeypatch):
+    drop_adapter(monkeypatch)
+    with pytest.raises(merge.MergeCheckError, match=r"100 % of the adapter's effect .*allowed 1 %; nothing was written"):
+        merge.run(load_params(trained))
+    assert not (trained / "models" / "merged").exists()
+
+
+def test_a_weak_adapter_dropped_still_fails(trained, monkeypatch):
+    """An adapter that moves logits by less than the old absolute tolerance (1e-3 in float32) is still
+    checked: the residual is measured against the adapter's own effect."""
+    scale_adapter(trained, 1e-4)
+    report = merge.run(load_params(trained)).report  # merged properly, it passes
+    assert 0 < report["adapter_effect_max_abs"] < 1e-3
+    drop_adapter(monkeypatch)
+    with pytest.raises(merge.MergeCheckError, match="nothing was written"):
+        merge.run(load_params(trained))
+
+
+def test_an_adapter_that_does_nothing_fails(trained):
+    scale_adapter(trained, 0.0)
+    with pytest.raises(merge.MergeCheckError, match="does not change the base's logits"):
+        merge.run(load_params(trained))
+
+
+def test_qlora_is_checked_against_the_4bit_model_it_was_trained_as(project, monkeypatch):
+    set_params(project, train={**FAST, "method": "qlora"})
+    params = load_params(project)
+    base.run(params)
+    prepare.run(params)
+    train.run(params)
+    report = merge.run(load_params(project)).report
+    assert report["method"] == "qlora" and report["residual_ratio"] <= 0.01
+    # closer to the 4-bit model it was trained as than the base without the adapter is
+    assert report["qlora_reference_residual_mean_abs"] < report["qlora_dropped_adapter_mean_abs"]
+    shutil.rmtree(project / "models" / "merged")
+    drop_adapter(monkeypatch)
+    with pytest.raises(merge.MergeCheckError, match="nothing was written"):
+        merge.run(load_params(project))
 
 
 def test_full_fine_tune_is_packaged_the_same_way(project):
@@ -99,13 +155,18 @@ def test_full_fine_tune_is_packaged_the_same_way(project):
     prepare.run(params)
     train.run(params)
     report = merge.run(load_params(project)).report
-    assert report["method"] == "full" and report["max_abs_logit_diff"] == 0.0
+    # the baseline is the base model: training moved its logits, and the saved folder reproduces the trained model
+    assert report["method"] == "full" and report["adapter_effect_max_abs"] > 0.05
+    assert report["merge_residual_max_abs"] <= 0.01 * report["adapter_effect_max_abs"]
     assert json.loads((project / "models" / "merged" / "ftq_merge.json").read_text())["lineage"]["train_method"] == "full"
 
 
 def test_merge_settings_are_validated(project):
     set_params(project, merge={"dtype": "int8"})
     with pytest.raises(ParamsError, match="merge.dtype 'int8'"):
+        merge.MergeSettings.from_params(load_params(project))
+    set_params(project, merge={"dtype": "auto", "check": {"max_residual_ratio": 1.5}})
+    with pytest.raises(ParamsError, match="max_residual_ratio must be between 0 and 1"):
         merge.MergeSettings.from_params(load_params(project))
     set_params(project, merge={"dtype": "auto", "shards": 3})
     with pytest.raises(ParamsError, match="unknown keys"):

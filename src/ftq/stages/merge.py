@@ -6,8 +6,18 @@ Outputs:
                         config, README.md (model card with lineage) and ftq_merge.json (the same, as JSON)
   reports/merge.json    the logits check, sizes and timings
 
-The check: on a fixed batch of prepared examples, the saved merged model's logits must equal the
-unmerged base + adapter logits within a tolerance, with no NaN or Inf; otherwise nothing is written.
+The check, with its baseline: on a fixed batch of held-out examples, the fine-tune's effect is how far
+base + adapter's logits are from the base's (`adapter_effect_max_abs`), and the merge's residual is how
+far the saved merged model's logits are from base + adapter's (`merge_residual_max_abs`). The residual
+must be at most `merge.check.max_residual_ratio` (1 % in float32) of the effect, the effect above 0, and
+every logit finite; otherwise nothing is written. A merge that drops the adapter has a residual equal to
+the effect and fails however small the adapter's effect is, where an absolute tolerance would pass it.
+For a full fine-tune the "adapter" is the trained model itself.
+
+QLoRA trained its adapter on the 4-bit NF4 base; the merge folds it into the original-precision base (as
+peers export QLoRA), so the check above runs on the original base, and the merged model is also compared
+with the 4-bit model it was trained as: it must be closer to it (mean |logit diff|) than the base without
+the adapter is (`qlora_reference_residual_mean_abs` < `qlora_dropped_adapter_mean_abs`).
 """
 
 from __future__ import annotations
@@ -30,9 +40,9 @@ log = logging.getLogger(__name__)
 OUTPUT_DIR = Path("models/merged")
 REPORT = Path("reports/merge.json")
 INFO_FILE = "ftq_merge.json"
-# max |logit difference| allowed between the saved merged model and base + adapter, per saved dtype:
-# float32 differs only by summation order; half precisions round every weight once more
-DEFAULT_ATOL = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
+# merge residual allowed, as a fraction of the adapter's effect, per saved dtype: float32 differs only by
+# summation order; half precisions round every merged weight once more (measured: see README, Merge)
+DEFAULT_MAX_RESIDUAL_RATIO = {"float32": 0.01, "float16": 0.02, "bfloat16": 0.05}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,13 +56,13 @@ class MergeSettings:
     dtype: str = "auto"  # auto: the base's dtype
     check_examples: int = 8
     check_max_length: int = 256
-    atol: float | None = None  # None: DEFAULT_ATOL for the saved dtype
+    max_residual_ratio: float | None = None  # None: DEFAULT_MAX_RESIDUAL_RATIO for the saved dtype
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "MergeSettings":
         cfg = dict(block(params, "merge"))
         check = cfg.pop("check", None) or {}
-        unknown = set(cfg) - {"max_shard_size", "dtype"} | set(check) - {"examples", "max_length", "atol"}
+        unknown = set(cfg) - {"max_shard_size", "dtype"} | set(check) - {"examples", "max_length", "max_residual_ratio"}
         where = params.get("_path", "params.yaml")
         if unknown:
             raise ParamsError(f"{where}: merge: unknown keys {sorted(unknown)}")
@@ -61,12 +71,15 @@ class MergeSettings:
             dtype=str(cfg.get("dtype", "auto")),
             check_examples=int(check.get("examples", 8)),
             check_max_length=int(check.get("max_length", 256)),
-            atol=None if check.get("atol") in (None, "auto") else float(check["atol"]),
+            max_residual_ratio=(None if check.get("max_residual_ratio") in (None, "auto")
+                                else float(check["max_residual_ratio"])),
         )
         if settings.dtype != "auto" and settings.dtype not in DTYPES:
             raise ParamsError(f"{where}: merge.dtype '{settings.dtype}': expected auto, {', '.join(DTYPES)}")
         if settings.check_examples < 1:
             raise ParamsError(f"{where}: merge.check.examples must be >= 1")
+        if settings.max_residual_ratio is not None and not 0 < settings.max_residual_ratio < 1:
+            raise ParamsError(f"{where}: merge.check.max_residual_ratio must be between 0 and 1 (or auto)")
         return settings
 
 
@@ -113,35 +126,92 @@ def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch, use_cache=False).logits.float()
 
 
-def compare_logits(reference: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor, atol: float) -> dict[str, Any]:
+def distance(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) |a - b| over the real (unpadded) positions."""
+    diff = (a[keep] - b[keep]).abs()
+    return float(diff.max()), float(diff.mean())
+
+
+def check_merge(base: torch.Tensor, expected: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor,
+                max_ratio: float) -> dict[str, Any]:
+    """The merged model's logits against base + adapter's (`expected`), measured against the adapter's
+    own effect on the base's logits."""
     keep = mask.bool()
-    ref, got = reference[keep], merged[keep]
-    finite = bool(torch.isfinite(got).all())
-    diff = (ref - got).abs()
-    result = {
-        "max_abs_logit_diff": float(diff.max()) if finite else float("inf"),
-        "mean_abs_logit_diff": float(diff.mean()) if finite else float("inf"),
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+    finite = bool(torch.isfinite(merged[keep]).all()) and bool(torch.isfinite(expected[keep]).all())
+    effect_max, effect_mean = distance(expected, base, keep)
+    residual_max, residual_mean = distance(merged, expected, keep) if finite else (float("inf"), float("inf"))
+    ratio = residual_max / effect_max if effect_max > 0 else float("inf")
+    return {
+        "adapter_effect_max_abs": effect_max,
+        "adapter_effect_mean_abs": effect_mean,
+        "merge_residual_max_abs": residual_max,
+        "merge_residual_mean_abs": residual_mean,
+        "residual_ratio": ratio,
+        "max_residual_ratio": max_ratio,
+        "top1_agreement": float((expected[keep].argmax(-1) == merged[keep].argmax(-1)).float().mean()),
         "positions": int(keep.sum()),
         "finite": finite,
-        "atol": atol,
+        "passed": finite and effect_max > 0 and ratio <= max_ratio,
     }
-    result["passed"] = finite and result["max_abs_logit_diff"] <= atol
-    return result
 
 
-def load_merged_in_memory(method: str, trained: Path, base_dir: Path):
-    """(reference model, merged model, tokenizer): reference is what training produced, unmerged."""
+def failure(check: dict[str, Any]) -> str:
+    if not check["finite"]:
+        return "merged (or base + adapter) logits are NaN or Inf"
+    if check["adapter_effect_max_abs"] == 0:
+        return "the adapter does not change the base's logits at all (an untrained or empty adapter)"
+    if "qlora_reference_residual_mean_abs" in check and not check["qlora_closer_than_dropped"]:
+        return (f"the merged model is no closer to the 4-bit model it was trained as (mean |diff| "
+                f"{check['qlora_reference_residual_mean_abs']:.4g}) than the base without the adapter is "
+                f"({check['qlora_dropped_adapter_mean_abs']:.4g})")
+    return (f"merged logits differ from base + adapter by {check['merge_residual_max_abs']:.4g} (max |diff|), "
+            f"{100 * check['residual_ratio']:.3g} % of the adapter's effect {check['adapter_effect_max_abs']:.4g}; "
+            f"allowed {100 * check['max_residual_ratio']:g} %")
+
+
+def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, torch.Tensor]):
+    """(base logits, base + adapter logits, model to merge, tokenizer), all in float32 on the original base.
+    For a full fine-tune the trained model is the merged model, and the base is loaded to measure the effect."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if method == "full":
+        base_logits = logits_of(base, batch)
+        del base
         model = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
-        return model, model, AutoTokenizer.from_pretrained(trained)
+        return base_logits, logits_of(model, batch), model, AutoTokenizer.from_pretrained(trained)
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     reference = PeftModel.from_pretrained(base, trained)
-    return reference, None, AutoTokenizer.from_pretrained(trained)
+    with reference.disable_adapter():
+        base_logits = logits_of(reference, batch)
+    return base_logits, logits_of(reference, batch), reference, AutoTokenizer.from_pretrained(trained)
+
+
+def qlora_reference(trained: Path, base_dir: Path, batch: dict[str, torch.Tensor], base_logits: torch.Tensor,
+                    merged_logits: torch.Tensor) -> dict[str, Any]:
+    """The merged model against the 4-bit base + adapter that training optimised, with its baseline: the
+    original base without the adapter against the same reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ftq.training.model import check_bitsandbytes, keep_cpu_4bit_trainable
+
+    check_bitsandbytes()
+    # training's 4-bit settings (training/model.py), computing in float32 for the most exact reference
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, dtype=torch.float32,
+                                                     device_map=device_map)
+    if not torch.cuda.is_available():
+        keep_cpu_4bit_trainable(quantized)
+    reference = logits_of(PeftModel.from_pretrained(quantized, trained), batch).cpu()
+    keep = batch["attention_mask"].bool()
+    merged_mean = distance(merged_logits, reference, keep)[1]
+    dropped_mean = distance(base_logits, reference, keep)[1]
+    return {"qlora_reference_residual_mean_abs": merged_mean, "qlora_dropped_adapter_mean_abs": dropped_mean,
+            "qlora_closer_than_dropped": merged_mean < dropped_mean}
 
 
 def saved_dtype(settings: MergeSettings, base_dir: Path) -> str:
@@ -210,9 +280,10 @@ Training settings: {settings or 'see ftq_merge.json'}.
 Training result: {lin['train_report'].get('steps')} steps, eval loss {lin['train_report'].get('initial_eval_loss')} -> {lin['train_report'].get('eval_loss')}.
 
 ## Merge check
-Logits of this folder vs. the unmerged base + adapter on {check['positions']} token positions of the
-held-out data: max |diff| {check['max_abs_logit_diff']:.3g} (tolerance {check['atol']:g}),
-top-1 agreement {check['top1_agreement']:.4f}, all finite: {check['finite']}.
+On {check['positions']} token positions of held-out data, fine-tuning moves the base's logits by up to
+{check['adapter_effect_max_abs']:.3g}; this folder's logits differ from the unmerged base + adapter by at most
+{check['merge_residual_max_abs']:.3g}, {100 * check['residual_ratio']:.3g} % of that (allowed
+{100 * check['max_residual_ratio']:g} %); top-1 agreement {check['top1_agreement']:.4f}, all finite.
 
 ## Use
 ```python
@@ -233,23 +304,24 @@ def run(params: dict[str, Any]) -> MergeResult:
     base_dir = root / "models" / "base"
     out_dir = root / OUTPUT_DIR
     dtype = saved_dtype(settings, base_dir)
-    atol = settings.atol if settings.atol is not None else DEFAULT_ATOL[dtype]
+    max_ratio = settings.max_residual_ratio or DEFAULT_MAX_RESIDUAL_RATIO[dtype]
     with stage_run("merge", params) as tracked:
         started = time.time()
-        reference, merged, tokenizer = load_merged_in_memory(method, trained, base_dir)
-        batch = check_batch(root, tokenizer, settings)
-        expected = logits_of(reference, batch)
-        if merged is None:
-            merged = reference.merge_and_unload()
+        from transformers import AutoTokenizer
+
+        batch = check_batch(root, AutoTokenizer.from_pretrained(trained), settings)
+        base_logits, expected, model, tokenizer = trained_logits(method, trained, base_dir, batch)
+        merged = model if method == "full" else model.merge_and_unload()
         merged = merged.to(DTYPES[dtype])
         with atomic_dir(out_dir) as tmp:
             save_sharded(merged, tokenizer, tmp, settings.max_shard_size)
-            check = compare_logits(expected, logits_of(reload(tmp), batch), batch["attention_mask"], atol)
+            merged_logits = logits_of(reload(tmp), batch)
+            check = check_merge(base_logits, expected, merged_logits, batch["attention_mask"], max_ratio)
+            if method == "qlora" and check["passed"]:
+                check.update(qlora_reference(trained, base_dir, batch, base_logits, merged_logits))
+                check["passed"] = check["qlora_closer_than_dropped"]
             if not check["passed"]:
-                raise MergeCheckError(
-                    f"{out_dir}: merged logits differ from base + adapter: max |diff| {check['max_abs_logit_diff']:.4g} "
-                    f"> tolerance {atol:g} (finite: {check['finite']}); nothing was written"
-                )
+                raise MergeCheckError(f"{out_dir}: {failure(check)}; nothing was written")
             info = {
                 "dtype": dtype,
                 "num_parameters": sum(p.numel() for p in merged.parameters()),
@@ -266,23 +338,20 @@ def run(params: dict[str, Any]) -> MergeResult:
             "num_parameters": info["num_parameters"],
             "shards": info["shards"],
             "size_bytes": dir_size(out_dir),
-            "max_abs_logit_diff": check["max_abs_logit_diff"],
-            "mean_abs_logit_diff": check["mean_abs_logit_diff"],
-            "top1_agreement": check["top1_agreement"],
-            "check_positions": check["positions"],
-            "atol": atol,
+            **{k: v for k, v in check.items() if k not in ("passed", "finite", "qlora_closer_than_dropped")},
             "wall_seconds": round(time.time() - started, 2),
             "peak_memory_bytes": peak_memory_bytes(),
         }
         atomic_write_json(root / REPORT, report)
-        tracked.log_metrics({k: v for k, v in report.items() if k not in ("method", "dtype")})
+        tracked.log_metrics({k: float(v) for k, v in report.items() if k not in ("method", "dtype")})
         tracked.set_tags({"merge.method": method, "merge.dtype": dtype,
                           "lineage.train_run_id": info["lineage"]["train_mlflow_run_id"]})
         tracked.log_artifact(root / REPORT)
         tracked.log_artifact(out_dir / "README.md")
         tracked.log_artifact(out_dir / INFO_FILE)
-    log.info("merged %s into %s (%s, %d shard(s)); logits max |diff| %.3g <= %g",
-             method, out_dir, dtype, report["shards"], check["max_abs_logit_diff"], atol)
+    log.info("merged %s into %s (%s, %d shard(s)); residual %.3g = %.3g %% of the adapter's effect %.3g",
+             method, out_dir, dtype, report["shards"], check["merge_residual_max_abs"],
+             100 * check["residual_ratio"], check["adapter_effect_max_abs"])
     return MergeResult(out_dir, report)
 
 
