@@ -183,7 +183,7 @@ SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4,
 def evaluated(tmp_path_factory, tiny_model_dir):
     """A tiny project with base, merged and two GGUF builds, each evaluated, then compared (shared by the
     evaluate, compare and promote tests; promote tests only touch the registry and reports/promotion.json)."""
-    from ftq.stages import base, compare, evaluate, merge, prepare, quantize, train
+    from ftq.stages import base, compare, evaluate, merge, prepare, quantize, reference, train
 
     project = make_project(tmp_path_factory.mktemp("evaluate") / "project", tiny_model_dir)
     with pytest.MonkeyPatch.context() as patch:
@@ -192,12 +192,11 @@ def evaluated(tmp_path_factory, tiny_model_dir):
         patch.chdir(project)
         set_params(project, train={"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2,
                                    "warmup": 0},
-                   quantize={"enabled": ["q8_0", "q4_0"], "check": {"heldout_examples": 4, "heldout_max_length": 96,
-                                                             "max_new_tokens": 8, "prompt": "Who are you?",
-                                                             "max_perplexity_ratio": 1.5}},
+                   quantize={"enabled": ["q8_0", "q4_0"], "check": {"max_new_tokens": 8, "prompt": "Who are you?"},
+                             "reference": {"examples": 4, "max_length": 96}},
                    evaluate=SMALL_EVAL)
         params = load_params(project)
-        for stage in (base, prepare, train, merge):
+        for stage in (base, prepare, train, merge, reference):
             stage.run(params)
         quantize.run(params, "q8_0")
         quantize.run(params, "q4_0")

@@ -115,11 +115,12 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     params["quantize"].update({
         "enabled": ["f16", "q8_0"],
         "builds": {"f16": {"method": "gguf", "type": "f16"}, "q8_0": {"method": "gguf", "type": "q8_0"}},
-        "check": {**params["quantize"]["check"], "heldout_examples": 4, "heldout_max_length": 96, "max_new_tokens": 8},
+        "check": {**params["quantize"]["check"], "max_new_tokens": 8},
+        "reference": {**params["quantize"]["reference"], "examples": 4, "max_length": 96},
     })
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = dvc(project, "repro")
-    for stage in ("merge", "quantize@f16", "quantize@q8_0", "evaluate_ref@base", "evaluate_ref@merged",
+    for stage in ("merge", "reference", "quantize@f16", "quantize@q8_0", "evaluate_ref@base", "evaluate_ref@merged",
                   "evaluate@f16", "evaluate@q8_0", "compare", "promote"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     for name in ("base", "merged", "f16", "q8_0"):
@@ -139,7 +140,7 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
     assert "Running stage 'quantize@q8_0'" in second.stdout and "Running stage 'evaluate@q8_0'" in second.stdout
-    for stage in ("train", "merge", "quantize@f16", "evaluate@f16", "evaluate_ref@merged"):
+    for stage in ("train", "merge", "reference", "quantize@f16", "evaluate@f16", "evaluate_ref@merged"):
         assert f"Running stage '{stage}'" not in second.stdout, stage
 
     # DVC shares data and models: push to a remote, clone, pull, and nothing is left to run
@@ -155,7 +156,7 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
     assert "Running stage" not in dvc(clone, "repro").stdout
 
-    params["quantize"]["builds"]["q8_0"]["check"] = {"max_perplexity_ratio": 0.5}
+    params["quantize"]["builds"]["q8_0"]["check"] = {"max_kld_mean": 0.0}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     broken = dvc(project, "repro", check=False)
     assert broken.returncode != 0 and "failed its check" in broken.stderr + broken.stdout

@@ -86,9 +86,20 @@ def cmd_merge(args) -> int:
     report = merge.run(_params(args)).report
     print(
         f"merged ({report['method']}, {report['dtype']}, {report['shards']} shard(s), {report['size_bytes']:,} bytes): "
-        f"logits max |diff| {report['max_abs_logit_diff']:.3g} <= {report['atol']:g}, top-1 agreement "
+        f"residual {report['merge_residual_max_abs']:.3g} = {100 * report['residual_ratio']:.3g} % of the adapter's "
+        f"effect {report['adapter_effect_max_abs']:.3g} (allowed {100 * report['max_residual_ratio']:g} %), top-1 agreement "
         f"{report['top1_agreement']:.4f} -> models/merged"
     )
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from ftq.stages import reference
+
+    meta = reference.run(_params(args))
+    print(f"reference: merged's next-token distribution at {meta['positions']} answer positions "
+          f"({meta['sequences']['samples']} held-out examples, top {meta['top_k']}), perplexity "
+          f"{meta['perplexity']:.3f} -> models/reference")
     return 0
 
 
@@ -106,8 +117,9 @@ def cmd_quantize(args) -> int:
         check = manifest["check"]
         print(
             f"{name} ({manifest['method']}): {manifest['size_bytes']:,} bytes ({manifest['compression_ratio']}x smaller), "
-            f"perplexity {check['perplexity']:.3f} vs merged {check['merged_perplexity']:.3f} "
-            f"({check['perplexity_ratio']:.3f}x), {manifest['build_seconds']} s -> models/quantized/{name}"
+            f"KL divergence from merged mean {check['kld_mean']:.4f} / p99 {check['kld_p99']:.3f}, top-1 agreement "
+            f"{100 * check['top1_agreement']:.1f} %, perplexity {check['perplexity_ratio']:.3f}x merged, "
+            f"{manifest['build_seconds']} s -> models/quantized/{name}"
         )
     return 0
 
@@ -261,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params_option(merge)
     merge.set_defaults(func=cmd_merge)
+
+    reference = commands.add_parser(
+        "reference", help="stage reference: merged's next-token distribution on held-out data, for the quantize check",
+        formatter_class=FORMATTER,
+    )
+    params_option(reference)
+    reference.set_defaults(func=cmd_reference)
 
     quantize = commands.add_parser(
         "quantize", help="stage quantize: make builds of models/merged (AWQ, GPTQ, GGUF) and check each",

@@ -6,11 +6,12 @@ from conftest import load_params, make_project, mlflow_runs, set_params
 from ftq.params import ParamsError
 from ftq.quantize.check import BuildCheckError
 from ftq.runtimes import artifact_format, open_model
-from ftq.stages import base, merge, prepare, quantize, train
+from ftq.stages import base, merge, prepare, quantize, reference, train
 
 FAST_TRAIN = {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 5e-3, "eval_steps": 0, "save_steps": 2,
               "warmup": 0}
-SMALL_CHECK = {"heldout_examples": 6, "heldout_max_length": 128, "max_new_tokens": 12}
+SMALL_CHECK = {"max_new_tokens": 12}
+SMALL_REFERENCE = {"examples": 6, "max_length": 128}
 SMALL_CALIBRATION = {"split": "train", "samples": 8, "max_length": 128, "seed": 0}
 
 
@@ -24,9 +25,10 @@ def merged(tmp_path_factory, tiny_model_dir):
         for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
             patch.delenv(key, raising=False)
         patch.chdir(project)
-        set_params(project, train=FAST_TRAIN, quantize={"check": SMALL_CHECK, "calibration": SMALL_CALIBRATION})
+        set_params(project, train=FAST_TRAIN, quantize={"check": SMALL_CHECK, "calibration": SMALL_CALIBRATION,
+                                                        "reference": SMALL_REFERENCE})
         params = load_params(project)
-        for stage in (base, prepare, train, merge):
+        for stage in (base, prepare, train, merge, reference):
             stage.run(params)
         yield project
 
@@ -55,10 +57,13 @@ def test_gguf_build_with_output_type_and_manifest(merged):
     assert manifest["tool_versions"]["llama-cpp-python"] == "0.3.36"
     assert manifest["peak_memory_bytes"] > 0 and manifest["build_seconds"] > 0
     check = manifest["check"]
-    assert check["passed"] and check["runtime"] == "llama.cpp" and check["perplexity_ratio"] < 1.5
+    assert check["passed"] and check["runtime"] == "llama.cpp" and check["positions"] > 0
+    assert 0 <= check["kld_mean"] <= check["limits"]["max_kld_mean"] and 0 < check["top1_agreement"] <= 1
     assert manifest["source"]["lineage"]["train_method"] == "lora"
     report = json.loads((merged / "reports" / "quantize" / "tq4.json").read_text())
     assert report["perplexity_ratio"] == round(check["perplexity_ratio"], 4)
+    assert report["kld_mean"] == round(check["kld_mean"], 6) and report["top1_agreement"] == round(check["top1_agreement"], 5)
+    assert manifest["reference"]["sha256"] == json.loads((merged / "models" / "reference" / "reference.json").read_text())["sha256"]
     [run] = quantize_runs(merged, "tq4")
     assert run.data.tags["ftq.stage"] == "quantize" and run.data.params["quantize.type"] == "q4_0"
     assert run.data.metrics["compression_ratio"] == manifest["compression_ratio"]
@@ -70,8 +75,8 @@ def test_gguf_build_with_output_type_and_manifest(merged):
 
 
 def test_failed_check_leaves_no_partial_directory(merged):
-    params = with_builds(merged, broken={"method": "gguf", "type": "q2_k", "check": {"max_perplexity_ratio": 0.5}})
-    with pytest.raises(BuildCheckError, match="build 'broken'.*perplexity"):
+    params = with_builds(merged, broken={"method": "gguf", "type": "q2_k", "check": {"min_top1_agreement": 1.01}})
+    with pytest.raises(BuildCheckError, match="build 'broken'.*top-1 agreement"):
         quantize.run(params, "broken")
     assert not (merged / "models" / "quantized" / "broken").exists()
     assert not list((merged / "models" / "quantized").glob("broken.tmp-*"))

@@ -1,20 +1,21 @@
 """The quality check every build must pass before it is kept: it loads with its own runtime, answers a
 fixed prompt with text that is not degenerate (unless the merged model's answer is too), and its
-perplexity on held-out data stays within a ratio of the merged model's."""
+next-token distribution stays close to the merged model's (ftq.quantize.distance): mean and p99 KL
+divergence under their limits, top-1 agreement above its floor."""
 
 from __future__ import annotations
 
 import math
-import time
 
 from ftq.quantize.calibration import Sequences
 
 
 class BuildCheckError(RuntimeError):
-    """A build failed its load / generate / perplexity check."""
+    """A build failed its check: load, coherent reply, or distance from merged."""
 
 
 def perplexity(runtime, sequences: Sequences) -> float:
+    """exp(mean NLL) over the scored tokens of `sequences` (evaluate's held-out perplexity)."""
     total, count = 0.0, 0
     targets = sequences.targets or [None] * len(sequences.ids)
     for ids, scored in zip(sequences.ids, targets):
@@ -39,26 +40,18 @@ def degenerate(text: str) -> str | None:
     return None
 
 
-def measure(runtime, sequences: Sequences, prompt: str, max_new_tokens: int) -> dict:
-    started = time.time()
-    reply = runtime.chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens)
-    generate_seconds = time.time() - started
-    started = time.time()
-    ppl = perplexity(runtime, sequences)
-    return {"reply": reply, "perplexity": ppl, "generate_seconds": round(generate_seconds, 3),
-            "perplexity_seconds": round(time.time() - started, 3)}
-
-
-def judge(build: dict, reference: dict, max_ratio: float) -> dict:
-    """Compare a build's measurements with the merged model's; `passed` and the reasons it failed."""
+def judge(reply: str, merged_reply: str, measured: dict, check: dict) -> dict:
+    """A build's reply and distance from merged against the check's limits; `passed` and what failed."""
     failures = []
-    reason = degenerate(build["reply"])
-    if reason and not degenerate(reference["reply"]):
-        failures.append(f"reply to the check prompt is not coherent ({reason}): {build['reply'][:120]!r}")
-    ratio = build["perplexity"] / reference["perplexity"] if reference["perplexity"] else float("inf")
-    if not math.isfinite(build["perplexity"]) or ratio > max_ratio:
-        failures.append(f"perplexity {build['perplexity']:.3f} is {ratio:.3f}x the merged model's "
-                        f"{reference['perplexity']:.3f} (allowed: {max_ratio}x)")
-    return {"passed": not failures, "failures": failures, "perplexity_ratio": ratio,
-            "reply": build["reply"], "merged_reply": reference["reply"], "perplexity": build["perplexity"],
-            "merged_perplexity": reference["perplexity"], "max_perplexity_ratio": max_ratio}
+    reason = degenerate(reply)
+    if reason and not degenerate(merged_reply):
+        failures.append(f"reply to the check prompt is not coherent ({reason}): {reply[:120]!r}")
+    limits = [("kld_mean", "mean KL divergence", "max_kld_mean", max), ("kld_p99", "p99 KL divergence", "max_kld_p99", max),
+              ("top1_agreement", "top-1 agreement", "min_top1_agreement", min)]
+    for key, label, limit, kind in limits:
+        value, bound = measured[key], float(check[limit])
+        if not math.isfinite(value) or (value > bound if kind is max else value < bound):
+            failures.append(f"{label} {value:.4g} vs merged, allowed {'at most' if kind is max else 'at least'} "
+                            f"{bound:g} (quantize.check.{limit})")
+    return {**measured, "passed": not failures, "failures": failures, "reply": reply, "merged_reply": merged_reply,
+            "limits": {limit: float(check[limit]) for _, _, limit, _ in limits}}

@@ -3,11 +3,14 @@
 dvc.yaml runs this once per name in `quantize.enabled` (foreach), so each build is its own stage
 (`quantize@q4_0`), depends only on its own params and reruns alone. Outputs:
   models/quantized/<name>/          the build (a .gguf file, or an HF folder for AWQ/GPTQ) + manifest.json
-  reports/quantize/<name>.json      size, compression, time, memory, perplexity vs. merged
+  reports/quantize/<name>.json      size, compression, time, memory, KL divergence and top-1 agreement
+                                    vs. merged, perplexity vs. merged
 
 A build is kept only if it passes the quality check (ftq.quantize.check): loaded with its own runtime it
-must answer a fixed prompt coherently and keep its held-out perplexity within a ratio of the merged
-model's. Otherwise the stage fails and models/quantized/<name>/ is not written.
+must answer a fixed prompt coherently, and its next-token distribution on the held-out sample of stage
+`reference` must stay close to the merged model's (mean and 99th-percentile KL divergence at most
+`max_kld_mean` / `max_kld_p99`, top-1 agreement at least `min_top1_agreement`). Otherwise the stage fails
+and models/quantized/<name>/ is not written.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ MERGED_DIR = Path("models/merged")
 OUTPUT_ROOT = Path("models/quantized")
 REPORT_ROOT = Path("reports/quantize")
 MANIFEST = "manifest.json"
+REFERENCE_DIR = Path("models/reference")
+# thresholds: see README, "The quantize check" (from llama.cpp's published KL divergence of Llama-3-8B
+# quants, and this model family's measured sensitivity)
 CHECK_DEFAULTS = {
     "prompt": "Who are you?",
     "max_new_tokens": 48,
-    "heldout_examples": 32,
-    "heldout_max_length": 512,
-    "max_perplexity_ratio": 1.5,
+    "max_kld_mean": 0.05,
+    "max_kld_p99": 0.5,
+    "min_top1_agreement": 0.90,
 }
 CALIBRATION_DEFAULTS = {"split": "train", "samples": 128, "max_length": 512, "seed": 0}
 
@@ -99,38 +105,45 @@ def file_table(folder: Path) -> dict[str, dict]:
     }
 
 
-def measure_merged(root: Path, heldout, check: dict) -> dict:
-    from ftq.quantize.check import measure
+def merged_reply(root: Path, check: dict) -> str:
     from ftq.runtimes import open_model
 
     runtime = open_model(root / MERGED_DIR)
     try:
-        return measure(runtime, heldout, check["prompt"], check["max_new_tokens"])
+        return runtime.chat([{"role": "user", "content": check["prompt"]}], max_new_tokens=check["max_new_tokens"])
     finally:
         runtime.close()
 
 
-def check_build(folder: Path, heldout, check: dict, reference: dict) -> dict:
-    from ftq.quantize.check import judge, measure
+def check_build(folder: Path, reference, check: dict, merged_answer: str) -> dict:
+    from ftq.quantize.check import judge
+    from ftq.quantize.distance import divergence
     from ftq.runtimes import open_model
 
     started = time.time()
-    runtime = open_model(folder, n_ctx=max(2048, check["heldout_max_length"] + 8))
+    longest = max(len(ids) for ids in reference.sequences.ids)
+    runtime = open_model(folder, n_ctx=max(2048, longest + 8))
     runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
     load_seconds = time.time() - started
     try:
-        measured = measure(runtime, heldout, check["prompt"], check["max_new_tokens"])
+        started = time.time()
+        reply = runtime.chat([{"role": "user", "content": check["prompt"]}], max_new_tokens=check["max_new_tokens"])
+        generate_seconds = time.time() - started
+        started = time.time()
+        measured = divergence(runtime, reference)
+        divergence_seconds = time.time() - started
     finally:
         runtime.close()
-    verdict = judge(measured, reference, float(check["max_perplexity_ratio"]))
+    verdict = judge(reply, merged_answer, measured, check)
     return {**verdict, "runtime": runtime.kind, "load_seconds": round(load_seconds, 3),
-            "generate_seconds": measured["generate_seconds"], "perplexity_seconds": measured["perplexity_seconds"],
+            "generate_seconds": round(generate_seconds, 3), "divergence_seconds": round(divergence_seconds, 3),
             "prompt": check["prompt"]}
 
 
 def run(params: dict[str, Any], name: str) -> QuantizeResult:
     from ftq.quantize import backend
-    from ftq.quantize.calibration import heldout as heldout_sequences, sample
+    from ftq.quantize.calibration import sample
+    from ftq.quantize.distance import load as load_reference
     from ftq.quantize.check import BuildCheckError
     from ftq.tracking import stage_run
 
@@ -145,7 +158,7 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
     if method.NEEDS_CALIBRATION:
         cal = spec.calibration
         calibration = sample(root, cal["split"], int(cal["samples"]), int(cal["max_length"]), cal["seed"])
-    heldout = heldout_sequences(root, int(spec.check["heldout_examples"]), int(spec.check["heldout_max_length"]))
+    reference = load_reference(root / REFERENCE_DIR)
     build_block = {"name": name, "method": spec.method, **spec.options, "check": spec.check}
     if calibration is not None:
         build_block["calibration"] = spec.calibration
@@ -155,12 +168,14 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
             built = method.build(merged, tmp, spec.options, calibration)
             build_seconds = time.time() - started
             build_peak = peak_memory_bytes()
-            reference = measure_merged(root, heldout, spec.check)
-            check = check_build(tmp / built.get("artifact", ""), heldout, spec.check, reference)
+            same_prompt = (reference.meta.get("prompt"), reference.meta.get("max_new_tokens")) == (
+                spec.check["prompt"], spec.check["max_new_tokens"])
+            answer = reference.meta["reply"] if same_prompt else merged_reply(root, spec.check)
+            check = check_build(tmp / built.get("artifact", ""), reference, spec.check, answer)
             if not check["passed"]:
                 raise BuildCheckError(f"build '{name}' ({spec.method}) failed its check, nothing was kept in "
                                       f"{out_dir}: " + "; ".join(check["failures"]))
-            manifest = describe(root, tmp, spec, built, calibration, heldout, check, build_seconds, build_peak,
+            manifest = describe(root, tmp, spec, built, calibration, reference, check, build_seconds, build_peak,
                                 method.versions())
             atomic_write_json(tmp / MANIFEST, manifest)
         report = summary(manifest)
@@ -171,13 +186,14 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
                           "lineage.merged_md5": manifest["source"]["md5"]})
         tracked.log_artifact(out_dir / MANIFEST)
         tracked.log_artifact(root / REPORT_ROOT / f"{name}.json")
-    log.info("build %s (%s): %s bytes (%.2fx smaller), perplexity %.3f vs merged %.3f (%.3fx), %.1f s",
-             name, spec.method, f"{report['size_bytes']:,}", report["compression_ratio"], report["perplexity"],
-             report["merged_perplexity"], report["perplexity_ratio"], report["build_seconds"])
+    log.info("build %s (%s): %s bytes (%.2fx smaller), KLD mean %.4f p99 %.3f, top-1 %.1f %%, perplexity %.3fx "
+             "merged, %.1f s", name, spec.method, f"{report['size_bytes']:,}", report["compression_ratio"],
+             report["kld_mean"], report["kld_p99"], 100 * report["top1_agreement"], report["perplexity_ratio"],
+             report["build_seconds"])
     return QuantizeResult(out_dir, manifest)
 
 
-def describe(root, folder, spec, built, calibration, heldout, check, build_seconds, build_peak, versions) -> dict:
+def describe(root, folder, spec, built, calibration, reference, check, build_seconds, build_peak, versions) -> dict:
     merged = root / MERGED_DIR
     merge_info_path = merged / "ftq_merge.json"
     merge_info = json.loads(merge_info_path.read_text()) if merge_info_path.exists() else {}
@@ -191,7 +207,8 @@ def describe(root, folder, spec, built, calibration, heldout, check, build_secon
         "artifact": built.get("artifact", ""),
         "format": spec.method if spec.method == "gguf" else built.get("format", spec.method),
         "calibration": None if calibration is None else {**calibration.describe(), **spec.calibration},
-        "heldout": heldout.describe(),
+        "reference": {"path": REFERENCE_DIR.as_posix(), "sha256": reference.meta["sha256"],
+                      "positions": reference.positions, "sequences": reference.meta["sequences"]},
         "source": {"path": MERGED_DIR.as_posix(), "md5": tree_md5(merged), "size_bytes": merged_size,
                    "lineage": merge_info.get("lineage", {})},
         "tool_versions": {**versions, **{m: importlib.metadata.version(m) for m in ("torch", "transformers")}},
@@ -213,6 +230,12 @@ def summary(manifest: dict) -> dict:
         "compression_ratio": manifest["compression_ratio"],
         "build_seconds": manifest["build_seconds"],
         "peak_memory_bytes": manifest["peak_memory_bytes"],
+        "kld_mean": round(check["kld_mean"], 6),
+        "kld_median": round(check["kld_median"], 6),
+        "kld_p99": round(check["kld_p99"], 5),
+        "kld_max": round(check["kld_max"], 4),
+        "top1_agreement": round(check["top1_agreement"], 5),
+        "positions": check["positions"],
         "perplexity": round(check["perplexity"], 4),
         "merged_perplexity": round(check["merged_perplexity"], 4),
         "perplexity_ratio": round(check["perplexity_ratio"], 4),
