@@ -1,7 +1,8 @@
 """Task accuracy on the project's held-out conversations: the candidate answers each prompt (all turns
 before the last assistant turn) and is scored against that turn. The metric fits the answer:
 JSON validity and per-field accuracy where the reference is a JSON object, exact match always,
-ROUGE-L F1 for free text."""
+ROUGE-L F1 for free text. Every mean comes with `<metric>_ci95`, a seeded bootstrap interval over the
+examples: a few dozen examples decide little without one."""
 
 from __future__ import annotations
 
@@ -71,12 +72,27 @@ def score(prediction: str, reference: str) -> dict:
     return result
 
 
+BOOTSTRAP_SAMPLES = 2000
+
+
+def interval(values: list[float], seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of the mean over examples (seeded: the same rows give the
+    same interval)."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(BOOTSTRAP_SAMPLES, len(data)))].mean(axis=1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
 def aggregate(rows: list[dict]) -> dict:
-    metrics: dict[str, float] = {}
+    metrics: dict = {}
     for key in ("exact_match", "rouge_l", "json_valid", "json_field_accuracy"):
         values = [r[key] for r in rows if key in r]
         if values:
             metrics[key] = round(sum(values) / len(values), 4)
+            metrics[f"{key}_ci95"] = interval(values)
     metrics["examples"] = len(rows)
     metrics["json_examples"] = sum(1 for r in rows if "json_valid" in r)
     return metrics

@@ -78,6 +78,10 @@ def display(key: str, value: Any) -> str:
     return str(value)
 
 
+def ci(bounds: list[float] | None) -> str:
+    return f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else ""
+
+
 def retention(key: str, value: Any, reference: Any) -> str:
     if not isinstance(value, (int, float)) or not isinstance(reference, (int, float)) or not reference:
         return ""
@@ -101,7 +105,8 @@ def table_rows(reports: dict[str, dict]) -> list[list[str]]:
     for key, label, _higher in metrics(reports):
         if not any(key in r for r in reports.values()):
             continue
-        cells = [display(key, r.get(key)) + (retention(key, r.get(key), merged.get(key)) if name != "merged" else "")
+        cells = [display(key, r.get(key)) + ci(r.get(f"{key}_ci95"))
+                 + (retention(key, r.get(key), merged.get(key)) if name != "merged" else "")
                  for name, r in reports.items()]
         rows.append([label, *cells])
     rows.append(["MT-Bench", *[r.get("mt_bench_status", "not run") for r in reports.values()]])
