@@ -51,13 +51,20 @@ ANSWERS_SHOWN = 8
 ORDER = ("base", "merged")
 
 
-def load_reports(root: Path) -> dict[str, dict]:
+def load_reports(root: Path, names: list[str]) -> dict[str, dict]:
+    """The evaluations of base, merged and the enabled builds, in that order. Reports of builds no
+    longer in quantize.enabled may still lie in the folder; they are not candidates."""
     folder = root / EVAL_ROOT
-    reports = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-    if not reports:
-        raise FileNotFoundError(f"{folder}: no evaluations; run `dvc repro evaluate` first")
-    ordered = [n for n in ORDER if n in reports] + sorted(n for n in reports if n not in ORDER)
-    return {n: reports[n] for n in ordered}
+    missing = [n for n in names if not (folder / f"{n}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: no evaluation of {', '.join(missing)}; run `dvc repro evaluate` first")
+    return {n: json.loads((folder / f"{n}.json").read_text()) for n in names}
+
+
+def candidates(params: dict[str, Any]) -> list[str]:
+    from ftq.params import block
+
+    return [*ORDER, *sorted(block(params, "quantize").get("enabled") or [])]
 
 
 def load_answers(root: Path, names: list[str]) -> dict[str, list[dict]]:
@@ -183,7 +190,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.tracking import stage_run
 
     root = repo_root()
-    reports = load_reports(root)
+    reports = load_reports(root, candidates(params))
     answers = load_answers(root, list(reports))
     rows = table_rows(reports)
     with stage_run("compare", params, block_values={"candidates": list(reports)}) as tracked:
