@@ -206,7 +206,8 @@ def qlora_reference(trained: Path, base_dir: Path, batch: dict[str, torch.Tensor
                                                      device_map=device_map)
     if not torch.cuda.is_available():
         keep_cpu_4bit_trainable(quantized)
-    reference = logits_of(PeftModel.from_pretrained(quantized, trained), batch).cpu()
+    on_device = {k: v.to(quantized.device) for k, v in batch.items()}  # 4-bit layers run where bitsandbytes put them
+    reference = logits_of(PeftModel.from_pretrained(quantized, trained), on_device).cpu()
     keep = batch["attention_mask"].bool()
     merged_mean = distance(merged_logits, reference, keep)[1]
     dropped_mean = distance(base_logits, reference, keep)[1]
