@@ -63,7 +63,7 @@ batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention
 result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
 
 started = time.time()
-base_logits, expected, model, _ = merge.trained_logits("qlora", work / "adapter", work / "base", batch)
+base_logits, expected, model = merge.trained_logits("qlora", work / "adapter", work / "base", batch)
 merged = model.merge_and_unload()
 merged.save_pretrained(work / "merged")
 tok.save_pretrained(work / "merged")

@@ -58,8 +58,9 @@ def sample(root: Path, split: str, count: int, max_length: int, seed: int | None
     return Sequences(split, ids, targets)
 
 
-def heldout(root: Path, count: int, max_length: int) -> Sequences:
-    """The first examples of the eval split (the train split when there is none), with their answer
-    tokens marked: perplexity there measures what fine-tuning taught, not how the prompts read."""
+def heldout(root: Path, count: int, max_length: int, seed: int | None = None) -> Sequences:
+    """Examples of the eval split (the train split when there is none): the first ones, or a sample
+    shuffled with `seed`, with their answer tokens marked: perplexity there measures what fine-tuning
+    taught, not how the prompts read."""
     split = "eval" if (root / "data" / "processed" / "eval").exists() else "train"
-    return sample(root, split, count, max_length, seed=None)
+    return sample(root, split, count, max_length, seed=seed)

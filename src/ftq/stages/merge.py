@@ -170,22 +170,22 @@ def failure(check: dict[str, Any]) -> str:
 
 
 def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, torch.Tensor]):
-    """(base logits, base + adapter logits, model to merge, tokenizer), all in float32 on the original base.
-    For a full fine-tune the trained model is the merged model, and the base is loaded to measure the effect."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(base logits, base + adapter logits, model to merge), all in float32 on the original base. For a
+    full fine-tune the trained model is the merged model, and the base is loaded to measure the effect."""
+    from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if method == "full":
         base_logits = logits_of(base, batch)
         del base
         model = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
-        return base_logits, logits_of(model, batch), model, AutoTokenizer.from_pretrained(trained)
+        return base_logits, logits_of(model, batch), model
     from peft import PeftModel
 
     reference = PeftModel.from_pretrained(base, trained)
     with reference.disable_adapter():
         base_logits = logits_of(reference, batch)
-    return base_logits, logits_of(reference, batch), reference, AutoTokenizer.from_pretrained(trained)
+    return base_logits, logits_of(reference, batch), reference
 
 
 def qlora_reference(trained: Path, base_dir: Path, batch: dict[str, torch.Tensor], base_logits: torch.Tensor,
@@ -310,8 +310,9 @@ def run(params: dict[str, Any]) -> MergeResult:
         started = time.time()
         from transformers import AutoTokenizer
 
-        batch = check_batch(root, AutoTokenizer.from_pretrained(trained), settings)
-        base_logits, expected, model, tokenizer = trained_logits(method, trained, base_dir, batch)
+        tokenizer = AutoTokenizer.from_pretrained(trained)
+        batch = check_batch(root, tokenizer, settings)
+        base_logits, expected, model = trained_logits(method, trained, base_dir, batch)
         merged = model if method == "full" else model.merge_and_unload()
         merged = merged.to(DTYPES[dtype])
         with atomic_dir(out_dir) as tmp:

@@ -61,7 +61,7 @@ class QuantizeResult:
     manifest: dict[str, Any]
 
 
-def _merge(defaults: dict, *layers: dict | None, where: str) -> dict:
+def with_defaults(defaults: dict, *layers: dict | None, where: str) -> dict:
     merged = dict(defaults)
     for layer in layers:
         unknown = sorted(set(layer or {}) - set(defaults))
@@ -84,8 +84,8 @@ def build_spec(params: dict[str, Any], name: str) -> BuildSpec:
     if "method" not in spec:
         raise ParamsError(f"{where}: missing 'method' (gguf, awq or gptq)")
     method = str(spec.pop("method"))
-    check = _merge(CHECK_DEFAULTS, cfg.get("check"), spec.pop("check", None), where=f"{where}.check")
-    calibration = _merge(CALIBRATION_DEFAULTS, cfg.get("calibration"), spec.pop("calibration", None),
+    check = with_defaults(CHECK_DEFAULTS, cfg.get("check"), spec.pop("check", None), where=f"{where}.check")
+    calibration = with_defaults(CALIBRATION_DEFAULTS, cfg.get("calibration"), spec.pop("calibration", None),
                          where=f"{where}.calibration")
     options = backend(method, where).validate(spec, where)
     return BuildSpec(name, method, options, check, calibration)

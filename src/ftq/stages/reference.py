@@ -45,15 +45,11 @@ class ReferenceSettings:
         return cls(**values)
 
 
-def heldout_split(root: Path) -> str:
-    return "eval" if (root / "data" / "processed" / "eval").exists() else "train"
-
-
 def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.quantize import distance
-    from ftq.quantize.calibration import sample
+    from ftq.quantize.calibration import heldout
     from ftq.runtimes import open_model
-    from ftq.stages.quantize import CHECK_DEFAULTS
+    from ftq.stages.quantize import CHECK_DEFAULTS, with_defaults
     from ftq.tracking import stage_run
 
     settings = ReferenceSettings.from_params(params)
@@ -62,7 +58,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if not (merged / "config.json").exists():
         raise FileNotFoundError(f"{merged}: no merged model; run `dvc repro merge` first")
     # seeded, not the first rows: held-out files are often grouped by kind
-    sequences = sample(root, heldout_split(root), settings.examples, settings.max_length, seed=settings.seed)
+    sequences = heldout(root, settings.examples, settings.max_length, seed=settings.seed)
     with stage_run("reference", params, block_name="quantize", block_values={"reference": vars(settings)}) as tracked:
         started = time.time()
         runtime = open_model(merged)
@@ -71,7 +67,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                                          {"model": MERGED_DIR.as_posix(), "runtime": runtime.kind, **vars(settings)})
             # the merged model's own answer to the check prompt: a build's incoherent answer fails the check
             # unless merged's is incoherent too
-            check = {**CHECK_DEFAULTS, **(block(params, "quantize").get("check") or {})}
+            check = with_defaults(CHECK_DEFAULTS, block(params, "quantize").get("check"),
+                                  where=f"{params.get('_path', 'params.yaml')}: quantize.check")
             reference.meta.update(prompt=check["prompt"], max_new_tokens=check["max_new_tokens"],
                                   reply=runtime.chat([{"role": "user", "content": check["prompt"]}],
                                                      max_new_tokens=check["max_new_tokens"]))
