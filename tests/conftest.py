@@ -3,6 +3,7 @@ config around it, and throw-away project repos (real git, real DVC, real MLflow 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -157,6 +158,23 @@ def set_params(root: Path, **blocks) -> None:
     for name, values in blocks.items():
         params.setdefault(name, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def set_scores(root: Path, name: str, values, key: str = "json_field_accuracy") -> None:
+    """Per-example scores of a candidate (reports/eval/<name>.answers.jsonl and the mean in <name>.json),
+    as evaluate writes them: a list of values (rows are made with ids t#0.. unless it matches the number
+    of rows already there, whose ids are kept) or one value for every row already there."""
+    folder = root / "reports" / "eval"
+    existing = [json.loads(line) for line in (folder / f"{name}.answers.jsonl").read_text().splitlines() if line]
+    if not isinstance(values, list):
+        values = [values] * len(existing)
+    rows = existing if len(values) == len(existing) else [{"id": f"t#{i}", "answer": ""} for i in range(len(values))]
+    for row, value in zip(rows, values):
+        row[key] = float(value)
+    (folder / f"{name}.answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = json.loads((folder / f"{name}.json").read_text())
+    report[f"task_{key}"] = round(sum(values) / len(values), 4)
+    (folder / f"{name}.json").write_text(json.dumps(report))
 
 
 def mlflow_runs(root: Path, experiment: str = "ftq"):

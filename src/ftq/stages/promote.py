@@ -8,10 +8,19 @@
   tagged with the sha256 of every file (verified by `ftq serve` before loading), its method and
   options, every eval metric, and its lineage (data md5, base hash, params hash, git rev, DVC
   experiment, MLflow run ids).
-- Policy: a primary metric and direction, minimum retention against `merged` on that metric, a size
-  cap, required checks (the build passed its quantize check and was evaluated), tie-breakers.
-  `champion` moves only to a candidate that passes and beats the current champion; `challenger`
-  marks the runner-up. Concurrent promotes (experiments finishing together) take the registry lock
+- Policy: a primary task metric and direction, minimum retention against `merged`, a size cap,
+  required checks (the build passed its quantize check and was evaluated), a confidence level and
+  tie-breakers. Every decision is a paired comparison on the same held-out examples (per-example scores
+  in reports/eval/<name>.answers.jsonl, seeded bootstrap; ftq.evaluation.paired):
+    * a build is rejected when its retention interval lies wholly below min_retention (a merged score
+      of 0 is an error: retention against it is undefined);
+    * the best build, and every build whose difference from it has an interval reaching 0, are tied;
+      the tie-breakers (size, then relative speed: see evaluate) pick among them;
+    * the champion is scored on the same examples: from this run's evaluation when it is one of these
+      builds, otherwise its registered artifact is downloaded and re-evaluated on the current set;
+    * `champion` moves when the pick beats it (the interval of the difference lies above 0), or when
+      the champion is itself tied with the best and the pick wins the tie-breakers over it.
+  `challenger` marks the runner-up. Concurrent promotes (experiments finishing together) take the registry lock
   and move `champion` by compare-and-set (ftq.registry.lock), so the later one decides against the
   earlier one's champion.
 - reports/promotion.json lists every candidate with the reason it was chosen or rejected.
@@ -26,13 +35,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftq.io import atomic_write_json
+from ftq.evaluation import paired
+from ftq.io import atomic_write_json, atomic_write_text
 from ftq.params import ParamsError, block, params_hash, repo_root
 from ftq.registry import ARTIFACT_TAG, FILES_TAG, MODEL_TAG, build_digest, files_tag
 
 log = logging.getLogger(__name__)
 
 REPORT = Path("reports/promotion.json")
+# the champion's answers when it had to be re-evaluated on the current examples (absent otherwise)
+CHAMPION_ANSWERS = Path(".ftq/promotion.champion.answers.jsonl")
 # seconds to wait between reading the champion and moving it: widens the read-decide-write window so
 # that a test can make two promotes overlap (see tests/registry/test_registry.py); 0 in normal use
 DECIDE_DELAY_ENV = "FTQ_PROMOTE_DECIDE_DELAY"
@@ -40,10 +52,17 @@ CAS_ATTEMPTS = 5
 DEFAULT_POLICY = {
     "metric": "task_json_field_accuracy",
     "direction": "max",
-    "min_retention": 0.97,
+    "min_retention": 0.95,
     "max_size_bytes": None,
-    "tie_breakers": ["size_bytes:min", "tokens_per_second:max"],
+    "confidence": 0.95,
+    "tie_breakers": ["size_bytes:min", "relative_tokens_per_second:max"],
 }
+# task metrics are scored per example (reports/eval/<name>.answers.jsonl): the ones a paired comparison can use
+PAIRED_METRICS = ("task_exact_match", "task_rouge_l", "task_json_valid", "task_json_field_accuracy")
+
+
+class PromotionError(ValueError):
+    """The numbers cannot support a decision (e.g. retention against a reference that scored 0)."""
 
 
 def policy_of(params: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +74,11 @@ def policy_of(params: dict[str, Any]) -> dict[str, Any]:
         raise ParamsError(f"{where}: unknown keys {unknown}")
     if policy["direction"] not in ("max", "min"):
         raise ParamsError(f"{where}.direction '{policy['direction']}': expected max or min")
+    if policy["metric"] not in PAIRED_METRICS:
+        raise ParamsError(f"{where}.metric '{policy['metric']}': promotion compares builds example by example, so the "
+                          f"metric must be scored per example: one of {', '.join(PAIRED_METRICS)}")
+    if not 0.5 <= float(policy["confidence"]) < 1:
+        raise ParamsError(f"{where}.confidence {policy['confidence']}: expected a level in [0.5, 1), e.g. 0.95")
     for breaker in policy["tie_breakers"]:
         if not isinstance(breaker, str) or breaker.rsplit(":", 1)[-1] not in ("min", "max"):
             raise ParamsError(f"{where}.tie_breakers: '{breaker}' must look like metric:min or metric:max")
@@ -65,57 +89,109 @@ def candidates(root: Path, names: list[str]) -> list[dict]:
     found = []
     for name in names:
         manifest_path = root / "models" / "quantized" / name / "manifest.json"
-        eval_path = root / "reports" / "eval" / f"{name}.json"
-        found.append({
-            "name": name,
-            "manifest": json.loads(manifest_path.read_text()) if manifest_path.exists() else None,
-            "metrics": json.loads(eval_path.read_text()) if eval_path.exists() else None,
-        })
+        found.append({"name": name,
+                      "manifest": json.loads(manifest_path.read_text()) if manifest_path.exists() else None,
+                      **evaluation(root, name)})
     return found
 
 
-def retention(value: float, reference: float, direction: str) -> float:
-    if direction == "max":
-        return value / reference if reference else float("inf")
-    return reference / value if value else 0.0
+def evaluation(root: Path, name: str) -> dict:
+    """reports/eval/<name>.json and its per-example scores (None where not evaluated)."""
+    eval_path = root / "reports" / "eval" / f"{name}.json"
+    answers = root / "reports" / "eval" / f"{name}.answers.jsonl"
+    return {"metrics": json.loads(eval_path.read_text()) if eval_path.exists() else None,
+            "scores": paired.load_scores(answers) if eval_path.exists() and answers.exists() else None}
+
+
+def per_example_key(metric: str) -> str:
+    return metric[len("task_"):]
+
+
+def ci_key(name: str, confidence: float) -> str:
+    return f"{name}_ci{round(confidence * 100):d}"
+
+
+def retention(candidate: dict, merged: dict, policy: dict) -> dict:
+    """The candidate's metric as a share of merged's, paired over the same examples, with its interval."""
+    key = per_example_key(policy["metric"])
+    mine, reference = paired.pair(candidate["scores"], merged["scores"], key, f"{candidate['name']} vs merged")
+    if policy["direction"] == "min":
+        mine, reference = reference, mine
+    try:
+        return paired.ratio(mine, reference, float(policy["confidence"]))
+    except ZeroDivisionError:
+        raise PromotionError(
+            f"reports/eval/{'merged' if policy['direction'] == 'max' else candidate['name']}.json: "
+            f"{policy['metric']} is 0, so retention against merged is undefined; a fine-tune that scores 0 on "
+            "its own task cannot anchor a promotion (check the task data, or pick another promote.policy.metric)"
+        ) from None
 
 
 def judge(candidate: dict, merged: dict | None, policy: dict) -> list[str]:
-    """Why a candidate may not be champion; empty if it passes the policy."""
+    """Why a candidate may not be champion; empty if it passes the policy. Sets candidate['retention']."""
     manifest, metrics, metric = candidate["manifest"], candidate["metrics"], policy["metric"]
     if manifest is None:
         return ["no build (models/quantized/<name>/manifest.json missing)"]
     if not manifest.get("check", {}).get("passed"):
         return ["its quantize check did not pass"]
-    if metrics is None:
-        return ["not evaluated (reports/eval/<name>.json missing)"]
-    reasons = []
-    value = metrics.get(metric)
-    if not isinstance(value, (int, float)):
+    if metrics is None or candidate["scores"] is None:
+        return ["not evaluated (reports/eval/<name>.json or its .answers.jsonl missing)"]
+    if not isinstance(metrics.get(metric), (int, float)):
         return [f"no value for the primary metric {metric}"]
-    if merged is not None and isinstance(merged.get(metric), (int, float)):
-        kept = retention(value, merged[metric], policy["direction"])
-        if kept < policy["min_retention"]:
-            reasons.append(f"{metric} retention {kept:.1%} of merged < {policy['min_retention']:.0%}")
+    reasons = []
+    if merged is None or merged["scores"] is None:
+        reasons.append("merged is not evaluated (reports/eval/merged.json): retention cannot be measured")
+    else:
+        kept = candidate["retention"] = retention(candidate, merged, policy)
+        low, high = kept["interval"]
+        if high < policy["min_retention"]:
+            reasons.append(f"{metric} retention {kept['ratio']:.1%} of merged [{low:.1%}, {high:.1%}] is below "
+                           f"{policy['min_retention']:.0%} at {policy['confidence']:.0%} confidence")
     cap = policy["max_size_bytes"]
     if cap is not None and manifest["size_bytes"] > cap:
         reasons.append(f"size {manifest['size_bytes']:,} bytes > max_size_bytes {int(cap):,}")
     return reasons
 
 
-def sort_key(candidate: dict, policy: dict) -> tuple:
-    """Larger is better for every element."""
+def breaker_values(candidate: dict, policy: dict) -> tuple:
+    """The tie-breakers, each signed so that larger is better."""
     def signed(metric: str, direction: str) -> float:
-        value = candidate["metrics"].get(metric)
+        value = (candidate["metrics"] or {}).get(metric)
         if value is None:
-            value = candidate["manifest"].get(metric)
+            value = (candidate["manifest"] or {}).get(metric)
         if not isinstance(value, (int, float)):
             return float("-inf")
         return value if direction == "max" else -value
 
-    keys = [signed(policy["metric"], policy["direction"])]
-    keys += [signed(*breaker.rsplit(":", 1)) for breaker in policy["tie_breakers"]]
-    return tuple(keys) + (candidate["name"],)
+    return tuple(signed(*breaker.rsplit(":", 1)) for breaker in policy["tie_breakers"])
+
+
+def compare(a: dict, b: dict, policy: dict, where: str) -> dict:
+    """a minus b on the policy's metric, signed so that > 0 means a is better, with its interval."""
+    key = per_example_key(policy["metric"])
+    mine, theirs = paired.pair(a["scores"], b["scores"], key, where)
+    if policy["direction"] == "min":
+        mine, theirs = theirs, mine
+    return paired.difference(mine, theirs, float(policy["confidence"]))
+
+
+def rank(eligible: list[dict], policy: dict, prefer: str | None = None) -> list[dict]:
+    """Best first: the builds tied with the best (difference interval reaching 0) by tie-breakers (the
+    version `prefer`, the current champion, winning exact ties), then the rest by the metric. Sets
+    row['vs_best'] and row['tied']."""
+    if not eligible:
+        return []
+    sign = 1 if policy["direction"] == "max" else -1
+    best = max(eligible, key=lambda r: (sign * r["candidate"]["metrics"][policy["metric"]],
+                                        breaker_values(r["candidate"], policy), r["candidate"]["name"]))
+    for row in eligible:
+        row["vs_best"] = compare(row["candidate"], best["candidate"], policy,
+                                 f"{row['candidate']['name']} vs {best['candidate']['name']}")
+        row["tied"] = row["vs_best"]["interval"][1] >= 0
+    return sorted(eligible, key=lambda r: (r["tied"], breaker_values(r["candidate"], policy) if r["tied"] else (),
+                                           r["version"] == prefer and prefer is not None,
+                                           sign * r["candidate"]["metrics"][policy["metric"]], r["candidate"]["name"]),
+                  reverse=True)
 
 
 def run_ids(client, params: dict, name: str) -> dict[str, str]:
@@ -245,8 +321,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     policy = policy_of(params)
     root = repo_root()
     names = list(block(params, "quantize").get("enabled") or [])
-    merged_path = root / "reports" / "eval" / "merged.json"
-    merged = json.loads(merged_path.read_text()) if merged_path.exists() else None
+    merged = {"name": "merged", **evaluation(root, "merged")}
+    if merged["metrics"] is None:
+        merged = None
     client = mlflow_client(params)
     with stage_run("promote", params) as tracked:
         ensure_registered_model(client, model_name)
@@ -258,17 +335,81 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             if candidate["manifest"] is not None and candidate["manifest"].get("check", {}).get("passed"):
                 version, created = register(client, model_name, candidate, root, params, exp_id)
             rows.append({"candidate": candidate, "version": version, "registered_now": created, "reasons": reasons})
-        eligible = sorted((r for r in rows if not r["reasons"]), key=lambda r: sort_key(r["candidate"], policy),
-                          reverse=True)
-        champion_before, decision = move_aliases(client, model_name, eligible, policy)
-        report = promotion_report(model_name, policy, rows, eligible, champion_before, decision, merged)
+        (root / CHAMPION_ANSWERS).unlink(missing_ok=True)  # an earlier run's; written again if needed
+        scorer = ChampionScorer(client, model_name, rows, merged, policy, params, root)
+        champion_before, decision, ranked = move_aliases(client, model_name, rows, scorer, policy)
+        report = promotion_report(model_name, policy, rows, ranked, champion_before, decision, merged)
         atomic_write_json(root / REPORT, report)
         tracked.log_artifact(root / REPORT)
+        if scorer.answers_file is not None:
+            tracked.log_artifact(scorer.answers_file)
         tracked.set_tags({"promote.model_name": model_name, "promote.champion": report["champion"]["version"] or ""})
-        tracked.log_metrics({"candidates": len(rows), "eligible": len(eligible),
+        tracked.log_metrics({"candidates": len(rows), "eligible": sum(not r["reasons"] for r in rows),
                              "registered_now": sum(r["registered_now"] for r in rows)})
     log.info("champion: %s", report["champion"])
     return report
+
+
+class ChampionScorer:
+    """The current champion as a row scored on this run's examples: this run's row when the champion
+    is one of these builds, otherwise its registered artifact re-evaluated on the current set."""
+
+    def __init__(self, client, model_name, rows, merged, policy, params, root):
+        self.client, self.model_name, self.rows, self.merged = client, model_name, rows, merged
+        self.policy, self.params, self.root = policy, params, root
+        self.answers_file: Path | None = None
+        self._cache: dict[str, dict] = {}
+
+    def __call__(self, before: dict | None) -> dict | None:
+        if before is None:
+            return None
+        version = before["version"]
+        for row in self.rows:
+            if row["version"] == version:
+                return {**row, "evaluation": f"evaluated in this run as build {row['candidate']['name']}"}
+        if version not in self._cache:
+            self._cache[version] = self._reevaluate(before)
+        return self._cache[version]
+
+    def _reevaluate(self, before: dict) -> dict:
+        from ftq.registry.resolve import fetch, lookup
+        from ftq.stages.evaluate import answer_all, settings, task_examples
+        from ftq.runtimes import open_model
+
+        version, tags = before["version"], before["tags"]
+        reference = f"models:/{self.model_name}/{version}"
+        resolved = fetch(lookup(reference, self.params), self.params)
+        cfg = settings(self.params)
+        examples = task_examples(self.root, cfg)
+        log.info("champion version %s is not among this run's builds: re-evaluating it on the current %d examples",
+                 version, len(examples))
+        runtime = open_model(resolved.path)
+        try:
+            answers = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
+        finally:
+            runtime.close()
+        self.answers_file = self.root / CHAMPION_ANSWERS
+        atomic_write_text(self.answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers))
+        key = per_example_key(self.policy["metric"])
+        values = [r[key] for r in answers if key in r]
+        metrics = {name[len("eval."):]: float(value) for name, value in tags.items()
+                   if name.startswith("eval.") and _is_number(value)}
+        metrics[self.policy["metric"]] = round(sum(values) / len(values), 4) if values else None
+        candidate = {"name": f"v{version} ({tags.get('ftq.build', '?')})",
+                     "manifest": {"size_bytes": int(tags.get("size_bytes") or 0), "check": {"passed": True}},
+                     "metrics": metrics, "scores": {r["id"]: r for r in answers}}
+        reasons = judge(candidate, self.merged, self.policy)
+        return {"candidate": candidate, "version": version, "registered_now": False, "reasons": reasons,
+                "evaluation": f"not among this run's builds: its registered artifact was re-evaluated on the current "
+                              f"{len(answers)} examples ({CHAMPION_ANSWERS})"}
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def ensure_registered_model(client, model_name: str) -> None:
@@ -284,7 +425,7 @@ def ensure_registered_model(client, model_name: str) -> None:
                 raise
 
 
-def move_aliases(client, model_name: str, eligible: list[dict], policy: dict) -> tuple[dict | None, dict]:
+def move_aliases(client, model_name: str, rows: list[dict], scorer, policy: dict) -> tuple[dict | None, dict, list]:
     """Read the champion, decide, move it by compare-and-set, all under the registry lock; a champion
     moved by someone else since it was read (a conflict) means reading and deciding again."""
     from ftq.registry.lock import compare_and_set_alias, registry_lock
@@ -292,7 +433,9 @@ def move_aliases(client, model_name: str, eligible: list[dict], policy: dict) ->
     with registry_lock(client, model_name):
         for _ in range(CAS_ATTEMPTS):
             before = current_champion(client, model_name)
-            decision = decide(eligible, before, policy)
+            champion = scorer(before)
+            decision, ranked = decide(rows, champion, policy)
+            decision["champion_row"] = champion
             delay = float(os.environ.get(DECIDE_DELAY_ENV) or 0)
             if delay > 0:
                 time.sleep(delay)
@@ -305,63 +448,119 @@ def move_aliases(client, model_name: str, eligible: list[dict], policy: dict) ->
             raise RuntimeError(f"{model_name}: the champion alias kept moving; {CAS_ATTEMPTS} attempts failed")
         if decision["challenger"] is not None:
             client.set_registered_model_alias(model_name, "challenger", decision["challenger"])
-    return before, decision
+    return before, decision, ranked
 
 
-def decide(eligible: list[dict], before: dict | None, policy: dict) -> dict:
-    best = eligible[0] if eligible else None
-    decision = {"champion": None, "challenger": None, "note": ""}
-    if best is None:
+def standing(ranked: list[dict], champion: dict) -> dict:
+    """The champion's row in the ranking (with vs_best and tied)."""
+    return next((r for r in ranked if r["version"] == champion["version"]), {})
+
+
+def decide(rows: list[dict], champion: dict | None, policy: dict) -> tuple[dict, list[dict]]:
+    """The champion competes with this run's eligible builds on the same examples; the top of the
+    ranking (see `rank`) becomes champion, the current one winning exact ties. Returns the decision and
+    the ranking."""
+    eligible = [r for r in rows if not r["reasons"]]
+    contenders = list(eligible)
+    if champion is not None and not champion["reasons"] and all(r["version"] != champion["version"] for r in eligible):
+        contenders.append(champion)
+    ranked = rank(contenders, policy, prefer=(champion or {}).get("version"))
+    decision = {"champion": None, "challenger": None, "note": "", "evaluation": None, "vs_champion": None}
+    if champion is not None:
+        decision["evaluation"] = champion["evaluation"]
+    if not eligible:
         decision["note"] = "no candidate passes the policy; the alias stays where it was"
-        return decision
-    if before is None:
-        decision.update(champion=best["version"], note="first champion")
-    elif before["version"] == best["version"]:
-        decision["note"] = "the best candidate is already champion"
-    else:
-        metric = policy["metric"]
-        held = before["tags"].get(f"eval.{metric}")
-        new = best["candidate"]["metrics"][metric]
-        better = held is None or (new > float(held) if policy["direction"] == "max" else new < float(held))
-        if better:
-            decision.update(champion=best["version"],
-                            note=f"{metric} {new} beats the champion's {held} (version {before['version']})")
+        return decision, ranked
+    pick, metric = ranked[0], policy["metric"]
+    level = f"{policy['confidence']:.0%}"
+    if champion is None:
+        decision.update(champion=pick["version"], note="first champion")
+    elif pick["version"] == champion["version"]:
+        challenger = next((r for r in ranked if r["version"] != champion["version"]), None)
+        if challenger is None:
+            decision["note"] = "the best candidate is already champion"
         else:
-            decision["note"] = (f"best candidate's {metric} {new} does not beat champion version "
-                                f"{before['version']} ({held}); champion kept")
-    champion_version = decision["champion"] or (before or {}).get("version")
-    runner_up = next((r for r in eligible if r["version"] != champion_version), None)
+            d = decision["vs_champion"] = compare(challenger["candidate"], champion["candidate"], policy, "vs champion")
+            decision["note"] = (f"best candidate {challenger['candidate']['name']} does not beat champion version "
+                                f"{champion['version']}: {metric} difference {d['diff']:+.4f} "
+                                f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] at {level}; champion kept")
+    else:
+        d = decision["vs_champion"] = compare(pick["candidate"], champion["candidate"], policy, "vs champion")
+        diff = f"{metric} difference {d['diff']:+.4f} [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] at {level}"
+        if champion["reasons"]:
+            why = f"champion version {champion['version']} no longer passes the policy ({'; '.join(champion['reasons'])})"
+        elif d["interval"][0] > 0:
+            why = f"{pick['candidate']['name']} beats champion version {champion['version']}: {diff}"
+        elif standing(ranked, champion).get("tied"):
+            why = (f"{pick['candidate']['name']} is tied with champion version {champion['version']} ({diff}) and "
+                   f"wins the tie-breakers {policy['tie_breakers']}")
+        else:
+            below = standing(ranked, champion)["vs_best"]
+            why = (f"champion version {champion['version']} is below the best build at {level} "
+                   f"({below['diff']:+.4f} {below['interval']}); "
+                   f"{pick['candidate']['name']} wins the tie-breakers among the builds tied with the best ({diff})")
+        decision.update(champion=pick["version"], note=why)
+    champion_version = decision["champion"] or (champion or {}).get("version")
+    runner_up = next((r for r in ranked if r["version"] != champion_version and r["version"] is not None), None)
     if runner_up is not None:
         decision["challenger"] = runner_up["version"]
-    return decision
+    return decision, ranked
 
 
-def promotion_report(model_name, policy, rows, eligible, before, decision, merged) -> dict:
+def promotion_report(model_name, policy, rows, ranked, before, decision, merged) -> dict:
     champion_version = decision["champion"] or (before or {}).get("version")
-    ranking = {r["candidate"]["name"]: i + 1 for i, r in enumerate(eligible)}
+    position = {r["version"]: i + 1 for i, r in enumerate(ranked)}
+    confidence, metric = float(policy["confidence"]), policy["metric"]
+    # every candidate's paired difference from the champion it competed with (the new one if none was)
+    baseline = decision["champion_row"] or next((r for r in ranked if r["version"] == champion_version), None)
     listed = []
     for row in rows:
         name, metrics = row["candidate"]["name"], row["candidate"]["metrics"] or {}
+        ranked_row = next((r for r in ranked if r is row), None)
         if row["reasons"]:
             status, why = "rejected", row["reasons"]
         elif row["version"] == champion_version:
             status, why = "champion", [decision["note"] or "best by the policy"]
         elif row["version"] == decision["challenger"]:
-            status, why = "challenger", [f"ranked {ranking[name]} by the policy"]
+            status, why = "challenger", [f"ranked {position[row['version']]} by the policy"]
         else:
-            status, why = "eligible", [f"ranked {ranking[name]} by the policy"]
-        listed.append({"name": name, "version": row["version"], "registered_now": row["registered_now"],
-                       "status": status, "reasons": why,
-                       "metric": metrics.get(policy["metric"]), "size_bytes": metrics.get("size_bytes")})
-    held = next((r for r in rows if r["version"] == champion_version), None)
+            status, why = "eligible", [f"ranked {position[row['version']]} by the policy"]
+        entry = {"name": name, "version": row["version"], "registered_now": row["registered_now"], "status": status,
+                 "reasons": why, "metric": metrics.get(metric), "metric_ci95": metrics.get(f"{metric}_ci95"),
+                 "size_bytes": metrics.get("size_bytes")}
+        for breaker in policy["tie_breakers"]:
+            key = breaker.rsplit(":", 1)[0]
+            entry.setdefault(key, metrics.get(key))
+        kept = row["candidate"].get("retention")
+        if kept:
+            entry.update(retention=kept["ratio"], **{ci_key("retention", confidence): kept["interval"]})
+        if ranked_row is not None:
+            entry.update(tied_with_best=ranked_row["tied"], diff_vs_best=ranked_row["vs_best"]["diff"],
+                         **{ci_key("diff_vs_best", confidence): ranked_row["vs_best"]["interval"]})
+        if baseline is not None and row["candidate"]["scores"] is not None and not row["reasons"]:
+            d = compare(row["candidate"], baseline["candidate"], policy, f"{name} vs champion")
+            entry.update(diff=d["diff"], **{ci_key("diff", confidence): d["interval"]})
+        listed.append(entry)
+    champion_row = next((r for r in ranked if r["version"] == (before or {}).get("version")), None)
+    vs = decision["vs_champion"]
     return {
         "model_name": model_name,
         "policy": policy,
         # False when the champion kept its alias only because nothing passes the policy now
-        "champion_passes_policy": bool(held) and not held["reasons"],
-        "merged_metric": (merged or {}).get(policy["metric"]),
+        "champion_passes_policy": any(r["version"] == champion_version for r in ranked),
+        "merged_metric": ((merged or {}).get("metrics") or {}).get(metric),
+        "merged_metric_ci95": ((merged or {}).get("metrics") or {}).get(f"{metric}_ci95"),
         "champion": {"version": champion_version, "moved": decision["champion"] is not None, "note": decision["note"],
-                     "previous": (before or {}).get("version")},
+                     "previous": (before or {}).get("version"),
+                     # how the previous champion was scored on this run's examples
+                     "previous_evaluation": decision["evaluation"],
+                     "previous_metric": champion_row["candidate"]["metrics"].get(metric) if champion_row else None},
+        # the decisive paired comparison: the pick (or the runner-up, when the champion stays) minus the champion
+        "vs_champion": {"diff": vs["diff"], ci_key("diff", confidence): vs["interval"], "examples": vs["examples"]}
+        if vs else None,
         "challenger": decision["challenger"],
+        # `diff` and its interval in each candidate: the candidate minus this version, example by example
+        "diff_against_version": (baseline or {}).get("version"),
         "candidates": listed,
+        "paired_examples": next((len(r["candidate"]["scores"]) for r in ranked), None),
     }
