@@ -202,6 +202,14 @@ def cmd_data_make_default(args) -> int:
 
     for path in default_set.write(args.out, args.seed):
         print(path)
+    if args.replay:
+        from ftq.data import replay
+        from ftq.errors import UsageError
+
+        base = Path(args.base)
+        if not (base / "config.json").exists():
+            raise UsageError(f"--base {base}: no model folder there (run `dvc repro base` first)")
+        print(replay.write(args.out, base))
     return 0
 
 
@@ -366,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make_default.add_argument("--out", default="data/raw/ftq_default", help="output folder")
     make_default.add_argument("--seed", type=int, default=0, help="generator seed")
+    make_default.add_argument("--replay", action="store_true",
+                              help="also write replay.json: the base model's own answers to the general prompts "
+                                   "(ftq.data.replay; several minutes on CPU)")
+    make_default.add_argument("--base", default="models/base", help="the base model folder that answers (--replay)")
     make_default.set_defaults(func=cmd_data_make_default)
 
     ui = commands.add_parser("ui", help="MLflow UI over the project's tracking store", formatter_class=FORMATTER)

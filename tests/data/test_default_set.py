@@ -28,3 +28,23 @@ def test_default_set_is_valid_and_json_answers_parse():
     for record in train:
         if record["input"]:
             assert list(json.loads(record["output"])) == list(default_set.JSON_KEYS)
+
+
+def test_replay_is_the_base_models_own_answers_to_the_projects_prompts(tiny_model_dir):
+    """replay.json holds answers to GENERAL_PROMPTS only, none of them a question evaluate.general asks;
+    the generator writes what the model answers (here a tiny model: the mechanism, not the text)."""
+    import yaml
+
+    from ftq.data import replay
+
+    committed = json.loads((REPO / "data" / "raw" / "ftq_default" / "replay.json").read_text())
+    prompts = [r["instruction"] for r in committed]
+    assert prompts == [p for p in replay.GENERAL_PROMPTS if p in prompts] and len(prompts) >= 48
+    assert all(r["output"].strip() and not r["input"] for r in committed)
+    check = check_file(REPO / "data" / "raw" / "ftq_default" / "replay.json", FormatSpec.build("alpaca"))
+    assert not check.errors and not check.duplicates
+    asked = [q["prompt"] for q in yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["general"]["questions"]]
+    assert asked and not set(asked) & set(replay.GENERAL_PROMPTS)
+    rows = replay.answer(tiny_model_dir, replay.GENERAL_PROMPTS[:3], max_new_tokens=4, batch_size=2)
+    assert [r["instruction"] for r in rows] == replay.GENERAL_PROMPTS[:3]
+    assert all(isinstance(r["finished"], bool) for r in rows)

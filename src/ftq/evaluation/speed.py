@@ -31,3 +31,45 @@ def measure(runtime, prompts: list[str], max_new_tokens: int, count_tokens) -> d
         "tokens_per_second": round(total_tokens / total_seconds, 2) if total_seconds else None,
         "generated_tokens": total_tokens,
     }
+
+
+def measure_relative(runtime, open_reference, prompts: list[str], max_new_tokens: int, repeats: int) -> dict:
+    """`repeats` measurements of the candidate, each followed by one of a reference model (merged, in
+    transformers) on the same prompts: absolute speed changes 2-4x with machine load, the paired ratio
+    much less, so candidates are compared on `relative_tokens_per_second` (median of the per-repeat
+    ratios). `open_reference` is None when the candidate is the reference itself (ratio 1)."""
+    from statistics import median
+
+    reference = open_reference() if open_reference is not None else None
+    mine, theirs = [], []
+    try:
+        for _ in range(repeats):
+            mine.append(measure(runtime, prompts, max_new_tokens, runtime.count_tokens))
+            if reference is not None:
+                theirs.append(measure(reference, prompts, max_new_tokens, reference.count_tokens))
+    finally:
+        if reference is not None:
+            reference.close()
+    theirs = theirs or mine
+    speeds = [m["tokens_per_second"] for m in mine if m["tokens_per_second"]]
+    reference_speeds = [m["tokens_per_second"] for m in theirs if m["tokens_per_second"]]
+    ratios = [a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(mine, theirs)
+              if a["tokens_per_second"] and b["tokens_per_second"]]
+
+    def mid(key: str):
+        values = [m[key] for m in mine if m[key] is not None]
+        return round(median(values), 4) if values else None
+
+    return {
+        "ttft_seconds_p50": mid("ttft_seconds_p50"),
+        "decode_tokens_per_second": mid("decode_tokens_per_second"),
+        "tokens_per_second": round(median(speeds), 2) if speeds else None,
+        "tokens_per_second_runs": speeds,
+        # (max - min) / median over the repeats: how much the machine moved the absolute figure
+        "tokens_per_second_spread": round((max(speeds) - min(speeds)) / median(speeds), 3) if speeds else None,
+        "reference_tokens_per_second": round(median(reference_speeds), 2) if reference_speeds else None,
+        "relative_tokens_per_second": round(median(ratios), 3) if ratios else None,
+        "relative_tokens_per_second_runs": [round(r, 3) for r in ratios],
+        "speed_repeats": repeats,
+        "generated_tokens": mine[0]["generated_tokens"] if mine else 0,
+    }

@@ -36,7 +36,8 @@ METRICS = [
     ("size_bytes", "size (MB)", False),
     ("load_seconds", "load s", False),
     ("ttft_seconds_p50", "TTFT p50 s", False),
-    ("tokens_per_second", "tokens/s", True),
+    ("relative_tokens_per_second", "speed vs merged (x)", True),
+    ("tokens_per_second", "tokens/s (median)", True),
     ("peak_memory_bytes", "peak memory (MB)", False),
 ]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending so
@@ -45,7 +46,7 @@ GROUPS = {
     "lm_eval": [],  # every lm_eval_* metric found in the reports
     "perplexity": ["perplexity"],
     "size": ["size_bytes", "peak_memory_bytes"],
-    "speed": ["tokens_per_second", "ttft_seconds_p50", "load_seconds"],
+    "speed": ["relative_tokens_per_second", "tokens_per_second", "ttft_seconds_p50", "load_seconds"],
 }
 ANSWERS_SHOWN = 8
 ORDER = ("base", "merged")
@@ -95,6 +96,11 @@ def retention(key: str, value: Any, reference: Any) -> str:
     return f" ({100 * value / reference:.1f}%)"
 
 
+def spread(value) -> str:
+    """A repeated measurement's (max - min) / median."""
+    return f" (spread {value:.0%})" if isinstance(value, (int, float)) else ""
+
+
 def lm_eval_metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
     """lm-eval's metrics as they appear in the reports: lm_eval_<task>_<metric>."""
     keys = sorted({k for r in reports.values() for k, v in r.items()
@@ -112,7 +118,7 @@ def table_rows(reports: dict[str, dict]) -> list[list[str]]:
     for key, label, _higher in metrics(reports):
         if not any(key in r for r in reports.values()):
             continue
-        cells = [display(key, r.get(key)) + ci(r.get(f"{key}_ci95"))
+        cells = [display(key, r.get(key)) + ci(r.get(f"{key}_ci95")) + spread(r.get(f"{key}_spread"))
                  + (retention(key, r.get(key), merged.get(key)) if name != "merged" else "")
                  for name, r in reports.items()]
         rows.append([label, *cells])

@@ -9,7 +9,9 @@ evaluation and a changed build reevaluates only itself. Outputs:
 Metrics: task accuracy on the held-out split (exact match, JSON validity and field accuracy, ROUGE-L),
 held-out perplexity, lm-eval (ftq's own tasks and any standard task with local data; see
 ftq.evaluation.harness), MT-Bench when a judge is configured, and efficiency (size, load time, time to
-first token, tokens/s, peak memory).
+first token, tokens/s, peak memory). Speed is measured `speed_repeats` times, each beside merged (in
+transformers) on the same prompts: `relative_tokens_per_second`, the median paired ratio, is what
+candidates are compared on, since absolute tokens/s moves 2-4x with machine load.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ DEFAULTS = {
     "perplexity_max_length": 512,
     "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
     "speed_max_new_tokens": 48,
+    "speed_repeats": 3,
+    "general": {"max_new_tokens": 48, "questions": []},
     "mt_bench": {},
     "lm_eval": {},
 }
@@ -58,6 +62,16 @@ def settings(params: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.mt_bench: unknown keys {unknown}")
     merged["mt_bench"] = {**MT_BENCH_DEFAULTS, **mt, "judge": {**MT_BENCH_DEFAULTS["judge"], **(mt.get("judge") or {})}}
+    general = dict(cfg.get("general") or {})
+    unknown = sorted(set(general) - set(DEFAULTS["general"]))
+    if unknown:
+        raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.general: unknown keys {unknown}")
+    merged["general"] = {**DEFAULTS["general"], **general}
+    for index, question in enumerate(merged["general"]["questions"]):
+        if not isinstance(question, dict) or not isinstance(question.get("prompt"), str) \
+                or not isinstance(question.get("expect"), list) or not question["expect"]:
+            raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.general.questions[{index}]: expected "
+                              "{prompt: <text>, expect: [<word>, ...]}")
     merged["lm_eval"] = harness.settings(cfg.get("lm_eval"), params.get("_path", "params.yaml"))
     return merged
 
@@ -97,6 +111,27 @@ def candidate_path(root: Path, name: str) -> Path:
     return path
 
 
+def task_examples(root: Path, cfg: dict) -> list[dict]:
+    """The held-out conversations every candidate answers (the train split when there is no held-out one)."""
+    from ftq.evaluation import task
+
+    examples_file = root / "data" / "processed" / "eval.jsonl"
+    if not examples_file.exists() or not examples_file.read_text().strip():
+        examples_file = root / "data" / "processed" / "train.jsonl"
+    return task.load_examples(examples_file, int(cfg["task_examples"]) or -1)
+
+
+def speed_reference(root: Path, name: str):
+    """Opens the model every candidate's speed is measured against, in the same run: merged in
+    transformers (None when the candidate is merged itself)."""
+    from ftq.runtimes import open_model
+
+    if name == "merged":
+        return None
+    path = candidate_path(root, "merged")
+    return lambda: open_model(path)
+
+
 def answer_all(runtime, examples: list[dict], max_new_tokens: int) -> list[dict]:
     from ftq.evaluation.task import score
 
@@ -109,7 +144,7 @@ def answer_all(runtime, examples: list[dict], max_new_tokens: int) -> list[dict]
 
 
 def run(params: dict[str, Any], name: str) -> dict[str, Any]:
-    from ftq.evaluation import speed, task
+    from ftq.evaluation import general, speed, task
     from ftq.quantize.calibration import heldout
     from ftq.quantize.check import perplexity
     from ftq.runtimes import artifact_format, open_model
@@ -119,10 +154,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     cfg = settings(params)
     root = repo_root()
     path = candidate_path(root, name)
-    examples_file = root / "data" / "processed" / "eval.jsonl"
-    if not examples_file.exists() or not examples_file.read_text().strip():
-        examples_file = root / "data" / "processed" / "train.jsonl"
-    examples = task.load_examples(examples_file, int(cfg["task_examples"]) or -1)
+    examples = task_examples(root, cfg)
     sequences = heldout(root, int(cfg["perplexity_examples"]), int(cfg["perplexity_max_length"]))
     lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"))
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
@@ -133,10 +165,12 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         load_seconds = time.time() - started
         rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
         load_and_answer = time.time() - started
+        general_scores, general_rows = general.run(runtime, cfg["general"]["questions"],
+                                                   int(cfg["general"]["max_new_tokens"]))
         ppl = perplexity(runtime, sequences)
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
-        efficiency = speed.measure(runtime, list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
-                                   runtime.count_tokens)
+        efficiency = speed.measure_relative(runtime, speed_reference(root, name), list(cfg["speed_prompts"]),
+                                            int(cfg["speed_max_new_tokens"]), int(cfg["speed_repeats"]))
         lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
         runtime.close()
         size = path.stat().st_size if path.is_file() else dir_size(path)
@@ -145,6 +179,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "format": artifact_format(path),
             "runtime": runtime.kind,
             **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
+            **general_scores,
             "perplexity": round(ppl, 4),
             "perplexity_tokens": sum(sum(t[1:]) for t in sequences.targets),
             "size_bytes": size,
@@ -159,6 +194,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         out = root / REPORT_ROOT
         answers = out / f"{name}.answers.jsonl"
         atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        general_answers = out / f"{name}.general.jsonl"
+        atomic_write_text(general_answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general_rows))
         atomic_write_json(out / f"{name}.json", report)
         tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
         tracked.log_metrics({f"mt_bench_{c}": v for c, v in (report.get("mt_bench_categories") or {}).items()
@@ -166,6 +203,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         tracked.set_tags({"evaluate.candidate": name, "evaluate.format": report["format"], "evaluate.path": str(path)})
         tracked.log_artifact(out / f"{name}.json")
         tracked.log_artifact(answers)
+        tracked.log_artifact(general_answers)
         tracked.log_artifact(out / f"{name}.mt_bench.jsonl")
         for suffix in (".json", ".samples.jsonl"):
             tracked.log_artifact(out / "lm_eval" / f"{name}{suffix}")
