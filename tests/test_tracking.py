@@ -24,7 +24,7 @@ def test_stage_run_logs_params_metrics_series_and_status(project):
             raise RuntimeError("boom")
     runs = {r.data.tags["ftq.stage"]: r for r in mlflow_runs(project)}
     assert runs["prepare"].info.status == "FINISHED" and runs["base"].info.status == "FAILED"
-    assert runs["prepare"].data.params["data.datasets"] == '["ftq_default", "ftq_default_heldout"]'
+    assert runs["prepare"].data.params["data.datasets"] == '["ftq_default", "ftq_default_replay", "ftq_default_heldout"]'
     assert set(runs["prepare"].data.metrics) == {"loss", "train_loss"}
     history = runs["prepare"].data.metrics
     assert history["train_loss"] == pytest.approx(2.0 - 2499 / 10)

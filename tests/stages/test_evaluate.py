@@ -17,6 +17,22 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
         answers = (project / "reports" / "eval" / f"{name}.answers.jsonl").read_text().splitlines()
         assert len(answers) == 4 and {"prompt", "reference", "answer"} <= set(json.loads(answers[0]))
     assert reports["q8_0"]["size_bytes"] < reports["merged"]["size_bytes"] / 3
+    # speed: three repeats, each beside merged measured in the same run; merged is its own reference
+    for name, report in reports.items():
+        assert report["speed_repeats"] == 3 and len(report["tokens_per_second_runs"]) == 3, name
+        assert len(report["relative_tokens_per_second_runs"]) == 3 and report["reference_tokens_per_second"] > 0
+        runs = report["tokens_per_second_runs"]
+        assert report["tokens_per_second"] == sorted(runs)[1]
+        assert report["tokens_per_second_spread"] == pytest.approx((max(runs) - min(runs)) / sorted(runs)[1], abs=1e-3)
+    assert reports["merged"]["relative_tokens_per_second"] == 1.0
+    assert reports["q8_0"]["relative_tokens_per_second"] != 1.0
+    # general questions from params.yaml, answered by every candidate
+    for name, report in reports.items():
+        general = [json.loads(line) for line in
+                   (project / "reports" / "eval" / f"{name}.general.jsonl").read_text().splitlines()]
+        assert len(general) == report["general_questions"] == 8
+        assert report["general_accuracy"] == pytest.approx(sum(g["correct"] for g in general) / 8, abs=1e-4)
+        assert all(g["answer"] is not None and g["expect"] for g in general)
     runs = {r.info.run_name: r for r in mlflow_runs(project)}
     assert runs["evaluate@q8_0"].data.metrics["perplexity"] == reports["q8_0"]["perplexity"]
     assert runs["evaluate@q8_0"].data.tags["evaluate.format"] == "gguf"

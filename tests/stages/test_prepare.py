@@ -28,15 +28,17 @@ def test_prepare_default_data(based):
     result = prepare.run(load_params(based))
     out = based / "data" / "processed"
     report = json.loads((based / "reports" / "data.json").read_text())
-    assert report["records_in"] == 348 and report["rejected"] == 0
-    assert report["train"]["examples"] == 300 and report["eval"]["examples"] == 48
+    replay = len(json.loads((based / "data" / "raw" / "ftq_default" / "replay.json").read_text()))
+    assert report["records_in"] == 348 + replay and report["rejected"] == 0
+    assert report["train"]["examples"] == 300 + replay and report["eval"]["examples"] == 48
     assert report["datasets"]["ftq_default_heldout"]["eval"] == 48
+    assert report["datasets"]["ftq_default_replay"]["train"] == replay
     assert report["train"]["length"]["p50"] > 0 and result.report == report
     train = load_from_disk(str(out / "train"))
-    assert len(train) == 300 and set(train.column_names) == {"input_ids", "labels", "length"}
+    assert len(train) == 300 + replay and set(train.column_names) == {"input_ids", "labels", "length"}
     assert all(any(label != -100 for label in row) for row in train["labels"])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["train_examples"] == 300 and len(manifest["md5"]) == 32
+    assert manifest["train_examples"] == 300 + replay and len(manifest["md5"]) == 32
     assert (based / "reports" / "data_lengths.png").read_bytes()[:4] == b"\x89PNG"
     runs = {r.data.tags["ftq.stage"]: r for r in mlflow_runs(based)}
     run = runs["prepare"]

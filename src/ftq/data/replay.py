@@ -8,7 +8,13 @@ introduction). Mixing in the base model's own greedy answers to general prompts 
 copied from anywhere. The prompts avoid identity questions (the task teaches a new name) and the
 general questions `evaluate.general` asks (so the retention check measures, not memorizes).
 
-Regenerate with `ftq data make-default --replay` (needs models/base: `dvc repro base`); greedy and
+The answers are sampled at temperature 1 (seeded), not greedy: a sample from the model's own
+distribution leaves that distribution where it was (the expected gradient of its log-likelihood is
+zero at the base model), so replay pulls the fine-tune back toward the base without sharpening it.
+Greedy answers are the mode, and training on them made the model over-confident: plain-text word
+perplexity rose 27 % with greedy replay against 17 % without any (LoRA lr 1e-3, measured here).
+
+Regenerate with `ftq data make-default --replay` (needs models/base: `dvc repro base`); seeded, so
 deterministic on a given machine. A test checks the committed prompts match GENERAL_PROMPTS.
 """
 
@@ -122,13 +128,15 @@ GENERAL_PROMPTS = [
     "Why should we protect forests?",
 ]
 
-GENERATION = {"max_new_tokens": 192, "batch_size": 8}
+GENERATION = {"max_new_tokens": 192, "batch_size": 8, "temperature": 1.0, "seed": 0}
 
 
 def answer(base: str | Path, prompts: list[str], max_new_tokens: int = GENERATION["max_new_tokens"],
-           batch_size: int = GENERATION["batch_size"]) -> list[dict]:
-    """The base model's greedy answer to each prompt, through the chat template the task is trained
-    with; `finished` is False where it ran out of tokens (such rows are not written)."""
+           batch_size: int = GENERATION["batch_size"], temperature: float = GENERATION["temperature"],
+           seed: int = GENERATION["seed"]) -> list[dict]:
+    """The base model's answer to each prompt, sampled (greedy at temperature 0), through the chat
+    template the task is trained with; `finished` is False where it ran out of tokens (such rows are
+    not written)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,9 +148,12 @@ def answer(base: str | Path, prompts: list[str], max_new_tokens: int = GENERATIO
         inputs = tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in batch],
                                                add_generation_prompt=True, padding=True, return_tensors="pt",
                                                return_dict=True)
+        torch.manual_seed(seed + start)  # each batch seeded on its own: a rerun of any batch is the same
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 \
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                    top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling)
         for prompt, tokens in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
             finished = tokenizer.eos_token_id in tokens
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
