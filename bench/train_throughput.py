@@ -1,13 +1,20 @@
 """Training throughput: ftq against LLaMA-Factory on the same model, data and settings, in one run.
 
-For each model (the tiny test LLaMA and SmolLM2-135M) and method (lora, full), both tools train N steps
-from the same base folder on the same Alpaca data, with the same batch size, sequence cap, LoRA config,
-learning rate, schedule, seed and thread count. Real tokens/s counts only non-padding tokens, over
-training-step time. LLaMA-Factory (`llamafactory` from PyPI) runs in its own virtualenv, made here on
-first use (bench/.venv-llamafactory). Results: reports/bench/train.json.
+For each model and method, both tools train one epoch from the same base folder on the same Alpaca
+records, with the same batch size, sequence cap, LoRA config, learning rate, schedule, seed and thread
+count, and on the same token stream: every record carries SmolLM2's default system prompt explicitly,
+so ftq's chat template and LLaMA-Factory's `smollm2` template render the same text (real-token counts
+are asserted equal within 0.5 %). ftq runs its defaults (group_by_length) and its packing;
+LLaMA-Factory runs its defaults and its own packing (neat_packing: examples isolated, as ftq's are).
+Every system runs `--repeats` times (default 3), interleaved, and each repeat compares ftq with the
+best LLaMA-Factory setting (by median) measured in the same repeat; the report gives medians, spreads
+and the median of those paired ratios. Real tokens/s counts only non-padding tokens, over the
+Trainer's train_runtime. LLaMA-Factory (`llamafactory` from PyPI) runs in its own virtualenv, made here
+on first use (bench/.venv-llamafactory). Results: reports/bench/train.json.
 
-    .venv/bin/python bench/train_throughput.py            # everything (~20 min on 2 CPU cores)
-    .venv/bin/python bench/train_throughput.py --quick    # tiny model only
+    env -u OMP_WAIT_POLICY .venv/bin/python bench/train_throughput.py   # ~25 min on 2 CPU cores (LoRA rows)
+    .venv/bin/python bench/train_throughput.py --methods lora,full       # full fine-tuning too
+    .venv/bin/python bench/train_throughput.py --quick                  # tiny model only
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,11 +83,17 @@ def torchaudio_placeholder() -> Path:
     return TORCHAUDIO_PLACEHOLDER
 
 
+# what ftq's SmolLM2 chat template adds when a chat has no system message; LLaMA-Factory's `smollm2`
+# template adds the same words with a final period, `chatml` adds none: given explicitly, both render it
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
 def alpaca_data(limit: int) -> tuple[Path, str]:
-    """The first `limit` records; both tools train exactly one epoch over them, so both see every record once."""
+    """The first `limit` records, each with the system prompt given explicitly (the same text for both
+    tools); both train exactly one epoch over them, so both see every record once."""
     shared = Path(os.environ.get("FTQ_SHARED_DATA", REPO.parent / "shared" / "data")) / "sft" / "alpaca_en_demo.json"
     source = shared if shared.exists() else REPO / "data" / "raw" / "ftq_default" / "train.json"
-    records = json.loads(source.read_text())[:limit]
+    records = [{**r, "system": SYSTEM_PROMPT} for r in json.loads(source.read_text())[:limit]]
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
     (folder / "bench.json").write_text(json.dumps(records))
     return folder / "bench.json", source.name
@@ -129,7 +143,8 @@ def run_ftq(base: Path, data: Path, method: str, cfg: dict, mode: str, work: Pat
     shutil.rmtree(project, ignore_errors=True)
     (project / "data" / "raw").mkdir(parents=True)
     shutil.copy(data, project / "data" / "raw" / "bench.json")
-    (project / "data" / "datasets.yaml").write_text(yaml.safe_dump({"bench": {"file": "raw/bench.json", "format": "alpaca"}}))
+    (project / "data" / "datasets.yaml").write_text(yaml.safe_dump(
+        {"bench": {"file": "raw/bench.json", "format": "alpaca", "columns": {"system": "system"}}}))
     (project / "models").mkdir()
     os.symlink(base, project / "models" / "base")
     params = {
@@ -161,16 +176,18 @@ def run_ftq(base: Path, data: Path, method: str, cfg: dict, mode: str, work: Pat
     }
 
 
-def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dict, work: Path) -> dict:
-    folder = work / f"lf-{method}"
+def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dict, mode: str, work: Path) -> dict:
+    folder = work / f"lf-{method}-{mode}"
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "data").mkdir(parents=True)
     shutil.copy(data, folder / "data" / "bench.json")
-    (folder / "data" / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
+    (folder / "data" / "dataset_info.json").write_text(json.dumps(
+        {"bench": {"file_name": "bench.json", "columns": {"prompt": "instruction", "query": "input",
+                                                          "response": "output", "system": "system"}}}))
     config = {
         "model_name_or_path": str(base), "trust_remote_code": False,
         "stage": "sft", "do_train": True, "finetuning_type": method,
-        "dataset": "bench", "dataset_dir": str(folder / "data"), "template": "chatml",
+        "dataset": "bench", "dataset_dir": str(folder / "data"), "template": "smollm2",
         "cutoff_len": cfg["max_length"], "overwrite_cache": True, "preprocessing_num_workers": 1,
         "tokenized_path": str(folder / "tokenized"),
         "output_dir": str(folder / "out"), "logging_steps": 1, "save_strategy": "no", "overwrite_output_dir": True,
@@ -182,6 +199,8 @@ def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dic
     }
     if method == "lora":
         config.update(lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, lora_target="all")
+    if mode == "packing":  # its own packing, examples isolated (block-diagonal attention), as ftq's packing
+        config.update(packing=True, neat_packing=True)
     (folder / "train.yaml").write_text(yaml.safe_dump(config))
     env = bench_env(cfg["threads"])
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -206,10 +225,11 @@ def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dic
 
 
 def count_lf_tokens(python: Path, tokenized: Path) -> int:
-    """Non-padding tokens LLaMA-Factory trained on: one epoch, so every tokenized example exactly once."""
+    """Non-padding tokens LLaMA-Factory trained on: one epoch, so every tokenized example exactly once
+    (packed rows are padded to the cutoff with attention-mask 0 under neat_packing)."""
     code = (
         "import sys; from datasets import load_from_disk; d=load_from_disk(sys.argv[1]);"
-        "d=d['train'] if hasattr(d,'keys') else d; print(sum(len(x) for x in d['input_ids']))"
+        "d=d['train'] if hasattr(d,'keys') else d; print(sum(sum(1 for m in x if m) for x in d['attention_mask']))"
     )
     return int(sh([str(python), "-c", code, str(tokenized)]).stdout.strip())
 
@@ -221,10 +241,57 @@ def loss_summary(losses: list[float]) -> dict:
 
 
 CONFIGS = {
-    "tiny": {"examples": 400, "batch_size": 4},
-    "smollm2-135m": {"examples": 48, "batch_size": 4},
+    "tiny": {"examples": 400, "batch_size": 4, "methods": ["lora"]},
+    "smollm2-135m": {"examples": 24, "batch_size": 4, "methods": ["lora"]},
 }
 COMMON = {"max_length": 512, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 32, "seed": 42, "threads": 1}
+SYSTEMS = ("ftq_group_by_length", "ftq_packing", "llamafactory_default", "llamafactory_packing")
+MAX_TOKEN_GAP = 0.005  # real-token counts of the two tools may differ by at most 0.5 %
+
+
+def run_system(system: str, lf_python: Path, base: Path, data: Path, method: str, cfg: dict, work: Path) -> dict:
+    tool, mode = system.split("_", 1)
+    if tool == "ftq":
+        return run_ftq(base, data, method, cfg, mode, work)
+    return run_llamafactory(lf_python, base, data, method, cfg, mode, work)
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians and spreads per system, and ftq's paired ratios against the best LLaMA-Factory setting."""
+    row = {}
+    for system, repeats in runs.items():
+        speeds = [r["real_tokens_per_second"] for r in repeats]
+        row[system] = {
+            "real_tokens_per_second": round(statistics.median(speeds), 2),
+            "real_tokens_per_second_runs": speeds,
+            "spread": round((max(speeds) - min(speeds)) / statistics.median(speeds), 3),
+            "real_tokens": repeats[0]["real_tokens"],
+            "train_seconds_median": round(statistics.median(r["train_seconds"] for r in repeats), 2),
+            "steps": repeats[0]["steps"],
+            "loss": loss_summary(repeats[0]["losses"]),
+        }
+    best_lf = max(("llamafactory_default", "llamafactory_packing"), key=lambda s: row[s]["real_tokens_per_second"])
+    row["best_llamafactory"] = best_lf
+    for system in ("ftq_group_by_length", "ftq_packing"):
+        paired = [f["real_tokens_per_second"] / l["real_tokens_per_second"] for f, l in zip(runs[system], runs[best_lf])]
+        row[system]["speedup_vs_best_llamafactory"] = round(statistics.median(paired), 3)
+        row[system]["speedup_vs_best_llamafactory_runs"] = [round(x, 3) for x in paired]
+        row[system]["speedup_ratio_of_medians"] = round(
+            row[system]["real_tokens_per_second"] / row[best_lf]["real_tokens_per_second"], 3)
+    return row
+
+
+def assert_equal_work(runs: dict[str, list[dict]], where: str) -> dict:
+    counts = {system: {r["real_tokens"] for r in repeats} for system, repeats in runs.items()}
+    for system, values in counts.items():
+        if len(values) != 1:
+            raise AssertionError(f"{where}: {system} trained on different token counts across repeats: {values}")
+    flat = {system: next(iter(values)) for system, values in counts.items()}
+    low, high = min(flat.values()), max(flat.values())
+    gap = (high - low) / high
+    if gap > MAX_TOKEN_GAP:
+        raise AssertionError(f"{where}: real-token counts differ by {gap:.2%} (> {MAX_TOKEN_GAP:.1%}): {flat}")
+    return {"real_tokens": flat, "gap": round(gap, 5)}
 
 
 def main() -> int:
@@ -232,7 +299,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--examples", type=int, default=None, help="records per run (default: per model)")
-    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--methods", default=None, help="e.g. lora,full (default: per model)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "reports" / "bench" / "train.json"))
     args = parser.parse_args()
     lf_python = ensure_llamafactory()
@@ -240,24 +308,22 @@ def main() -> int:
     results = []
     models = ["tiny"] if args.quick else (args.models.split(",") if args.models else list(CONFIGS))
     for model_name in models:
-        cfg = {**COMMON, **CONFIGS[model_name]}
+        cfg = {**COMMON, **{k: v for k, v in CONFIGS[model_name].items() if k != "methods"}}
         if args.examples:
             cfg["examples"] = args.examples
         source = str(tiny_source(work / "tiny-source")) if model_name == "tiny" else "embedded"
         base = materialize_base(source, work / f"{model_name}-base")
         data, data_name = alpaca_data(cfg["examples"])
-        for method in args.methods.split(","):
-            row = {"model": model_name, "method": method, "data": data_name, "settings": cfg}
-            for mode in ("group_by_length", "packing"):
-                print(f"[{model_name} {method}] ftq ({mode})", file=sys.stderr, flush=True)
-                row[f"ftq_{mode}"] = run_ftq(base, data, method, cfg, mode, work)
-            print(f"[{model_name} {method}] llamafactory", file=sys.stderr, flush=True)
-            row["llamafactory"] = run_llamafactory(lf_python, base, data, method, cfg, work)
-            lf_speed = row["llamafactory"]["real_tokens_per_second"]
-            for key in ("ftq_group_by_length", "ftq_packing"):
-                row[key]["speedup_vs_llamafactory"] = round(row[key]["real_tokens_per_second"] / lf_speed, 3)
-            for key in ("ftq_group_by_length", "ftq_packing", "llamafactory"):
-                row[key]["loss"] = loss_summary(row[key].pop("losses"))
+        for method in (args.methods.split(",") if args.methods else CONFIGS[model_name]["methods"]):
+            runs: dict[str, list[dict]] = {system: [] for system in SYSTEMS}
+            for repeat in range(args.repeats):  # interleaved, so drift in machine load hits every system alike
+                for system in SYSTEMS:
+                    print(f"[{model_name} {method}] {system} repeat {repeat + 1}/{args.repeats}", file=sys.stderr,
+                          flush=True)
+                    runs[system].append(run_system(system, lf_python, base, data, method, cfg, work))
+            equal = assert_equal_work(runs, f"{model_name} {method}")
+            row = {"model": model_name, "method": method, "data": data_name, "settings": cfg, "repeats": args.repeats,
+                   "equal_work": equal, **summarize(runs)}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "settings"}, indent=1), file=sys.stderr, flush=True)
     report = {
@@ -267,14 +333,20 @@ def main() -> int:
                      "ftq_transformers": _version(sys.executable, "transformers"),
                      "llamafactory_transformers": _version(lf_python, "transformers")},
         "results": results,
-        "goal": "ftq real tokens/s >= 1.5x LLaMA-Factory at a matching loss curve",
+        "goal": "ftq real tokens/s >= 1.5x the best LLaMA-Factory setting at a matching loss curve",
         "notes": [
-            "LLaMA-Factory runs its defaults for SFT (padding to the longest in a random batch, template chatml); "
+            "Same token stream: every record carries SmolLM2's default system prompt explicitly; ftq renders it "
+            "with the model's chat template, LLaMA-Factory with its smollm2 template; real-token counts are "
+            f"asserted equal within {MAX_TOKEN_GAP:.1%} (equal_work).",
+            "LLaMA-Factory runs its SFT defaults (padding to the longest in a random batch) and its packing "
+            "(packing + neat_packing: block-diagonal attention, examples isolated as in ftq's packing); "
             "ftq runs its defaults (group_by_length) and packing.",
+            "Each system runs `repeats` times, interleaved; speedups are the median of per-repeat ratios "
+            "against the best LLaMA-Factory setting (the one with the higher median) in the same repeat.",
             "LLaMA-Factory's torchaudio import (audio inputs only) gets an empty placeholder: no torchaudio "
             "build loads beside torch 2.13.",
-            "Both train one epoch over the same records, so both see every record once; real tokens are "
-            "non-padding tokens, divided by the Trainer's train_runtime.",
+            "Both train one epoch over the same records; real tokens are non-padding tokens, divided by "
+            "the Trainer's train_runtime.",
         ],
     }
     out = Path(args.out)
@@ -283,7 +355,7 @@ def main() -> int:
     if out.exists():
         previous = json.loads(out.read_text()).get("results", [])
         fresh = {(r["model"], r["method"]) for r in results}
-        report["results"] = [r for r in previous if (r["model"], r["method"]) not in fresh] + results
+        report["results"] = [r for r in previous if (r["model"], r["method"]) not in fresh and "equal_work" in r] + results
     out.write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}", file=sys.stderr)
