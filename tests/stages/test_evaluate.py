@@ -66,6 +66,9 @@ def test_compare_report_puts_candidates_side_by_side(evaluated):
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
     assert header == "| metric | base | merged | q4_0 | q8_0 |"
     assert "held-out perplexity" in md and "%)" in md and "## Answers side by side" in md
+    speed = next(line for line in md.splitlines() if line.startswith("| speed vs merged (x)"))
+    assert speed.split("|")[3].strip().startswith("1") and "(spread" in md  # merged is the reference
+    assert next(line for line in md.splitlines() if line.startswith("| general questions"))
     page = (project / "reports" / "compare.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and "http://" not in page and "https://" not in page
     assert all((project / "reports" / "compare" / f"{g}.png").exists()

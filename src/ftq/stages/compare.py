@@ -31,6 +31,7 @@ METRICS = [
     ("task_json_valid", "JSON valid", True),
     ("task_json_field_accuracy", "JSON field accuracy", True),
     ("task_rouge_l", "ROUGE-L", True),
+    ("general_accuracy", "general questions", True),
     ("mt_bench_score", "MT-Bench (1-10)", True),
     ("perplexity", "held-out perplexity", False),
     ("size_bytes", "size (MB)", False),
@@ -42,7 +43,7 @@ METRICS = [
 ]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending so
 GROUPS = {
-    "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l"],
+    "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l", "general_accuracy"],
     "lm_eval": [],  # every lm_eval_* metric found in the reports
     "perplexity": ["perplexity"],
     "size": ["size_bytes", "peak_memory_bytes"],
@@ -109,7 +110,7 @@ def lm_eval_metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
 
 
 def metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
-    return METRICS[:5] + lm_eval_metrics(reports) + METRICS[5:]
+    return METRICS[:6] + lm_eval_metrics(reports) + METRICS[6:]
 
 
 def table_rows(reports: dict[str, dict]) -> list[list[str]]:

@@ -484,6 +484,9 @@ def decide(rows: list[dict], champion: dict | None, policy: dict) -> tuple[dict,
             decision["note"] = (f"best candidate {challenger['candidate']['name']} does not beat champion version "
                                 f"{champion['version']}: {metric} difference {d['diff']:+.4f} "
                                 f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] at {level}; champion kept")
+    elif champion["candidate"].get("scores") is None:  # e.g. the champion's build is enabled but failed evaluation
+        decision.update(champion=pick["version"], note=f"champion version {champion['version']} has no scores on the "
+                                                       f"current examples ({'; '.join(champion['reasons'])})")
     else:
         d = decision["vs_champion"] = compare(pick["candidate"], champion["candidate"], policy, "vs champion")
         diff = f"{metric} difference {d['diff']:+.4f} [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] at {level}"
@@ -513,6 +516,8 @@ def promotion_report(model_name, policy, rows, ranked, before, decision, merged)
     confidence, metric = float(policy["confidence"]), policy["metric"]
     # every candidate's paired difference from the champion it competed with (the new one if none was)
     baseline = decision["champion_row"] or next((r for r in ranked if r["version"] == champion_version), None)
+    if baseline is not None and baseline["candidate"].get("scores") is None:
+        baseline = next((r for r in ranked if r["version"] == champion_version), None)
     listed = []
     for row in rows:
         name, metrics = row["candidate"]["name"], row["candidate"]["metrics"] or {}
@@ -562,5 +567,6 @@ def promotion_report(model_name, policy, rows, ranked, before, decision, merged)
         # `diff` and its interval in each candidate: the candidate minus this version, example by example
         "diff_against_version": (baseline or {}).get("version"),
         "candidates": listed,
-        "paired_examples": next((len(r["candidate"]["scores"]) for r in ranked), None),
+        # the examples a comparison rests on: those scored on the metric (JSON answers for JSON metrics)
+        "paired_examples": next((r["vs_best"]["examples"] for r in ranked), None),
     }
