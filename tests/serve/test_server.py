@@ -140,8 +140,7 @@ def test_serve_resolves_the_champion_alias_and_follows_it_with_watch(evaluated):
     old = os.getcwd()
     os.chdir(project)
     try:
-        set_params(project, promote={"model_name": "served", "policy": {"metric": "perplexity", "direction": "min",
-                                                                        "min_retention": 0.5}})
+        set_params(project, promote={"model_name": "served", "policy": {"min_retention": 0.0}})
         report = promote.run(load_params(project))
     finally:
         os.chdir(old)

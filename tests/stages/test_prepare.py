@@ -42,7 +42,7 @@ def test_prepare_default_data(based):
     assert (based / "reports" / "data_lengths.png").read_bytes()[:4] == b"\x89PNG"
     runs = {r.data.tags["ftq.stage"]: r for r in mlflow_runs(based)}
     run = runs["prepare"]
-    assert run.data.params["data.max_length"] == "512" and run.data.metrics["train_examples"] == 300
+    assert run.data.params["data.max_length"] == "512" and run.data.metrics["train_examples"] == 300 + replay
     assert run.data.tags["data.md5"] == manifest["md5"]
 
 

@@ -139,7 +139,9 @@ def judge(candidate: dict, merged: dict | None, policy: dict) -> list[str]:
     if not isinstance(metrics.get(metric), (int, float)):
         return [f"no value for the primary metric {metric}"]
     reasons = []
-    if merged is None or merged["scores"] is None:
+    if policy["min_retention"] <= 0:  # no retention asked: merged's score (even 0) anchors nothing
+        pass
+    elif merged is None or merged["scores"] is None:
         reasons.append("merged is not evaluated (reports/eval/merged.json): retention cannot be measured")
     else:
         kept = candidate["retention"] = retention(candidate, merged, policy)
