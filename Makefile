@@ -15,12 +15,17 @@ STAMP := $(VENV)/.ftq-installed
 LLAMA_CPP := 0.3.36
 FTQ_CACHE ?= $(HOME)/.cache/ftq
 LLAMA_SDIST := $(FTQ_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
-LLAMA_WHEELS := $(FTQ_CACHE)/wheels
+# where nvcc is present, llama.cpp (the wheel and llama-server) is built with CUDA, cached apart from the
+# CPU build; GGUF runtimes then offload every layer to the GPU. FTQ_CUDA=0 forces the CPU build.
+NVCC := $(if $(filter 0,$(FTQ_CUDA)),,$(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null))
+LLAMA_VARIANT := $(if $(NVCC),-cuda,)
+LLAMA_CMAKE_ARGS := $(if $(NVCC),-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER=$(NVCC) -DCMAKE_CUDA_ARCHITECTURES=native,)
+LLAMA_WHEELS := $(FTQ_CACHE)/wheels$(LLAMA_VARIANT)
 LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.llama_cpp_python-$(LLAMA_CPP)-built
 LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
 # llama.cpp's own llama-server, ftq serve's GGUF engine: built once per machine from the same sdist's
 # vendored sources (~6.5 min on 2 cores), without the web UI (its build fetches from a hub) or TLS
-LLAMA_SERVER := $(FTQ_CACHE)/bin/llama-server-$(LLAMA_CPP)
+LLAMA_SERVER := $(FTQ_CACHE)/bin/llama-server-$(LLAMA_CPP)$(LLAMA_VARIANT)
 # the system's cmake, else one from PyPI in a small venv of its own (pip's wheel build fetches its own the same way)
 CMAKE := $(shell command -v cmake 2>/dev/null || echo $(FTQ_CACHE)/tools/bin/cmake)
 PYTEST_ARGS ?=
@@ -55,7 +60,7 @@ $(LLAMA_SDIST):
 $(LLAMA_WHEEL_STAMP): $(LLAMA_SDIST)
 	@echo "building llama-cpp-python $(LLAMA_CPP) from source, once per machine (~18 min on 2 cores)"
 	mkdir -p $(LLAMA_WHEELS)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --quiet --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip wheel --quiet --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
 	touch $@
 
 $(LLAMA_SERVER): $(LLAMA_SDIST)
@@ -67,7 +72,7 @@ $(LLAMA_SERVER): $(LLAMA_SDIST)
 	$(CMAKE) -S $(FTQ_CACHE)/build/llama-server -B $(FTQ_CACHE)/build/llama-server/build -DCMAKE_BUILD_TYPE=Release \
 		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
 		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-		-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >/dev/null
+		-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF $(LLAMA_CMAKE_ARGS) >/dev/null
 	$(CMAKE) --build $(FTQ_CACHE)/build/llama-server/build --target llama-server -j$$(nproc) >/dev/null
 	cp $(FTQ_CACHE)/build/llama-server/build/bin/llama-server $@.tmp && mv $@.tmp $@
 	rm -rf $(FTQ_CACHE)/build/llama-server
@@ -102,6 +107,10 @@ postgres:
 
 test: install browser postgres
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=20 $(PYTEST_ARGS)
+
+# the GPU suite (tests/gpu, marker gpu): every test skips with its reason where CUDA is absent
+test-gpu: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m gpu -p no:xdist --durations=20 tests/gpu $(PYTEST_ARGS)
 
 ui: install
 	$(BIN)/ftq ui

@@ -84,7 +84,13 @@ def test_settings_validation(project):
     set_params(project, train={"method": "full", "output_dir": "models/adapter"})
     with pytest.raises(ParamsError, match="set train.output_dir: models/full"):
         TrainSettings.from_params(load_params(project))
-    set_params(project, train={"method": "lora", "learning_rate_typo": 1})
+    set_params(project, train={"method": "lora", "output_dir": "models/adapter", "optim": "sgd"})
+    with pytest.raises(ParamsError, match="train.optim: expected one of adamw_torch, adamw_torch_fused"):
+        TrainSettings.from_params(load_params(project))
+    set_params(project, train={"optim": "adamw_torch", "attn_implementation": "flash_attention_2"})  # not installed here
+    with pytest.raises(ParamsError, match="train.attn_implementation: flash_attention_2 needs the flash-attn package"):
+        TrainSettings.from_params(load_params(project))
+    set_params(project, train={"attn_implementation": "sdpa", "learning_rate_typo": 1})
     with pytest.raises(ParamsError, match="learning_rate_typo: unknown key"):
         TrainSettings.from_params(load_params(project))
 
@@ -152,9 +158,11 @@ def test_two_processes_on_cpu(prepared):
     assert not list((prepared / "models").glob("adapter.tmp-*"))
 
 
-@pytest.mark.parametrize("preset, processes", [("zero2", 2), ("zero3_offload", 1)])
+@pytest.mark.parametrize("preset, processes", [("zero2", 2), ("zero3_offload", 2)])
 def test_deepspeed_on_cpu(prepared, preset, processes):
-    """DeepSpeed ZeRO through torchrun; its ops compile on first use (cached in ~/.cache/torch_extensions)."""
+    """DeepSpeed ZeRO through torchrun; its ops compile on first use (cached in ~/.cache/torch_extensions).
+    Under ZeRO-3 the base is built partitioned across the 2 gloo ranks as it loads (the TrainingArguments
+    carrying the DeepSpeed config exist before from_pretrained), never whole on each rank."""
     set_params(prepared, train={**FAST, "max_steps": 4, "eval_steps": 2, "deepspeed": preset,
                                 "nproc_per_node": processes, "master_port": 29541 + processes, "torch_threads": 1})
     proc = ftq_train(prepared)
@@ -162,5 +170,6 @@ def test_deepspeed_on_cpu(prepared, preset, processes):
     assert proc.returncode == 0, output[-5000:]
     report = json.loads((prepared / "reports" / "train.json").read_text())
     assert report["steps"] == 4 and report["world_size"] == processes
+    assert report["load"]["zero3_partitioned"] is (True if preset.startswith("zero3") else None)
     assert report["final_train_loss"] < report["first_train_loss"]
     assert set(adapter_tensors(prepared)) and not (prepared / "models" / "adapter" / "training_args.bin").exists()

@@ -200,7 +200,7 @@ def save_model(model, tokenizer, folder: Path) -> None:
     model.generation_config.save_pretrained(folder)
 
 
-def describe(folder: Path, model, source: Source, spec: str, fixes: list[str]) -> dict[str, Any]:
+def describe(folder: Path, model, source: Source, spec: str, fixes: list[str], trust_remote_code: bool = False) -> dict[str, Any]:
     files = {
         p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         for p in sorted(folder.rglob("*"))
@@ -215,6 +215,7 @@ def describe(folder: Path, model, source: Source, spec: str, fixes: list[str]) -
         "dtype": str(model.dtype).replace("torch.", ""),
         "size_bytes": sum(f["bytes"] for f in files.values()),
         "tokenizer_fixes": fixes,
+        "trust_remote_code": trust_remote_code,  # every later load of this model follows it (ftq.hf)
         "transformers_version": importlib.metadata.version("transformers"),
         "files": files,
     }
@@ -241,7 +242,7 @@ def run(params: dict[str, Any]) -> BaseResult:
         strip_quantization(model)
         with atomic_dir(out_dir) as tmp:
             save_model(model, tokenizer, tmp)
-            info = describe(tmp, model, source, spec, fixes)
+            info = describe(tmp, model, source, spec, fixes, bool(cfg.get("trust_remote_code", False)))
             atomic_write_json(tmp / "base.json", info)
         metrics = {
             "num_parameters": info["num_parameters"],
@@ -264,7 +265,10 @@ def load_base(folder: Path | None = None):
     folder = folder or repo_root() / OUTPUT_DIR
     if not (folder / "config.json").exists():
         raise SourceError(f"{folder}: no base model here; run `dvc repro base` (or `ftq base run`) first")
-    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    from ftq.hf import load_kwargs
+
+    kwargs = load_kwargs(folder.parent.parent)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def chat_reply(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:

@@ -148,7 +148,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     from ftq.quantize.calibration import heldout
     from ftq.quantize.check import perplexity
     from ftq.runtimes import artifact_format, open_model
-    from ftq.stages.train import peak_memory_bytes
+    from ftq.memory import peak_memory
     from ftq.tracking import stage_run
 
     cfg = settings(params)
@@ -188,7 +188,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             **mt_scores,
             "load_seconds": round(load_seconds, 3),
             "answer_seconds": round(load_and_answer - load_seconds, 2),
-            "peak_memory_bytes": peak_memory_bytes(),
+            **peak_memory(),
             "wall_seconds": round(time.time() - started, 2),
         }
         out = root / REPORT_ROOT

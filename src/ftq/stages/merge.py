@@ -296,7 +296,7 @@ tokenizer = AutoTokenizer.from_pretrained("models/merged")
 
 
 def run(params: dict[str, Any]) -> MergeResult:
-    from ftq.stages.train import peak_memory_bytes
+    from ftq.memory import peak_memory
     from ftq.tracking import stage_run
 
     settings = MergeSettings.from_params(params)
@@ -342,7 +342,7 @@ def run(params: dict[str, Any]) -> MergeResult:
             "size_bytes": dir_size(out_dir),
             **{k: v for k, v in check.items() if k not in ("passed", "finite", "qlora_closer_than_dropped")},
             "wall_seconds": round(time.time() - started, 2),
-            "peak_memory_bytes": peak_memory_bytes(),
+            **peak_memory(),
         }
         atomic_write_json(root / REPORT, report)
         tracked.log_metrics({k: float(v) for k, v in report.items() if k not in ("method", "dtype")})

@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftq.memory import peak_memory
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256, tree_md5
 from ftq.params import ParamsError, block, repo_root
 
@@ -89,13 +89,6 @@ def build_spec(params: dict[str, Any], name: str) -> BuildSpec:
                          where=f"{where}.calibration")
     options = backend(method, where).validate(spec, where)
     return BuildSpec(name, method, options, check, calibration)
-
-
-def peak_memory_bytes() -> int:
-    """Largest resident set of this process or a finished child (the GGUF converter runs as one)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return int(max(own, children)) * 1024
 
 
 def file_table(folder: Path) -> dict[str, dict]:
@@ -167,7 +160,7 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
             started = time.time()
             built = method.build(merged, tmp, spec.options, calibration)
             build_seconds = time.time() - started
-            build_peak = peak_memory_bytes()
+            build_peak = peak_memory()["peak_memory_bytes"]  # the build's device (RAM or CUDA)
             same_prompt = (reference.meta.get("prompt"), reference.meta.get("max_new_tokens")) == (
                 spec.check["prompt"], spec.check["max_new_tokens"])
             answer = reference.meta["reply"] if same_prompt else merged_reply(root, spec.check)

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from ftq.io import atomic_write_json, atomic_write_text, save_figure
+from ftq.memory import peak_memory
 from ftq.params import params_hash, repo_root
 from ftq.training import launch
 from ftq.training.settings import TrainSettings
@@ -101,6 +101,7 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path, flags: dic
         gradient_accumulation_steps=settings.gradient_accumulation,
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
+        optim=settings.optim,
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         seed=settings.seed,
@@ -124,12 +125,6 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path, flags: dic
         disable_tqdm=True,  # our Progress callback draws the bar
         dataloader_num_workers=0,
     )
-
-
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def load_splits(root: Path):
@@ -183,15 +178,18 @@ def build_trainer(settings, params, root, tracked):
 
     from ftq.data.collate import make_collator
     from ftq.training.callbacks import History, Progress
-    from ftq.training.model import load_for_training, precision_flags
+    from ftq.training.model import load_for_training, precision_flags, stored_dtype
 
-    flags = precision_flags(settings.precision)
+    base_dir = root / "models" / "base"
+    flags = precision_flags(settings.precision, stored_dtype(base_dir))
     packing = bool(params.get("data", {}).get("packing", False))
+    train_data, eval_data = load_splits(root)
+    # the arguments first: they carry the DeepSpeed config, and under ZeRO-3 its presence is what makes
+    # from_pretrained build the model partitioned across ranks instead of whole on every rank
+    args = training_arguments(settings, root / settings.checkpoint_dir, flags, packing, eval_data is not None)
     # seed before the adapter is created: LoRA's initial weights come from the global RNG
     set_seed(settings.seed)
-    model, tokenizer = load_for_training(settings, root / "models" / "base", flags)
-    train_data, eval_data = load_splits(root)
-    args = training_arguments(settings, root / settings.checkpoint_dir, flags, packing, eval_data is not None)
+    model, tokenizer, load_facts = load_for_training(settings, base_dir, flags)
     history = History(on_log=tracked.log_metrics if tracked else None)
     trainer = Trainer(
         model=model,
@@ -204,7 +202,7 @@ def build_trainer(settings, params, root, tracked):
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    return trainer, tokenizer, history, packing
+    return trainer, tokenizer, history, packing, load_facts
 
 
 def save_output(trainer, tokenizer, settings: TrainSettings, root: Path, info: dict[str, Any]) -> Path:
@@ -238,6 +236,8 @@ def run(params: dict[str, Any], argv: list[str] | None = None) -> TrainResult | 
         return None
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if launch.in_worker():
+        launch.start_worker(bool(settings.deepspeed))  # before any collective (the resume broadcast below is one)
     root = repo_root()
     main = launch.is_main_process()
     expected = fingerprint(settings, params, root)
@@ -257,9 +257,6 @@ def run(params: dict[str, Any], argv: list[str] | None = None) -> TrainResult | 
 def _broadcast_resume(resume: str | None) -> str | None:
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
     box = [resume]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -267,7 +264,7 @@ def _broadcast_resume(resume: str | None) -> str | None:
 
 def _train(settings, params, root, tracked, resume, expected) -> TrainResult | None:
     started = time.time()
-    trainer, tokenizer, history, packing = build_trainer(settings, params, root, tracked)
+    trainer, tokenizer, history, packing, load_facts = build_trainer(settings, params, root, tracked)
     if tracked:
         trainable, total = _parameter_counts(trainer.model)
         tracked.set_tags({"train.method": settings.method, "train.resumed_from": resume or ""})
@@ -302,9 +299,11 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         "train_step_seconds": round(runtime, 2),
         "train_runtime_seconds": round(outcome.metrics.get("train_runtime", wall), 2),  # Trainer's own clock
         "wall_seconds": round(wall, 2),
-        "peak_memory_bytes": peak_memory_bytes(),
+        **peak_memory(on_gpu=torch.cuda.is_available()),
         "world_size": settings.world_size,
         "packing": packing,
+        "optim": settings.optim,
+        "load": load_facts,
         "resumed_from_step": _step_of(resume),
     }
     info = {"method": settings.method, "settings": asdict(settings), "fingerprint": expected, "report": report}

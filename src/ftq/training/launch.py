@@ -22,6 +22,35 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def local_device():
+    """This process's device: cuda:LOCAL_RANK on a GPU machine (one GPU per rank), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def start_worker(deepspeed: bool = False):
+    """Pin this rank's GPU, then join the process group. The order matters: NCCL binds a communicator to
+    the current device, so a collective before set_device puts every rank on cuda:0. DeepSpeed's own
+    communication layer wraps the same group (ZeRO-3's partitioned init asks it for the world size)."""
+    import torch
+    import torch.distributed as dist
+
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend)
+    return device
+
+
 def needs_launcher(settings: TrainSettings) -> bool:
     # DeepSpeed wants an initialized process group even for a single process
     return not in_worker() and (settings.world_size > 1 or bool(settings.deepspeed))

@@ -3,6 +3,7 @@ double quantization through bitsandbytes, LoRA adapter in the compute dtype)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -17,15 +18,21 @@ class QLoRAUnavailable(RuntimeError):
     """bitsandbytes cannot run 4-bit layers on this machine."""
 
 
-def precision_flags(precision: str) -> dict[str, bool]:
-    """auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+def stored_dtype(base_dir: Path) -> str:
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def precision_flags(precision: str, base_dtype: str = "float32") -> dict[str, bool]:
+    """auto: bf16 where the GPU supports it, fp16 on older GPUs; on CPU the base's own precision (a bf16
+    base stays bf16, under CPU autocast, rather than doubling in float32)."""
     if precision == "auto":
         if torch.cuda.is_available():
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            precision = "fp32"
-    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise ValueError(f"train.precision {precision} needs a GPU; use auto or fp32 on CPU")
+            precision = "bf16" if base_dtype == "bfloat16" else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision fp16 needs a GPU; use auto, bf16 or fp32 on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -62,34 +69,62 @@ def keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, bool]):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_kwargs(settings: TrainSettings, flags: dict[str, bool], device, root: Path) -> dict:
+    """from_pretrained's arguments: weights straight onto this rank's device (never cuda:0 for every rank,
+    never a CPU copy first), except under DeepSpeed, whose ZeRO-3 init places (and partitions) them itself."""
+    from ftq.hf import load_kwargs as shared
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     dtype = compute_dtype(flags)
+    kwargs = {**shared(root), "attn_implementation": settings.attn_implementation,
+              # full fine-tuning keeps fp32 master weights; mixed precision comes from the Trainer's autocast
+              "dtype": torch.float32 if settings.method == "full" else dtype}
     if settings.method == "qlora":
-        check_bitsandbytes()
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-        model = AutoModelForCausalLM.from_pretrained(
-            base_dir, quantization_config=quantization, dtype=dtype, device_map=device_map
-        )
-        if not torch.cuda.is_available():
-            keep_cpu_4bit_trainable(model)
-    else:
-        # full fine-tuning keeps fp32 master weights; mixed precision comes from the Trainer's autocast
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32 if settings.method == "full" else dtype)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    elif device.type == "cuda" and not settings.deepspeed:
+        kwargs["device_map"] = {"": device.index}
+    return kwargs
+
+
+def zero3_partitioned(model) -> bool | None:
+    """Whether DeepSpeed's partitioned init built the weights (None: not under DeepSpeed at all). A
+    partitioned parameter holds an empty placeholder; its shard lives in ds_tensor."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return None
+    return all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
+
+
+def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, bool], device=None):
+    """(model, tokenizer, facts about the load). Under ZeRO-3 the caller must have built the
+    TrainingArguments (which carry the DeepSpeed config) before this, or every rank loads every weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftq.training.launch import local_device
+
+    device = device or local_device()
+    root = Path(base_dir).parent.parent
+    kwargs = load_kwargs(settings, flags, device, root)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=kwargs["trust_remote_code"])
+    if settings.method == "qlora":
+        check_bitsandbytes()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if settings.method == "qlora" and device.type != "cuda":
+        keep_cpu_4bit_trainable(model)
+    facts = {"device": str(device), "dtype": str(kwargs["dtype"]).replace("torch.", ""),
+             "attn_implementation": settings.attn_implementation, "zero3_partitioned": zero3_partitioned(model)}
+    log.info("loaded %s for %s training: %s", base_dir, settings.method, facts)
     model.config.use_cache = False
     if settings.method == "full":
-        return model, tokenizer
-    return add_lora(model, settings), tokenizer
+        return model, tokenizer, facts
+    return add_lora(model, settings), tokenizer, facts
 
 
 def add_lora(model, settings: TrainSettings):

@@ -12,6 +12,10 @@ METHODS = ("full", "lora", "qlora")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEEPSPEED_PRESETS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
+# the Trainer's names; the 8-bit ones (bitsandbytes) keep optimizer states in 8 bits, paged ones page them
+# to CPU RAM under GPU memory pressure
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -27,6 +31,8 @@ class TrainSettings:
     method: str = "lora"
     output_dir: str = "models/adapter"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: str = "adamw_torch"
+    attn_implementation: str = "sdpa"  # flash_attention_2 (where flash-attn is installed) packs without masks
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
     warmup: float = 0.1  # an int is a step count, a float < 1 a share of all steps
@@ -82,6 +88,14 @@ class TrainSettings:
         need(self.method in METHODS, "method", f"expected one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"expected one of {', '.join(SCHEDULERS)}")
         need(self.precision in PRECISIONS, "precision", f"expected one of {', '.join(PRECISIONS)}")
+        need(self.optim in OPTIMIZERS, "optim", f"expected one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        need(self.attn_implementation in ATTENTION, "attn_implementation",
+             f"expected one of {', '.join(ATTENTION)}, got {self.attn_implementation!r}")
+        if self.attn_implementation == "flash_attention_2":
+            need(_installed("flash_attn"), "attn_implementation",
+                 "flash_attention_2 needs the flash-attn package and a CUDA GPU (pip install flash-attn); use sdpa")
+        if self.optim.endswith("8bit"):
+            need(_installed("bitsandbytes"), "optim", f"{self.optim} needs bitsandbytes")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
         need(self.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1")
         need(self.gradient_accumulation >= 1, "gradient_accumulation", "must be >= 1")
@@ -112,3 +126,9 @@ class TrainSettings:
         if self.deepspeed in DEEPSPEED_PRESETS:
             return str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{self.deepspeed}.json")
         return str(Path(self.deepspeed).resolve())
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

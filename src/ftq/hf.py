@@ -1,0 +1,23 @@
+"""Settings every Hugging Face load in the project shares. `base.trust_remote_code` is decided once, at
+the base stage (base.json records it), and reaches every later load of that model or a model made from
+it: the adapter, the merged folder, the runtimes, the quantizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def trust_remote_code(root: Path | None = None) -> bool:
+    from ftq.params import repo_root
+
+    info = (root or repo_root()) / "models" / "base" / "base.json"
+    try:
+        return bool(json.loads(info.read_text()).get("trust_remote_code", False))
+    except (OSError, ValueError):
+        return False  # no base stage here (a deployed registry package): no remote code
+
+
+def load_kwargs(root: Path | None = None) -> dict[str, Any]:
+    return {"trust_remote_code": trust_remote_code(root)}

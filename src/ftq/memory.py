@@ -1,0 +1,31 @@
+"""Peak memory, reported for the device the work ran on: the process's resident set (CPU RAM) and,
+separately, CUDA's peak allocation. A stage that ran on a GPU reports both; `peak_memory_bytes` is the
+device's figure (CUDA where the model ran there, RAM otherwise), so the two are never confused."""
+
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_bytes() -> int:
+    """Largest resident set of this process or of a finished child (converters run as children)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(max(own, children)) * 1024  # Linux reports KiB
+
+
+def peak_cuda_bytes() -> int:
+    """CUDA's peak allocation in this process (0 when CUDA was never used: no context is created)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    return int(max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
+
+
+def peak_memory(on_gpu: bool | None = None) -> dict[str, int]:
+    """{peak_memory_bytes (the device the work ran on), peak_rss_bytes, peak_cuda_bytes}."""
+    rss, cuda = peak_rss_bytes(), peak_cuda_bytes()
+    if on_gpu is None:
+        on_gpu = cuda > 0
+    return {"peak_memory_bytes": cuda if on_gpu else rss, "peak_rss_bytes": rss, "peak_cuda_bytes": cuda}
