@@ -63,11 +63,11 @@ batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention
 result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
 
 started = time.time()
-base_logits, expected, model = merge.trained_logits("qlora", work / "adapter", work / "base", batch)
+base_logits, expected, model = merge.trained_logits("qlora", work / "adapter", work / "base", batch, "float32")
 merged = model.merge_and_unload()
 merged.save_pretrained(work / "merged")
 tok.save_pretrained(work / "merged")
-merged_logits = merge.logits_of(merge.reload(work / "merged"), batch)
+merged_logits = merge.logits_of(merge.reload(work / "merged", "float32"), batch)
 check = merge.check_merge(base_logits, expected, merged_logits, batch["attention_mask"], 0.01)
 check.update(merge.qlora_reference(work / "adapter", work / "base", batch, base_logits, merged_logits))
 result["qlora_merge"] = {**check, "seconds": round(time.time() - started, 2)}

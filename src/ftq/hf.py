@@ -12,8 +12,8 @@ from typing import Any
 def trust_remote_code(root: Path | None = None) -> bool:
     from ftq.params import repo_root
 
-    info = (root or repo_root()) / "models" / "base" / "base.json"
     try:
+        info = (root or repo_root()) / "models" / "base" / "base.json"
         return bool(json.loads(info.read_text()).get("trust_remote_code", False))
     except (OSError, ValueError):
         return False  # no base stage here (a deployed registry package): no remote code

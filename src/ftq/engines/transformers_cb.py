@@ -24,14 +24,15 @@ class TransformersEngine:
 
     def __init__(self, path: Path, threads: int | None, n_ctx: int, parallel: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+        from ftq.hf import load_kwargs
 
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
         self.parallel = parallel
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, **load_kwargs())
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", device_map=device).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", device_map=device, **load_kwargs()).eval()
         self.context_length = min(n_ctx, int(getattr(model.config, "max_position_embeddings", n_ctx)))
         self.vocab_size = int(model.config.vocab_size)
         eos = model.generation_config.eos_token_id

@@ -59,11 +59,12 @@ def build(source: Path, out: Path, options: dict, calibration) -> dict:
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ftq.hf import load_kwargs
 
     _cpu_without_pinning()
     check_divisible(source, int(options["group_size"]))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", **load_kwargs())
+    tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs())
     data = Dataset.from_dict({"input_ids": calibration.ids, "attention_mask": [[1] * len(s) for s in calibration.ids]})
     oneshot(model=model, dataset=data, recipe=recipe(options), num_calibration_samples=len(calibration.ids),
             max_seq_length=max(len(s) for s in calibration.ids), shuffle_calibration_samples=False)

@@ -4,8 +4,10 @@ optimum + GPTQModel kernels, which include a CPU one) and vLLM serves."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
+import tempfile
 from pathlib import Path
 
 from ftq.params import ParamsError
@@ -40,10 +42,13 @@ def build(source: Path, out: Path, options: dict, calibration) -> dict:
     config = QuantizeConfig(bits=int(options["bits"]), group_size=int(options["group_size"]),
                             desc_act=bool(options["act_order"]), sym=bool(options["symmetric"]),
                             damp_percent=float(options["damp_percent"]))
-    model = GPTQModel.load(str(source), config)
     rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration.ids]
-    model.quantize(rows, batch_size=1, calibration_data_min_length=1)
-    model.save(str(out))
+    # GPTQModel writes logs/gptq_log_*.log into the working directory: keep them out of the project
+    with tempfile.TemporaryDirectory(prefix="ftq-gptq-") as scratch, contextlib.chdir(scratch):
+        # GPTQModel places the model on the GPU when there is one (its default device), else the CPU
+        model = GPTQModel.load(str(Path(source).resolve()), config)
+        model.quantize(rows, batch_size=1, calibration_data_min_length=1)
+        model.save(str(Path(out).resolve()))
     return {"artifact": "", "format": "gptq"}
 
 

@@ -15,13 +15,15 @@ class TransformersRuntime:
 
     def __init__(self, path: Path, threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ftq.hf import load_kwargs
 
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", device_map=self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, **load_kwargs())
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", device_map=self.device,
+                                                          **load_kwargs())
         self.model.eval()
 
     def _inputs(self, messages: list[dict]) -> dict:

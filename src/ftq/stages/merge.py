@@ -22,6 +22,7 @@ the adapter is (`qlora_reference_residual_mean_abs` < `qlora_dropped_adapter_mea
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import logging
@@ -122,8 +123,19 @@ def check_batch(root: Path, tokenizer, settings: MergeSettings) -> dict[str, tor
 
 @torch.no_grad()
 def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 logits on the CPU, whatever device and dtype the model is in."""
     model.eval()
-    return model(**batch, use_cache=False).logits.float()
+    on_device = {k: v.to(model.device) for k, v in batch.items()}
+    return model(**on_device, use_cache=False).logits.float().cpu()
+
+
+def placement(dtype: str) -> dict[str, Any]:
+    """Where the merge runs: on the GPU when there is one (the whole model in the working dtype), else on
+    the CPU; never a float32 copy of a bfloat16 base."""
+    from ftq.hf import load_kwargs
+
+    device = 0 if torch.cuda.is_available() else "cpu"
+    return {**load_kwargs(), "dtype": DTYPES[dtype], "device_map": {"": device}}
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
@@ -169,16 +181,19 @@ def failure(check: dict[str, Any]) -> str:
             f"allowed {100 * check['max_residual_ratio']:g} %")
 
 
-def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, torch.Tensor]):
-    """(base logits, base + adapter logits, model to merge), all in float32 on the original base. For a
-    full fine-tune the trained model is the merged model, and the base is loaded to measure the effect."""
+def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, torch.Tensor], dtype: str):
+    """(base logits, base + adapter logits, model to merge), on the original base in the base's dtype. For
+    a full fine-tune the trained model is the merged model, and the base is loaded to measure the effect;
+    only one model is held at a time."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    kwargs = placement(dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if method == "full":
         base_logits = logits_of(base, batch)
         del base
-        model = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
+        gc.collect()
+        model = AutoModelForCausalLM.from_pretrained(trained, **kwargs)
         return base_logits, logits_of(model, batch), model
     from peft import PeftModel
 
@@ -296,6 +311,7 @@ tokenizer = AutoTokenizer.from_pretrained("models/merged")
 
 
 def run(params: dict[str, Any]) -> MergeResult:
+    from ftq.hf import load_kwargs
     from ftq.memory import peak_memory
     from ftq.tracking import stage_run
 
@@ -310,14 +326,20 @@ def run(params: dict[str, Any]) -> MergeResult:
         started = time.time()
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(trained)
+        tokenizer = AutoTokenizer.from_pretrained(trained, **load_kwargs())
         batch = check_batch(root, tokenizer, settings)
-        base_logits, expected, model = trained_logits(method, trained, base_dir, batch)
+        work_dtype = saved_dtype(MergeSettings(), base_dir)  # the base's own dtype: merge at its precision
+        base_logits, expected, model = trained_logits(method, trained, base_dir, batch, work_dtype)
         merged = model if method == "full" else model.merge_and_unload()
-        merged = merged.to(DTYPES[dtype])
+        if work_dtype != dtype:
+            merged = merged.to(DTYPES[dtype])  # parameter by parameter: one extra tensor at a time
+        num_parameters = sum(p.numel() for p in merged.parameters())
+        on_gpu = merged.device.type == "cuda"
         with atomic_dir(out_dir) as tmp:
             save_sharded(merged, tokenizer, tmp, settings.max_shard_size)
-            merged_logits = logits_of(reload(tmp), batch)
+            del merged, model  # the check reloads what was written: never two copies at once
+            gc.collect()
+            merged_logits = logits_of(reload(tmp, dtype), batch)
             check = check_merge(base_logits, expected, merged_logits, batch["attention_mask"], max_ratio)
             if method == "qlora" and check["passed"]:
                 check.update(qlora_reference(trained, base_dir, batch, base_logits, merged_logits))
@@ -326,7 +348,7 @@ def run(params: dict[str, Any]) -> MergeResult:
                 raise MergeCheckError(f"{out_dir}: {failure(check)}; nothing was written")
             info = {
                 "dtype": dtype,
-                "num_parameters": sum(p.numel() for p in merged.parameters()),
+                "num_parameters": num_parameters,
                 "shards": len(list(tmp.glob("*.safetensors"))),
                 "lineage": lineage(params, root, method, trained),
                 "check": check,
@@ -342,7 +364,7 @@ def run(params: dict[str, Any]) -> MergeResult:
             "size_bytes": dir_size(out_dir),
             **{k: v for k, v in check.items() if k not in ("passed", "finite", "qlora_closer_than_dropped")},
             "wall_seconds": round(time.time() - started, 2),
-            **peak_memory(),
+            **peak_memory(on_gpu),
         }
         atomic_write_json(root / REPORT, report)
         tracked.log_metrics({k: float(v) for k, v in report.items() if k not in ("method", "dtype")})
@@ -364,7 +386,7 @@ def save_sharded(model, tokenizer, folder: Path, max_shard_size: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def reload(folder: Path):
+def reload(folder: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    return AutoModelForCausalLM.from_pretrained(folder, **placement(dtype))

@@ -190,6 +190,7 @@ def run(params: dict[str, Any]) -> PrepareResult:
     import datasets
     from datasets import Dataset
     from transformers import AutoTokenizer
+    from ftq.hf import load_kwargs
 
     datasets.disable_progress_bars()
 
@@ -211,7 +212,7 @@ def run(params: dict[str, Any]) -> PrepareResult:
             raise DataError("no training records left after validation and the split (see reports/data.json)")
 
         base_dir = root / "models" / "base"
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, **load_kwargs())
         train_rows, train, train_stats = tokenize_all(tokenizer, train, settings)
         eval_rows, evaluation, eval_stats = tokenize_all(tokenizer, evaluation, settings)
 
