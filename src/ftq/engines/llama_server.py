@@ -23,6 +23,7 @@ import orjson
 from ftq.engines import EngineError, Piece, Settings
 from ftq.errors import UsageError
 from ftq.processes import free_port, stop_group, wait_http
+from ftq.runtimes import gpu_layers
 
 START_TIMEOUT = 600  # seconds: a 70B GGUF takes a while to map
 JSON = {"Content-Type": "application/json"}
@@ -74,7 +75,9 @@ class LlamaServerEngine:
         command = [str(binary()), "--model", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
                    "--threads", str(self.threads), "--threads-batch", str(self.threads),
                    "--parallel", str(parallel), "--ctx-size", str(n_ctx * parallel), "--cont-batching",
-                   "--threads-http", str(parallel + 4), "--no-webui", "--jinja", "--alias", self.path.stem]
+                   "--threads-http", str(parallel + 4), "--no-webui", "--jinja", "--alias", self.path.stem,
+                   # every layer on the GPU with a CUDA build (built from the same sources as the wheel)
+                   "--n-gpu-layers", str(999 if gpu_layers() < 0 else gpu_layers())]
         self._session = None
         self._info = None
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

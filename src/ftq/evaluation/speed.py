@@ -33,23 +33,35 @@ def measure(runtime, prompts: list[str], max_new_tokens: int, count_tokens) -> d
     }
 
 
-def measure_relative(runtime, open_reference, prompts: list[str], max_new_tokens: int, repeats: int) -> dict:
+def _measured(open_model, prompts: list[str], max_new_tokens: int) -> dict:
+    from ftq.memory import release
+
+    runtime = open_model()
+    try:
+        runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # load (llama.cpp maps on first use)
+        return measure(runtime, prompts, max_new_tokens, runtime.count_tokens)
+    finally:
+        runtime.close()
+        del runtime
+        release()
+
+
+def measure_relative(open_candidate, open_reference, prompts: list[str], max_new_tokens: int, repeats: int) -> dict:
     """`repeats` measurements of the candidate, each followed by one of a reference model (merged, in
     transformers) on the same prompts: absolute speed changes 2-4x with machine load, the paired ratio
     much less, so candidates are compared on `relative_tokens_per_second` (median of the per-repeat
-    ratios). `open_reference` is None when the candidate is the reference itself (ratio 1)."""
+    ratios). `open_reference` is None when the candidate is the reference itself (ratio 1).
+
+    One model is in memory at a time: each measurement opens its model, warms it with one token and
+    closes it. Weights are mapped from the page cache, so reopening costs about a second, while holding
+    both would double the stage's memory (a 70B merged model beside its build does not fit anywhere)."""
     from statistics import median
 
-    reference = open_reference() if open_reference is not None else None
     mine, theirs = [], []
-    try:
-        for _ in range(repeats):
-            mine.append(measure(runtime, prompts, max_new_tokens, runtime.count_tokens))
-            if reference is not None:
-                theirs.append(measure(reference, prompts, max_new_tokens, reference.count_tokens))
-    finally:
-        if reference is not None:
-            reference.close()
+    for _ in range(repeats):
+        mine.append(_measured(open_candidate, prompts, max_new_tokens))
+        if open_reference is not None:
+            theirs.append(_measured(open_reference, prompts, max_new_tokens))
     theirs = theirs or mine
     speeds = [m["tokens_per_second"] for m in mine if m["tokens_per_second"]]
     reference_speeds = [m["tokens_per_second"] for m in theirs if m["tokens_per_second"]]

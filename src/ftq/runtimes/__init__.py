@@ -57,6 +57,22 @@ def gguf_file(path: Path) -> Path:
     return files[0]
 
 
+def gpu_layers() -> int:
+    """Layers llama.cpp offloads: all of them (-1) where this build has a GPU backend (make install builds
+    llama.cpp with CUDA where nvcc is present) and a GPU answers, none on a CPU build. FTQ_GPU_LAYERS
+    overrides (e.g. a partial offload for a model larger than the GPU)."""
+    import os
+
+    if os.environ.get("FTQ_GPU_LAYERS"):
+        return int(os.environ["FTQ_GPU_LAYERS"])
+    try:
+        import llama_cpp
+
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    except (ImportError, AttributeError):
+        return 0
+
+
 def open_model(path: str | Path, threads: int | None = None, n_ctx: int = 2048) -> Runtime:
     path = Path(path)
     if artifact_format(path) == "gguf":

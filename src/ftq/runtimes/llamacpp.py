@@ -16,7 +16,7 @@ import numpy as np
 SETS_OMP_POLICY = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ftq.runtimes import default_threads  # noqa: E402  (after the OMP setting, which must come first)
+from ftq.runtimes import default_threads, gpu_layers  # noqa: E402  (after the OMP setting, which must come first)
 
 
 class LlamaCppRuntime:
@@ -33,7 +33,7 @@ class LlamaCppRuntime:
         from llama_cpp import Llama
 
         return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                     logits_all=logits_all, verbose=False)
+                     n_gpu_layers=gpu_layers(), logits_all=logits_all, verbose=False)
 
     @property
     def llama(self):

@@ -148,7 +148,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     from ftq.quantize.calibration import heldout
     from ftq.quantize.check import perplexity
     from ftq.runtimes import artifact_format, open_model
-    from ftq.memory import peak_memory
+    from ftq.memory import peak_memory, release
     from ftq.tracking import stage_run
 
     cfg = settings(params)
@@ -159,25 +159,29 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"))
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
-        runtime = open_model(path, n_ctx=max(2048, int(cfg["perplexity_max_length"]) + 8,
-                                             int(cfg["lm_eval"]["max_length"]) + 64))
+        n_ctx = max(2048, int(cfg["perplexity_max_length"]) + 8, int(cfg["lm_eval"]["max_length"]) + 64)
+        runtime = open_model(path, n_ctx=n_ctx)
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
         load_seconds = time.time() - started
+        runtime_kind = runtime.kind
         rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
         load_and_answer = time.time() - started
         general_scores, general_rows = general.run(runtime, cfg["general"]["questions"],
                                                    int(cfg["general"]["max_new_tokens"]))
         ppl = perplexity(runtime, sequences)
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
-        efficiency = speed.measure_relative(runtime, speed_reference(root, name), list(cfg["speed_prompts"]),
-                                            int(cfg["speed_max_new_tokens"]), int(cfg["speed_repeats"]))
         lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
-        runtime.close()
+        runtime.close()  # speed opens the candidate and merged in turn: one model in memory at a time
+        del runtime
+        release()
+        efficiency = speed.measure_relative(lambda: open_model(path, n_ctx=n_ctx), speed_reference(root, name),
+                                            list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
+                                            int(cfg["speed_repeats"]))
         size = path.stat().st_size if path.is_file() else dir_size(path)
         report = {
             "candidate": name,
             "format": artifact_format(path),
-            "runtime": runtime.kind,
+            "runtime": runtime_kind,
             **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
             **general_scores,
             "perplexity": round(ppl, 4),

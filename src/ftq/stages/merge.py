@@ -22,7 +22,6 @@ the adapter is (`qlora_reference_residual_mean_abs` < `qlora_dropped_adapter_mea
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, dir_size
+from ftq.memory import release
 from ftq.params import ParamsError, block, params_hash, repo_root
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, 
     if method == "full":
         base_logits = logits_of(base, batch)
         del base
-        gc.collect()
+        release()
         model = AutoModelForCausalLM.from_pretrained(trained, **kwargs)
         return base_logits, logits_of(model, batch), model
     from peft import PeftModel
@@ -338,7 +338,7 @@ def run(params: dict[str, Any]) -> MergeResult:
         with atomic_dir(out_dir) as tmp:
             save_sharded(merged, tokenizer, tmp, settings.max_shard_size)
             del merged, model  # the check reloads what was written: never two copies at once
-            gc.collect()
+            release()
             merged_logits = logits_of(reload(tmp, dtype), batch)
             check = check_merge(base_logits, expected, merged_logits, batch["attention_mask"], max_ratio)
             if method == "qlora" and check["passed"]:
