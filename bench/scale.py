@@ -198,6 +198,18 @@ def run_row(name: str, source: str, logs: Path) -> dict:
             "worst_x_model_bytes": stages[worst]["x_model_bytes"], "meets_goal": stages[worst]["x_model_bytes"] <= GOAL}
 
 
+def marginal(rows: list[dict]) -> dict:
+    """Each stage's extra peak per extra model byte, between the smallest and the largest model: the
+    copies a stage makes, without the fixed runtime share (imports, buffers) that both rows pay."""
+    if len(rows) < 2:
+        return {}
+    small, large = min(rows, key=lambda r: r["model_bytes"]), max(rows, key=lambda r: r["model_bytes"])
+    extra = large["model_bytes"] - small["model_bytes"]
+    return {"between": [small["name"], large["name"]],
+            "stages": {s: round((large["stages"][s]["peak_memory_bytes"] - small["stages"][s]["peak_memory_bytes"])
+                                / extra, 2) for s in large["stages"] if s in small["stages"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["smollm2-135m", *MODELS])
@@ -216,6 +228,7 @@ def main() -> None:
             continue
         results[name] = run_row(name, source(), logs)
     report = {
+        "marginal": marginal(list(results.values())),
         "goal": f"every stage's peak resident memory <= {GOAL}x the model's bytes (its safetensors)",
         "machine": {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total},
         "measured": "max(process tree RSS sampled every 50 ms, wait4 max RSS of the stage process and children)",
@@ -224,6 +237,8 @@ def main() -> None:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
+    if report["marginal"]:
+        print("extra peak per extra model byte:", report["marginal"]["stages"])
     for row in report["results"]:
         print(f"{row['name']}: {row['parameters']:,} parameters, {row['model_bytes'] / 1e9:.2f} GB; worst "
               f"{row['worst_stage']} {row['worst_x_model_bytes']}x (goal {GOAL}x: {'met' if row['meets_goal'] else 'NOT met'})")

@@ -117,3 +117,30 @@ def test_gptq_build_loads_in_transformers(merged):
     assert manifest["check"]["passed"] and manifest["check"]["runtime"] == "transformers"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bits"] == 4 and config["group_size"] == 32 and config["desc_act"] is True
+
+
+def test_gguf_scoring_in_batches_matches_whole_context_logits(merged):
+    """The llama.cpp runtime decodes n_batch tokens at a time (logits memory n_batch x vocabulary): across
+    batch boundaries it must give what llama-cpp-python's logits_all (context x vocabulary) gives."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    manifest = quantize.run(with_builds(merged, f16={"method": "gguf", "type": "f16"}), "f16").manifest
+    path = merged / "models" / "quantized" / "f16" / manifest["artifact"]
+    runtime = open_model(path.parent, n_ctx=1024)
+    ids = [int(t) for t in np.random.default_rng(0).integers(10, 4000, size=700)]  # 512 + 188: two batches
+    batched = runtime.logits(ids)
+    whole = Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False)
+    whole.eval(ids)
+    expected = np.array(whole.scores[: len(ids)])
+    assert batched.shape == expected.shape and runtime._scorer().n_batch == 512
+    assert np.abs(batched - expected).max() < 1e-3
+    nll, n = runtime.sequence_nll(ids)
+    logprobs = expected[:-1] - np.log(np.exp(expected[:-1] - expected[:-1].max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - expected[:-1].max(1, keepdims=True)
+    assert n == 699 and abs(nll + logprobs[np.arange(699), ids[1:]].sum()) < 1e-2 * n
+    following = runtime.next_logits(ids[0])  # continues after the 700 tokens
+    whole.eval([ids[0]])
+    assert np.abs(following - np.array(whole.scores[700])).max() < 1e-3
+    runtime.close()
+    whole.close()

@@ -29,16 +29,16 @@ class LlamaCppRuntime:
         self._chat_model = None
         self._scoring_model = None
 
-    def _load(self, logits_all: bool):
+    def _load(self):
         from llama_cpp import Llama
 
         return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                     n_gpu_layers=gpu_layers(), logits_all=logits_all, verbose=False)
+                     n_gpu_layers=gpu_layers(), verbose=False)
 
     @property
     def llama(self):
         if self._chat_model is None:
-            self._chat_model = self._load(logits_all=False)
+            self._chat_model = self._load()
         return self._chat_model
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
@@ -108,35 +108,55 @@ class LlamaCppRuntime:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Next-token logits after each prefix of `token_ids` ([n, vocab]); `next_logits` continues from here."""
-        llm = self._scorer()
-        if len(token_ids) > llm.n_ctx():
-            raise ValueError(f"sequence of {len(token_ids)} tokens exceeds the context of {llm.n_ctx()}")
-        llm.reset()
-        llm.eval(list(token_ids))
-        return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+        self._check_room(0, len(token_ids))
+        return np.concatenate(list(self._decode(token_ids, n_past=0)))
 
     def next_logits(self, token_id: int) -> np.ndarray:
+        n_past = self._scorer().n_tokens
+        if n_past >= self.n_ctx:
+            raise ValueError(f"generation reached the context of {self.n_ctx} tokens")
+        return next(self._decode([token_id], n_past))[0]
+
+    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
+        """Summed negative log-likelihood of token_ids[1:] (where `scored`), chunk by chunk."""
+        self._check_room(0, len(token_ids))
+        targets = np.asarray(token_ids[1:])
+        keep = np.asarray(scored[1:], dtype=bool) if scored is not None else np.ones(len(targets), dtype=bool)
+        total, start = 0.0, 0
+        for chunk in self._decode(token_ids, n_past=0):
+            rows = np.arange(start, min(start + len(chunk), len(targets)))
+            start += len(chunk)
+            if not len(rows):
+                continue
+            logits = chunk[: len(rows)].astype(np.float64)
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            total += float(-logprobs[np.arange(len(rows)), targets[rows]][keep[rows]].sum())
+        return total, int(keep.sum())
+
+    def _check_room(self, n_past: int, n: int) -> None:
+        if n_past + n > self.n_ctx:
+            raise ValueError(f"sequence of {n_past + n} tokens exceeds the context of {self.n_ctx}")
+
+    def _decode(self, token_ids: list[int], n_past: int) -> Iterator[np.ndarray]:
+        """Evaluate token_ids after the first n_past cached tokens, n_batch at a time, yielding each batch's
+        logits ([k, vocab], a copy). Memory for logits is n_batch x vocabulary, where llama-cpp-python's
+        logits_all keeps context x vocabulary (2 GB at 4k x 128k) for the model's lifetime."""
         llm = self._scorer()
-        if llm.n_tokens >= llm.n_ctx():
-            raise ValueError(f"generation reached the context of {llm.n_ctx()} tokens")
-        llm.eval([token_id])
-        return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        vocab = llm.n_vocab()
+        for start in range(0, len(token_ids), llm.n_batch):
+            chunk = list(token_ids[start : start + llm.n_batch])
+            llm._batch.set_batch(batch=chunk, n_past=n_past + start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.n_tokens = n_past + start + len(chunk)
+            yield np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), vocab)).copy()
 
     def _scorer(self):
         if self._scoring_model is None:
-            self._scoring_model = self._load(logits_all=True)
+            # its own context (the chat model's cache stays intact); logits come from _decode, per batch
+            self._scoring_model = self._load()
         return self._scoring_model
-
-    def sequence_nll(self, token_ids: list[int], scored: list[bool] | None = None) -> tuple[float, int]:
-        logits = self.logits(token_ids)[:-1].astype(np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        targets = np.asarray(token_ids[1:])
-        token_nll = -logprobs[np.arange(len(targets)), targets]
-        if scored is not None:
-            keep = np.asarray(scored[1:], dtype=bool)
-            return float(token_nll[keep].sum()), int(keep.sum())
-        return float(token_nll.sum()), len(targets)
 
     def close(self) -> None:
         for model in (self._chat_model, self._scoring_model):
