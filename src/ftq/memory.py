@@ -50,16 +50,3 @@ def trim() -> None:
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
 
-
-def return_large_frees(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of `threshold` bytes or more (weight matrices, activations) from its own
-    mapping, so freeing it returns it to the system. glibc's default raises that threshold up to 32 MB
-    as large blocks are freed, then keeps such blocks in its heap, where they fragment: on a 1.1B model's
-    LoRA step that was ~80 MB of resident set. 1 MiB costs no speed there (64 KiB cost 30 %)."""
-    import ctypes
-
-    M_MMAP_THRESHOLD = -3
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc
-        pass

@@ -177,7 +177,7 @@ def build_trainer(settings, params, root, tracked):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ftq.data.collate import make_collator
-    from ftq.training.callbacks import History, Progress, ReleaseMemory
+    from ftq.training.callbacks import History, Progress
     from ftq.training.model import load_for_training, precision_flags, stored_dtype
 
     base_dir = root / "models" / "base"
@@ -198,7 +198,7 @@ def build_trainer(settings, params, root, tracked):
         eval_dataset=eval_data,
         # no processing_class: with it, packed rows would count <|im_end|> (the pad id) as padding
         data_collator=make_collator(tokenizer.pad_token_id, packing),
-        callbacks=[history, Progress(history), ReleaseMemory()],
+        callbacks=[history, Progress(history)],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

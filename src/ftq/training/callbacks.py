@@ -100,14 +100,3 @@ class Progress(TrainerCallback):
             self.bar.close()
             self.bar = None
 
-
-class ReleaseMemory(TrainerCallback):
-    """Hand memory freed by each step back to the system (glibc keeps freed activations in its heap, where
-    fragmentation grows the resident set step after step); a trim costs about a millisecond."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        from ftq.memory import trim
-
-        trim()
-
-    on_evaluate = on_step_end
