@@ -15,9 +15,11 @@ STAMP := $(VENV)/.ftq-installed
 LLAMA_CPP := 0.3.36
 FTQ_CACHE ?= $(HOME)/.cache/ftq
 LLAMA_SDIST := $(FTQ_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
-# where nvcc is present, llama.cpp (the wheel and llama-server) is built with CUDA, cached apart from the
-# CPU build; GGUF runtimes then offload every layer to the GPU. FTQ_CUDA=0 forces the CPU build.
-NVCC := $(if $(filter 0,$(FTQ_CUDA)),,$(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null))
+# where a GPU answers (nvidia-smi -L) and nvcc is present, llama.cpp (the wheel and llama-server) is built
+# with CUDA for that GPU, cached apart from the CPU build; GGUF runtimes then offload every layer to the GPU.
+# nvcc alone is not enough: a CUDA toolkit without a GPU (and its libraries) fails the build.
+# FTQ_CUDA=0 forces the CPU build.
+NVCC := $(if $(filter 0,$(FTQ_CUDA)),,$(shell nvidia-smi -L >/dev/null 2>&1 && { command -v nvcc || ls /usr/local/cuda/bin/nvcc; } 2>/dev/null))
 LLAMA_VARIANT := $(if $(NVCC),-cuda,)
 LLAMA_CMAKE_ARGS := $(if $(NVCC),-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER=$(NVCC) -DCMAKE_CUDA_ARCHITECTURES=native,)
 LLAMA_WHEELS := $(FTQ_CACHE)/wheels$(LLAMA_VARIANT)
