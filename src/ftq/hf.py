@@ -19,5 +19,11 @@ def trust_remote_code(root: Path | None = None) -> bool:
         return False  # no base stage here (a deployed registry package): no remote code
 
 
+def stored_dtype(folder: Path) -> str:
+    """The dtype a model folder's weights are stored in (config.json), float32 when it does not say."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
 def load_kwargs(root: Path | None = None) -> dict[str, Any]:
     return {"trust_remote_code": trust_remote_code(root)}

@@ -35,16 +35,10 @@ def release() -> None:
     """Hand freed memory back to the system. glibc serves tensors up to 32 MB (most weight matrices) from
     its heap once a large free has raised its mmap threshold, and keeps what is freed there: without a
     trim, a model deleted before the next one loads still counts, and the stage peaks at two models."""
+    import ctypes
     import gc
 
     gc.collect()
-    trim()
-
-
-def trim() -> None:
-    """glibc's malloc_trim: free heap pages go back to the system (a no-op elsewhere)."""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

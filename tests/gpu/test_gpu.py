@@ -2,14 +2,13 @@
 build of llama.cpp) is absent. Every stage runs on the tiny model with a bf16 base, as a GPU user runs it."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import load_params, make_project, project_env, set_params
+from conftest import load_params, project_env, set_params
 from ftq.stages import base, merge, prepare, quantize, reference, train
 
 pytestmark = [
@@ -21,11 +20,8 @@ FAST = {"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "eval
 
 
 @pytest.fixture()
-def gpu_project(tmp_path, tiny_model_dir, monkeypatch):
-    root = make_project(tmp_path / "project", tiny_model_dir)
-    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))] + ["FTQ_PARENT_RUN_ID"]:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(root)
+def gpu_project(project):
+    root = project
     set_params(root, base={"dtype": "bfloat16"}, train=FAST,
                quantize={"check": {"max_new_tokens": 12}, "reference": {"examples": 6, "max_length": 128},
                          "calibration": {"split": "train", "samples": 8, "max_length": 128, "seed": 0}})

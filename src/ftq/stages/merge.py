@@ -230,12 +230,15 @@ def qlora_reference(trained: Path, base_dir: Path, batch: dict[str, torch.Tensor
             "qlora_closer_than_dropped": merged_mean < dropped_mean}
 
 
-def saved_dtype(settings: MergeSettings, base_dir: Path) -> str:
-    if settings.dtype != "auto":
-        return settings.dtype
-    config = json.loads((base_dir / "config.json").read_text())
-    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+def base_dtype(base_dir: Path) -> str:
+    from ftq.hf import stored_dtype
+
+    stored = stored_dtype(base_dir)
     return stored if stored in DTYPES else "float32"
+
+
+def saved_dtype(settings: MergeSettings, base_dir: Path) -> str:
+    return settings.dtype if settings.dtype != "auto" else base_dtype(base_dir)
 
 
 def lineage(params: dict[str, Any], root: Path, method: str, trained: Path) -> dict[str, Any]:
@@ -328,7 +331,7 @@ def run(params: dict[str, Any]) -> MergeResult:
 
         tokenizer = AutoTokenizer.from_pretrained(trained, **load_kwargs())
         batch = check_batch(root, tokenizer, settings)
-        work_dtype = saved_dtype(MergeSettings(), base_dir)  # the base's own dtype: merge at its precision
+        work_dtype = base_dtype(base_dir)  # merge at the base's own precision
         base_logits, expected, model = trained_logits(method, trained, base_dir, batch, work_dtype)
         merged = model if method == "full" else model.merge_and_unload()
         if work_dtype != dtype:

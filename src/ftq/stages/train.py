@@ -178,7 +178,8 @@ def build_trainer(settings, params, root, tracked):
 
     from ftq.data.collate import make_collator
     from ftq.training.callbacks import History, Progress
-    from ftq.training.model import load_for_training, precision_flags, stored_dtype
+    from ftq.hf import stored_dtype
+    from ftq.training.model import load_for_training, precision_flags
 
     base_dir = root / "models" / "base"
     flags = precision_flags(settings.precision, stored_dtype(base_dir))

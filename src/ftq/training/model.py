@@ -3,7 +3,6 @@ double quantization through bitsandbytes, LoRA adapter in the compute dtype)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,11 +15,6 @@ log = logging.getLogger(__name__)
 
 class QLoRAUnavailable(RuntimeError):
     """bitsandbytes cannot run 4-bit layers on this machine."""
-
-
-def stored_dtype(base_dir: Path) -> str:
-    config = json.loads((Path(base_dir) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def precision_flags(precision: str, base_dtype: str = "float32") -> dict[str, bool]:
