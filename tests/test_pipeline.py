@@ -3,6 +3,7 @@ nesting, and `dvc exp run` with a param override rerunning only what depends on 
 
 import json
 import sys
+from pathlib import Path
 
 from conftest import mlflow_runs, project_env, run
 
@@ -164,3 +165,48 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     assert broken.returncode != 0 and "failed its check" in broken.stderr + broken.stdout
     assert not (project / "models" / "quantized" / "q8_0").exists()
     assert (project / "models" / "quantized" / "f16" / "model.gguf").exists()
+
+
+def test_queued_experiments_run_in_parallel_into_the_project_store(project):
+    """`dvc exp run --queue` then `--run-all -j 2`: each experiment runs in a copy under .dvc/tmp/exps,
+    where bin/ftq must find the project's .venv through $DVC_ROOT and write outputs into the copy (not the
+    parent, which DVC_ROOT names), while MLflow runs land in the project's store, one pipeline run each."""
+    import csv
+    import io
+    import os
+
+    dvc(project, "repro", "prepare")
+    run(["git", "add", "-A"], project, project_env(project))
+    run(["git", "commit", "-qm", "prepared"], project, project_env(project))
+    (project / ".venv").symlink_to(sys.prefix)  # what `make install` makes; git ignores it
+    env = {k: v for k, v in project_env(project).items() if k != "FTQ_PYTHON"}
+    # DVC's queue workers need `dvc` on PATH; a `python3` there must not have ftq, or the lookup goes untested
+    tools = project.parent / "bin"
+    tools.mkdir()
+    (tools / "dvc").symlink_to(Path(sys.executable).parent / "dvc")
+    env["PATH"] = os.pathsep.join([str(tools), *(p for p in env["PATH"].split(os.pathsep)
+                                                if Path(p) != Path(sys.executable).parent)])
+    dvc_bin = [sys.executable, "-m", "dvc"]
+    before = {p: (project / p).read_text() for p in ("params.yaml", "reports/data.json", "dvc.lock")}
+    for name, length in (("short", 64), ("medium", 96)):
+        run([*dvc_bin, "exp", "run", "--queue", "--name", name, "-S", f"data.max_length={length}", "prepare"], project, env)
+    run([*dvc_bin, "exp", "run", "--run-all", "-j", "2"], project, env, timeout=900)
+
+    status = run([*dvc_bin, "queue", "status"], project, env).stdout
+    assert status.count("Success") == 2, status
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(
+        run([*dvc_bin, "exp", "show", "--no-pager", "--csv"], project, env).stdout))}
+    column = next(c for c in rows["short"] if c.endswith("train.length.max"))
+    assert 0 < float(rows["short"][column]) <= 64 < float(rows["medium"][column]) <= 96
+    param = next(c for c in rows["short"] if c.endswith("data.max_length"))
+    assert (rows["short"][param], rows["medium"][param]) == ("64", "96")
+    assert {p: (project / p).read_text() for p in before} == before  # the workspace is untouched
+    assert run(["git", "status", "--porcelain"], project, env).stdout == ""
+
+    runs = mlflow_runs(project)  # the project's own store
+    for name in ("short", "medium"):
+        [pipeline] = [r for r in runs if r.data.tags.get("dvc.exp") == name and r.data.tags["ftq.stage"] == "pipeline"]
+        [stage] = [r for r in runs if r.data.tags.get("dvc.exp") == name and r.data.tags["ftq.stage"] == "prepare"]
+        assert stage.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+        assert stage.info.status == pipeline.info.status == "FINISHED"
+        assert stage.data.params["data.max_length"] == str(dict(short=64, medium=96)[name])

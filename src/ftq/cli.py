@@ -408,9 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     # torchao (pulled in by llm-compressor) logs every CUDA-only kernel it cannot load on a CPU box
     logging.getLogger("torchao").setLevel(logging.ERROR)
     from ftq.errors import USER_ERRORS
+    from ftq.processes import exit_code, stop_on_signals
 
+    stop_on_signals()
     try:
         return args.func(args)
+    except KeyboardInterrupt as stop:
+        print(f"ftq: {stop or 'stopped by SIGINT'}; temporary outputs removed", file=sys.stderr)
+        return exit_code(stop)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

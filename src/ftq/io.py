@@ -1,16 +1,22 @@
 """Atomic outputs: everything is written to a temp path beside the target and renamed into place,
-so a failed or killed stage never leaves a half-written output behind."""
+so a failed or stopped stage never leaves a half-written output behind. A temp path is named
+`<target>.tmp-<pid>-<random>`: a failure or a stop (Ctrl-C, SIGTERM) removes it at once; what a
+SIGKILL leaves, the next write of the same target removes (its process is gone)."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -24,12 +30,32 @@ def _default_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _temp_prefix(target: Path) -> str:
+    return f"{target.name}.tmp-{os.getpid()}-"
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Temp paths of `target` whose process has died (SIGKILL, power loss): removed."""
+    from ftq.processes import pid_alive
+
+    removed = []
+    for path in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
+        pid = path.name[len(target.name) + len(".tmp-"):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d leftover(s) of a killed run: %s", len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+    remove_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     _default_mode(tmp, is_dir=True)
     try:
         yield tmp
@@ -40,7 +66,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         _default_mode(path, path.is_dir())
     old = None
     if target.exists():
-        old = target.with_name(f"{target.name}.tmp-old-{os.getpid()}")
+        old = target.with_name(f"{_temp_prefix(target)}old")
         target.rename(old)
     tmp.rename(target)
     if old is not None:
@@ -50,7 +76,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

@@ -16,14 +16,24 @@ class ParamsError(ValueError):
 
 
 def repo_root(start: Path | None = None) -> Path:
-    """The project root: $DVC_ROOT inside `dvc repro`, else the nearest folder up with dvc.yaml or params.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    """The project root, where a stage reads its inputs and writes its outputs: the nearest folder up from
+    the working directory with dvc.yaml or params.yaml. DVC runs each stage there, in the workspace it
+    runs in: the project itself, or a temporary copy for `dvc exp run --temp` and queued experiments
+    (whose $DVC_ROOT names the parent project instead: see store_root)."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").exists() or (folder / "params.yaml").exists():
             return folder
     return here
+
+
+def store_root() -> Path:
+    """Where what every workspace shares lives (the MLflow store and its artifacts, the run log): the
+    parent project ($DVC_ROOT) when DVC runs a stage in a temporary experiment workspace, so queued
+    experiments log into the project's store rather than into a copy that DVC deletes; else repo_root."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return repo_root()
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:

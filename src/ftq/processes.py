@@ -1,5 +1,5 @@
-"""Child servers (mlflow server, PostgreSQL's clients): start in their own process group, wait until
-they answer, stop the whole group."""
+"""Processes: stopping ftq itself cleanly (SIGTERM as Ctrl-C), and child servers (mlflow server,
+PostgreSQL's clients): start in their own process group, wait until they answer, stop the whole group."""
 
 from __future__ import annotations
 
@@ -9,6 +9,42 @@ import socket
 import subprocess
 import time
 import urllib.request
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) arrived. A KeyboardInterrupt, so Ctrl-C and a stop take one path: every
+    `finally` and `except BaseException` runs (temp outputs are removed, the MLflow run ends KILLED),
+    and no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Python's default for SIGTERM is to die on the spot, running no cleanup: raise Stopped instead.
+    (SIGKILL cannot be caught: what it leaves, the next run of the stage removes.)"""
+
+    def stop(signum, _frame):
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+def exit_code(stop: KeyboardInterrupt) -> int:
+    """The shell's code for death by that signal (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + getattr(stop, "signum", signal.SIGINT)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def free_port() -> int:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftq.params import flatten, params_hash, repo_root
+from ftq.params import flatten, params_hash, repo_root, store_root
+from ftq.processes import pid_alive
 
 PARENT_RUN_ENV = "FTQ_PARENT_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -26,11 +27,11 @@ def tracking_uri(params: dict[str, Any] | None = None) -> str:
     configured = ((params or {}).get("tracking") or {}).get("uri")
     if configured:
         return configured
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
 def artifact_root() -> Path:
-    return repo_root() / "mlartifacts"
+    return store_root() / "mlartifacts"
 
 
 def client(params: dict[str, Any] | None = None):
@@ -156,7 +157,7 @@ class StageRun:
 
 
 def _runs_log() -> Path:
-    return repo_root() / ".ftq" / "runs.jsonl"
+    return store_root() / ".ftq" / "runs.jsonl"
 
 
 def _record_run_id(stage: str, run_id: str, parent: str | None, status: str) -> None:
@@ -166,16 +167,6 @@ def _record_run_id(stage: str, run_id: str, parent: str | None, status: str) -> 
              "time": time.time()}
     with open(log, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def close_killed_runs(mlflow_client) -> list[str]:
@@ -193,7 +184,7 @@ def close_killed_runs(mlflow_client) -> list[str]:
         latest[entry["run_id"]] = entry
     killed = []
     for run_id, entry in latest.items():
-        if entry.get("status") == "RUNNING" and entry.get("pid") and not _alive(entry["pid"]):
+        if entry.get("status") == "RUNNING" and entry.get("pid") and not pid_alive(entry["pid"]):
             try:
                 if mlflow_client.get_run(run_id).info.status == "RUNNING":
                     mlflow_client.set_terminated(run_id, "KILLED")
@@ -202,6 +193,23 @@ def close_killed_runs(mlflow_client) -> list[str]:
             _record_run_id(entry["stage"], run_id, entry.get("parent"), "KILLED")
             killed.append(run_id)
     return killed
+
+
+def dvc_experiment_run(mlflow_client, exp_id: str) -> str | None:
+    """The pipeline run of the DVC experiment this stage runs in, when DVC runs it without `ftq run`
+    (`dvc exp run --queue` then `dvc queue start`, `--temp`, or plain): found by the experiment's name
+    ($DVC_EXP_NAME, which DVC sets for each experiment's stages), or opened by its first stage."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return None
+    found = mlflow_client.search_runs(
+        [exp_id], f"tags.`ftq.stage` = 'pipeline' and tags.`dvc.exp` = '{name}'", max_results=1)
+    if found:
+        mlflow_client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {"ftq.stage": "pipeline", "dvc.exp": name, "ftq.command": "dvc exp run",
+            "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""), "git.rev": git_rev()}
+    return mlflow_client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
 @contextlib.contextmanager
@@ -217,6 +225,8 @@ def stage_run(
     exp_id = experiment_id(mlflow_client, params)
     close_killed_runs(mlflow_client)
     parent = os.environ.get(PARENT_RUN_ENV) or None
+    experiment_parent = None if parent else dvc_experiment_run(mlflow_client, exp_id)
+    parent = parent or experiment_parent
     tags = lineage_tags(stage, params, block_name, block_values)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -231,6 +241,11 @@ def stage_run(
     try:
         yield handle
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (ftq.processes.Stopped)
+        status = "KILLED"
+        raise
     finally:
         mlflow_client.set_terminated(run.info.run_id, status)
         _record_run_id(stage, run.info.run_id, parent, status)
+        if experiment_parent:  # the experiment's state so far: its next stage sets it RUNNING again
+            mlflow_client.set_terminated(experiment_parent, status)

@@ -144,3 +144,54 @@ def test_gguf_scoring_in_batches_matches_whole_context_logits(merged):
     assert np.abs(following - np.array(whole.scores[700])).max() < 1e-3
     runtime.close()
     whole.close()
+
+
+def _start_build(root, name):
+    """`bin/ftq quantize <name>` as DVC runs it, with the build added to params.yaml; returns once its
+    temp folder exists (the stage is mid-build)."""
+    import subprocess
+    import time
+
+    import yaml
+
+    from conftest import project_env
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["quantize"]["builds"][name] = {"method": "gguf", "type": "q8_0"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = open(root / f"{name}.log", "w")
+    process = subprocess.Popen([str(root / "bin" / "ftq"), "quantize", name], cwd=root, env=project_env(root),
+                               stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not list((root / "models" / "quantized").glob(f"{name}.tmp-*")):
+        assert process.poll() is None, (root / f"{name}.log").read_text()
+        assert time.monotonic() < deadline, "the build never started"
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_build_removes_its_temp_folder_and_ends_its_run_killed(merged, signum):
+    name = f"stopped{signum}"
+    process = _start_build(merged, name)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum, (merged / f"{name}.log").read_text()
+    assert "temporary outputs removed" in (merged / f"{name}.log").read_text()
+    assert not list((merged / "models" / "quantized").glob(f"{name}*"))
+    [run] = quantize_runs(merged, name)
+    assert run.info.status == "KILLED"
+
+
+def test_leftovers_of_a_sigkilled_build_are_removed_by_its_next_run(merged):
+    name = "sigkilled"
+    process = _start_build(merged, name)
+    process.kill()
+    process.wait(timeout=60)
+    [leftover] = (merged / "models" / "quantized").glob(f"{name}.tmp-*")  # what SIGKILL cannot clean
+    [killed] = quantize_runs(merged, name)
+    assert killed.info.status == "RUNNING"
+
+    quantize.run(load_params(merged), name)
+    assert not leftover.exists() and (merged / "models" / "quantized" / name / "model.gguf").exists()
+    runs = {r.info.run_id: r.info.status for r in quantize_runs(merged, name)}
+    assert runs[killed.info.run_id] == "KILLED" and sorted(runs.values()) == ["FINISHED", "KILLED"]

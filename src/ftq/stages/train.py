@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ftq.io import atomic_write_json, atomic_write_text, save_figure
-from ftq.memory import peak_memory
+from ftq.memory import peak_memory, release
 from ftq.params import params_hash, repo_root
 from ftq.training import launch
 from ftq.training.settings import TrainSettings
@@ -212,16 +212,21 @@ def save_output(trainer, tokenizer, settings: TrainSettings, root: Path, info: d
     staging = target.with_name(f"{target.name}.tmp-train")
     if launch.is_main_process() and staging.exists():
         shutil.rmtree(staging)
-    trainer.save_model(str(staging))
-    if launch.is_main_process():
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; ftq_train.json has the settings
-        tokenizer.save_pretrained(staging)
-        atomic_write_json(staging / INFO_FILE, info)
-        for path in staging.iterdir():
-            path.chmod(0o644)  # safetensors writes 0600 files
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+    try:
+        trainer.save_model(str(staging))
+        if launch.is_main_process():
+            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; ftq_train.json has the settings
+            tokenizer.save_pretrained(staging)
+            atomic_write_json(staging / INFO_FILE, info)
+            for path in staging.iterdir():
+                path.chmod(0o644)  # safetensors writes 0600 files
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+    except BaseException:  # a failure or a stop (Ctrl-C, SIGTERM): no half-saved adapter stays behind
+        if launch.is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 
@@ -309,12 +314,16 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
     }
     info = {"method": settings.method, "settings": asdict(settings), "fingerprint": expected, "report": report}
     target = save_output(trainer, tokenizer, settings, root, info)
+    examples = len(trainer.train_dataset)
+    # the weights are saved: free them before plotting and logging, which would otherwise add to the peak
+    del trainer
+    release()
     if not launch.is_main_process():
         return None
     atomic_write_json(root / REPORT, report)
     write_csv(root / LOSS_CSV, train_rows, ["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
     write_csv(root / EVAL_CSV, eval_rows, ["step", "eval_loss"])
-    plot_losses(train_rows, eval_rows, root / LOSS_PNG, f"{settings.method} on {len(trainer.train_dataset)} examples")
+    plot_losses(train_rows, eval_rows, root / LOSS_PNG, f"{settings.method} on {examples} examples")
     _log_to_mlflow(tracked, report, train_rows + eval_rows, resume, root, target)
     if not settings.keep_checkpoints:
         shutil.rmtree(root / settings.checkpoint_dir, ignore_errors=True)

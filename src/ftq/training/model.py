@@ -3,6 +3,7 @@ double quantization through bitsandbytes, LoRA adapter in the compute dtype)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -137,8 +138,25 @@ def add_lora(model, settings: TrainSettings):
         target_modules=settings.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with _no_gptqmodel_probe():
+        model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", settings.lora.rank,
              settings.lora.target_modules, trainable, total, 100 * trainable / total)
     return model
+
+
+@contextlib.contextmanager
+def _no_gptqmodel_probe():
+    """peft's GPTQ and AWQ LoRA dispatchers import GPTQModel (where installed) to test every layer's type.
+    The base here never holds GPTQModel layers (HF weights in bf16/fp32, or bitsandbytes 4-bit), and the
+    import costs ~100 MB of resident memory in every training process and rewrites its environment
+    (PYTORCH_ALLOC_CONF, which would change the CUDA allocator under training, and CUDA_DEVICE_ORDER)."""
+    from peft.tuners.lora import awq, gptq
+
+    saved = awq.is_gptqmodel_available, gptq.is_gptqmodel_available
+    awq.is_gptqmodel_available = gptq.is_gptqmodel_available = lambda: False
+    try:
+        yield
+    finally:
+        awq.is_gptqmodel_available, gptq.is_gptqmodel_available = saved
