@@ -47,6 +47,11 @@ def test_ftq_run_nests_stage_runs_and_experiments_rerun_only_what_changed(projec
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["ftq.stage"] for r in children) == ["base", "prepare"]
     assert parent.info.status == "FINISHED"
+    times = json.loads((project / "reports" / "pipeline_times.json").read_text())
+    assert [s["stage"] for s in times["stages"]] == ["base", "prepare"] and times["status"] == "FINISHED"
+    spans = {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in children}
+    assert all(abs(s["seconds"] - spans[s["stage"]]) < 0.1 for s in times["stages"])
+    assert times["stage_seconds"] <= times["wall_seconds"]
 
     again = ftq(project, "run", "prepare")
     assert "every stage was up to date" in again.stderr

@@ -91,3 +91,16 @@ def test_embedded_smollm2_materializes_and_answers(project):
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout.split("assistant:", 1)[1]
+    # evaluate answers transformers candidates in batches (left-padded, masked): the real model must give
+    # token for token what it answers one at a time, on prompts of different lengths
+    from ftq.runtimes.transformers import TransformersRuntime
+    from ftq.stages.evaluate import answers
+
+    runtime = TransformersRuntime(project / "models" / "base")
+    prompts = ["Hi", "Convert 3 miles to kilometres and explain each step.", "What is 2+2?", "Name a colour.",
+               "Write one long sentence about the sea, the wind and the ships that sail on it."]
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    one_by_one = list(answers(runtime, conversations, 16, batch_size=1))
+    assert list(answers(runtime, conversations, 16, batch_size=4)) == one_by_one  # a batch of 4, then 1
+    assert len(set(one_by_one)) == len(prompts) and all(one_by_one)
+    runtime.close()

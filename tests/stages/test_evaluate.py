@@ -75,3 +75,4 @@ def test_compare_report_puts_candidates_side_by_side(evaluated):
                for g in ("quality", "lm_eval", "perplexity", "size", "speed"))
     first = json.loads((project / "reports" / "eval" / "merged.answers.jsonl").read_text().splitlines()[0])
     assert first["prompt"][:40] in page.replace("&quot;", '"')
+

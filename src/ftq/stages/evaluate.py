@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ftq.evaluation import harness
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
@@ -32,6 +32,7 @@ REPORT_ROOT = Path("reports/eval")
 DEFAULTS = {
     "task_examples": 48,       # held-out conversations answered and scored (0: all)
     "max_new_tokens": 96,
+    "answer_batch_size": 8,    # task answers per generate call where the runtime batches (transformers)
     "perplexity_examples": 32,
     "perplexity_max_length": 512,
     "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
@@ -132,12 +133,22 @@ def speed_reference(root: Path, name: str):
     return lambda: open_model(path)
 
 
-def answer_all(runtime, examples: list[dict], max_new_tokens: int) -> list[dict]:
+def answers(runtime, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> Iterator[str]:
+    """Greedy answers, in batches where the runtime generates batches (transformers); llama.cpp's
+    Python API decodes one sequence at a time, so GGUF candidates answer one by one."""
+    if batch_size > 1 and hasattr(runtime, "chat_batch"):
+        for start in range(0, len(conversations), batch_size):
+            yield from runtime.chat_batch(conversations[start:start + batch_size], max_new_tokens=max_new_tokens)
+        return
+    for conversation in conversations:
+        yield runtime.chat(conversation, max_new_tokens=max_new_tokens)
+
+
+def answer_all(runtime, examples: list[dict], max_new_tokens: int, batch_size: int = 1) -> list[dict]:
     from ftq.evaluation.task import score
 
     rows = []
-    for example in examples:
-        answer = runtime.chat(example["prompt"], max_new_tokens=max_new_tokens)
+    for example, answer in zip(examples, answers(runtime, [e["prompt"] for e in examples], max_new_tokens, batch_size)):
         rows.append({"id": example["id"], "prompt": example["prompt"][-1]["content"], "reference": example["reference"],
                      "answer": answer, **score(answer, example["reference"])})
     return rows
@@ -164,7 +175,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
         load_seconds = time.time() - started
         runtime_kind = runtime.kind
-        rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
+        rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
         load_and_answer = time.time() - started
         general_scores, general_rows = general.run(runtime, cfg["general"]["questions"],
                                                    int(cfg["general"]["max_new_tokens"]))
