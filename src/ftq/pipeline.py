@@ -103,7 +103,7 @@ def write_pipeline_times(path: Path, parent, children, command: list[str]) -> di
     stages = [{"stage": r.info.run_name, "status": r.info.status,
                "seconds": round(((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000, 1)}
               for r in sorted(children, key=lambda r: r.info.start_time)]
-    times = {"command": " ".join(command[1:]), "status": parent.info.status,
+    times = {"command": " ".join(command[2:]), "status": parent.info.status,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(parent.info.start_time / 1000)),
              "wall_seconds": round(((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000, 1),
              "stage_seconds": round(sum(s["seconds"] for s in stages), 1), "stages": stages}
