@@ -148,14 +148,14 @@ def run_ftq(base: Path, data: Path, method: str, cfg: dict, mode: str, work: Pat
     (project / "models").mkdir()
     os.symlink(base, project / "models" / "base")
     params = {
-        "data": {"datasets": ["bench"], "eval_size": 0, "max_length": cfg["max_length"], "packing": mode == "packing",
+        "data": {"datasets": ["bench"], "eval_size": 0, "max_length": cfg["max_length"],
                  "seed": cfg["seed"]},
         "train": {
             "method": method, "output_dir": "models/full" if method == "full" else "models/adapter",
             "lora": {"rank": cfg["lora_rank"], "alpha": cfg["lora_alpha"], "dropout": 0.0, "target_modules": "all-linear"},
             "learning_rate": cfg["learning_rate"], "lr_scheduler": "cosine", "warmup": 0, "epochs": 1,
             "per_device_batch_size": cfg["batch_size"], "gradient_accumulation": 1, "seed": cfg["seed"],
-            "group_by_length": mode == "group_by_length", "eval_steps": 0, "save_steps": 10_000,
+            "group_by_length": mode == "group_by_length", "packing": mode == "packing", "eval_steps": 0, "save_steps": 10_000,
             "torch_threads": cfg["threads"], "logging_steps": 1,
         },
         "tracking": {"experiment": "bench"},

@@ -33,7 +33,7 @@ PROJECT_PREFIX = "ftq"  # ftq's own tasks are chat tasks: always run with the ca
 DEFAULTS = {
     "tasks": ["ftq"],               # task, group or tag names; `ftq` = the three project tasks
     "include_path": [],             # more folders of task YAMLs (your own tasks over local files)
-    "limit": 0,                     # documents per task (0: all)
+    "limit": 12,                    # documents per task (0: all)
     "num_fewshot": None,
     "apply_chat_template": False,   # for the non-ftq tasks (ftq's always use the chat template)
     "batch_size": 8,

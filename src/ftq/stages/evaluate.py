@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 REPORT_ROOT = Path("reports/eval")
 DEFAULTS = {
     "task_examples": 48,       # held-out conversations answered and scored (0: all)
-    "max_new_tokens": 96,
+    "max_new_tokens": 40,
     "answer_batch_size": 8,    # task answers per generate call where the runtime batches (transformers)
-    "perplexity_examples": 32,
+    "perplexity_examples": 16,
     "perplexity_max_length": 512,
     "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
     "speed_max_new_tokens": 48,

@@ -35,6 +35,11 @@ REJECTS = Path("reports/data_rejects.jsonl")
 MAX_ERRORS_SHOWN = 20
 
 
+# what a key left out of the `data` block means (params.yaml states each; tests/test_params.py holds them equal)
+DEFAULTS = {"registry": "data/datasets.yaml", "eval_size": 0.0, "seed": 42, "max_length": 512, "truncation": "right",
+            "on_error": "fail"}
+
+
 @dataclass
 class PrepareSettings:
     registry: Path
@@ -44,38 +49,39 @@ class PrepareSettings:
     max_length: int
     truncation: str
     on_error: str
-    packing: bool
 
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> "PrepareSettings":
         cfg = block(params, "data")
         where = f"{params.get('_path', 'params.yaml')}: data."
+        if "packing" in cfg:
+            raise ParamsError(f"{where}packing: packing is a training setting now: move it to train.packing "
+                              "(toggling it then reruns train alone, not prepare and every evaluation)")
         names = cfg.get("datasets")
         if isinstance(names, str):
             names = [names]
         if not names or not all(isinstance(n, str) for n in names):
             raise ParamsError(f"{where}datasets: expected a list of dataset names from the registry")
-        on_error = cfg.get("on_error", "fail")
+        on_error = cfg.get("on_error", DEFAULTS["on_error"])
         if on_error not in ("fail", "skip"):
             raise ParamsError(f"{where}on_error: expected fail or skip, got {on_error!r}")
-        truncation = cfg.get("truncation", "right")
+        truncation = cfg.get("truncation", DEFAULTS["truncation"])
         if truncation not in TRUNCATION:
             raise ParamsError(f"{where}truncation: expected one of {', '.join(TRUNCATION)}, got {truncation!r}")
-        eval_size = cfg.get("eval_size", 0.1)
+        eval_size = cfg.get("eval_size", DEFAULTS["eval_size"])
         if not isinstance(eval_size, (int, float)) or eval_size < 0:
             raise ParamsError(f"{where}eval_size: expected a fraction in [0, 1) or a record count")
-        max_length = cfg.get("max_length", 1024)
+        max_length = cfg.get("max_length", DEFAULTS["max_length"])
         if not isinstance(max_length, int) or max_length < 8:
             raise ParamsError(f"{where}max_length: expected an integer >= 8, got {max_length!r}")
         return cls(
-            registry=root / cfg.get("registry", "data/datasets.yaml"),
+            registry=root / cfg.get("registry", DEFAULTS["registry"]),
             datasets=names,
             eval_size=eval_size,
-            seed=int(cfg.get("seed", 42)),
+            seed=int(cfg.get("seed", DEFAULTS["seed"])),
             max_length=max_length,
             truncation=truncation,
             on_error=on_error,
-            packing=bool(cfg.get("packing", False)),
         )
 
 
@@ -229,7 +235,6 @@ def run(params: dict[str, Any]) -> PrepareResult:
                 "eval_examples": len(evaluation),
                 "max_length": settings.max_length,
                 "truncation": settings.truncation,
-                "packing": settings.packing,
                 "datasets": settings.datasets,
                 "chat_template_md5": _md5(tokenizer.chat_template or ""),
             }
@@ -299,7 +304,6 @@ def build_report(specs, checks, pools, train, evaluation, train_rows, eval_rows,
             "on_error": settings.on_error,
             "eval_size": settings.eval_size,
             "seed": settings.seed,
-            "packing": settings.packing,
         },
     }
 

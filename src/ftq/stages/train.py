@@ -55,10 +55,8 @@ def fingerprint(settings: TrainSettings, params: dict[str, Any], root: Path) -> 
     """What a checkpoint must match to be resumed: the train params, the data and the base weights."""
     base_info = json.loads((root / "models" / "base" / "base.json").read_text())
     manifest = json.loads((root / "data" / "processed" / "manifest.json").read_text())
-    data_block = {k: v for k, v in params.get("data", {}).items() if k == "packing"}
     return {
         "train": params_hash(asdict(settings)),
-        "packing": params_hash(data_block),
         "data_md5": manifest.get("md5", ""),
         "base": params_hash({k: v["sha256"] for k, v in base_info["files"].items()}),
     }
@@ -183,7 +181,7 @@ def build_trainer(settings, params, root, tracked):
 
     base_dir = root / "models" / "base"
     flags = precision_flags(settings.precision, stored_dtype(base_dir))
-    packing = bool(params.get("data", {}).get("packing", False))
+    packing = settings.packing
     train_data, eval_data = load_splits(root)
     # the arguments first: they carry the DeepSpeed config, and under ZeRO-3 its presence is what makes
     # from_pretrained build the model partitioned across ranks instead of whole on every rank

@@ -33,12 +33,12 @@ class TrainSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: str = "adamw_torch"
     attn_implementation: str = "sdpa"  # flash_attention_2 (where flash-attn is installed) packs without masks
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     lr_scheduler: str = "cosine"
     warmup: float = 0.1  # an int is a step count, a float < 1 a share of all steps
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    per_device_batch_size: int = 4
+    per_device_batch_size: int = 8
     gradient_accumulation: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -46,9 +46,10 @@ class TrainSettings:
     seed: int = 42
     precision: str = "auto"
     group_by_length: bool = True
+    packing: bool = False  # packed rows (examples isolated by position_ids) instead of padded batches
     logging_steps: int = 1
-    eval_steps: int = 0  # 0: evaluate once at the end
-    save_steps: int = 50
+    eval_steps: int = 10  # 0: evaluate once at the end
+    save_steps: int = 10
     save_total_limit: int = 2
     keep_checkpoints: bool = False
     checkpoint_dir: str = "models/checkpoints/train"
@@ -85,6 +86,7 @@ class TrainSettings:
             if not ok:
                 raise ParamsError(f"{where}{key}: {message}")
 
+        need(isinstance(self.packing, bool), "packing", f"expected true or false, got {self.packing!r}")
         need(self.method in METHODS, "method", f"expected one of {', '.join(METHODS)}, got {self.method!r}")
         need(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"expected one of {', '.join(SCHEDULERS)}")
         need(self.precision in PRECISIONS, "precision", f"expected one of {', '.join(PRECISIONS)}")
