@@ -85,3 +85,28 @@ def _processes_mentioning(text: str) -> list[str]:
         if text in command:
             found.append(command[:200])
     return found
+
+
+def test_ftq_params_shows_each_settings_value_and_where_it_came_from(tmp_path):
+    """`ftq params`: the effective value of every setting of a block, from -S, params.yaml or the default."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["train"]["seed"]  # left out: the stage's default applies
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "ftq", "params", "train", "-S", "train.learning_rate=1e-3"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert rows["train.learning_rate"] == ["0.001", "(-S)"]
+    assert rows["train.seed"] == ["42", "(default)"]
+    assert rows["train.method"] == ["lora", "(params.yaml)"] and rows["train.lora.rank"] == ["16", "(params.yaml)"]
+    assert not any(key.startswith("evaluate.") for key in rows)
+    typo = subprocess.run([sys.executable, "-m", "ftq", "params", "train", "-S", "train.learnig_rate=1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "train.learnig_rate" in typo.stderr and "no such setting" in typo.stderr

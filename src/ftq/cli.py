@@ -35,6 +35,13 @@ def cmd_run(args) -> int:
     return run_pipeline(args.targets, args.exp, args.set_param, args.name, args.force)
 
 
+def cmd_params(args) -> int:
+    from ftq.defaults import effective, parse_overrides, render
+
+    print(render(effective(_params(args), parse_overrides(args.set_param), args.blocks or None)))
+    return 0
+
+
 def cmd_base_run(args) -> int:
     from ftq.stages import base
 
@@ -247,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default=None, help="experiment / MLflow run name")
     run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     run.set_defaults(func=cmd_run)
+
+    shown = commands.add_parser(
+        "params", help="the effective settings of params.yaml's blocks, each with its source (-S, params.yaml, default)",
+        formatter_class=FORMATTER)
+    shown.add_argument("blocks", nargs="*", help="blocks to show, e.g. train evaluate (default: all)")
+    shown.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="an override, as `ftq run --exp -S` / `dvc exp run -S` would apply it")
+    params_option(shown)
+    shown.set_defaults(func=cmd_params)
 
     base = commands.add_parser("base", help="stage base: materialize the base model", formatter_class=FORMATTER)
     base_commands = base.add_subparsers(dest="base_command", metavar="ACTION", required=True)
