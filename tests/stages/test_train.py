@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import load_params, mlflow_runs, project_env, set_params
 from ftq.params import ParamsError
+from ftq.processes import free_port
 from ftq.stages import base, prepare, train
 from ftq.training.settings import TrainSettings
 
@@ -143,7 +144,7 @@ def test_checkpoints_of_another_run_are_not_resumed(prepared):
 
 
 def test_two_processes_on_cpu(prepared):
-    set_params(prepared, train={**FAST, "max_steps": 4, "nproc_per_node": 2, "master_port": 29517, "eval_steps": 2})
+    set_params(prepared, train={**FAST, "max_steps": 4, "nproc_per_node": 2, "master_port": free_port(), "eval_steps": 2})
     proc = ftq_train(prepared)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
@@ -164,7 +165,7 @@ def test_deepspeed_on_cpu(prepared, preset, processes):
     Under ZeRO-3 the base is built partitioned across the 2 gloo ranks as it loads (the TrainingArguments
     carrying the DeepSpeed config exist before from_pretrained), never whole on each rank."""
     set_params(prepared, train={**FAST, "max_steps": 4, "eval_steps": 2, "deepspeed": preset,
-                                "nproc_per_node": processes, "master_port": 29541 + processes, "torch_threads": 1})
+                                "nproc_per_node": processes, "master_port": free_port(), "torch_threads": 1})
     proc = ftq_train(prepared)
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-5000:]
