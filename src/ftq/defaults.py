@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ftq.params import ParamsError
+from ftq.params import ParamsError, flatten
 
 
 def _train() -> dict:
@@ -49,17 +49,6 @@ TABLES: dict[str, Callable[[], dict]] = {"data": _data, "train": _train, "quanti
                                          "evaluate": _evaluate, "promote": _promote}
 
 
-def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """{'lora': {'rank': 8}} -> {'<prefix>lora.rank': 8}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
     """`-S key=value` as DVC reads it: the value is YAML (1e-3, true, [a, b])."""
     overrides = {}
@@ -87,8 +76,8 @@ def effective(params: dict[str, Any], overrides: dict[str, Any], blocks: list[st
                           f"(blocks: {', '.join(b for b in params if not b.startswith('_'))})")
     rows = []
     for name in names:
-        given = _flatten(params.get(name) or {}, f"{name}.")
-        defaults = _flatten(TABLES[name](), f"{name}.") if name in TABLES else {}
+        given = flatten(params.get(name) or {}, f"{name}.", lists_as_json=False)
+        defaults = flatten(TABLES[name](), f"{name}.", lists_as_json=False) if name in TABLES else {}
         for key in sorted(k for k in overrides if k.startswith(f"{name}.")):
             if key not in given and key not in defaults and not any(key.startswith(g + ".") for g in given):
                 raise ParamsError(f"-S {key}: {params.get('_path', 'params.yaml')} has no such setting")

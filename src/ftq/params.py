@@ -58,14 +58,15 @@ def block(params: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'lora': {'rank': 8}} -> {'lora.rank': 8}; lists stay whole (as JSON) so MLflow can show them."""
+def flatten(tree: dict[str, Any], prefix: str = "", lists_as_json: bool = True) -> dict[str, Any]:
+    """{'lora': {'rank': 8}} -> {'lora.rank': 8}; lists stay whole, as JSON (so MLflow can show them)
+    unless lists_as_json is False."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, (list, dict)):
+            flat.update(flatten(value, name + ".", lists_as_json))
+        elif lists_as_json and isinstance(value, (list, dict)):
             flat[name] = json.dumps(value, sort_keys=True)
         else:
             flat[name] = value
