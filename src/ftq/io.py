@@ -55,37 +55,41 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
-    _default_mode(tmp, is_dir=True)
-    try:
+    old = target.with_name(f"{_temp_prefix(target)}old")
+    try:  # from mkdtemp on: a stop can land on any line, even before `tmp` is bound
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+        _default_mode(tmp, is_dir=True)
         yield tmp
+        for path in tmp.rglob("*"):
+            _default_mode(path, path.is_dir())
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            old.rename(target)  # stopped between the two renames: the previous output stays
+        _remove_own_temp_paths(target)
         raise
-    for path in tmp.rglob("*"):
-        _default_mode(path, path.is_dir())
-    old = None
-    if target.exists():
-        old = target.with_name(f"{_temp_prefix(target)}old")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_own_temp_paths(target: Path) -> None:
+    for path in target.parent.glob(f"{glob.escape(_temp_prefix(target))}*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         _default_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _remove_own_temp_paths(path)
         raise
     return path
 
