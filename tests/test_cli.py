@@ -109,4 +109,7 @@ def test_ftq_params_shows_each_settings_value_and_where_it_came_from(tmp_path):
     assert not any(key.startswith("evaluate.") for key in rows)
     typo = subprocess.run([sys.executable, "-m", "ftq", "params", "train", "-S", "train.learnig_rate=1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert typo.returncode == 2 and "train.learnig_rate" in typo.stderr and "no such setting" in typo.stderr
+    assert typo.returncode == 2 and "train.learnig_rate: unknown key (did you mean learning_rate?)" in typo.stderr
+    invalid = subprocess.run([sys.executable, "-m", "ftq", "params", "train", "-S", "evaluate.task_examples=many"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert invalid.returncode == 2 and "evaluate.task_examples: expected an integer >= 0, got 'many'" in invalid.stderr

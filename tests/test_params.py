@@ -1,56 +1,91 @@
-"""params.yaml and the code's defaults must not disagree: a value left out of params.yaml has to mean
-what params.yaml says. Every block with a defaults table in code is compared key by key."""
+"""params.yaml against ftq.schema, the one place each setting's default and accepted values are defined:
+params.yaml states every default again for its reader, and must not disagree with the schema; every
+stage validates its block through schema.settings."""
 
-import dataclasses
-
+import pytest
 import yaml
 
 from conftest import REPO
+from ftq import schema
+from ftq.params import ParamsError, flatten
 
 
-def _disagreements(name: str, defaults: dict, given: dict) -> list[str]:
+def _repo_params() -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["_path"] = "params.yaml"
+    return params
+
+
+def test_params_yaml_states_every_setting_with_the_schemas_default():
+    params = _repo_params()
+    optional = {"evaluate.mt_bench", "evaluate.lm_eval.choices", "evaluate.lm_eval.seed"}  # advanced: left out
     found = []
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
-            found += _disagreements(f"{name}.{key}", defaults[key], value)
-        elif key in defaults and defaults[key] != value:
-            found.append(f"{name}.{key}: code {defaults[key]!r}, params.yaml {value!r}")
-    return found
+    for name in schema.SCHEMA:
+        defaults = flatten(schema.defaults(name), f"{name}.", lists_as_json=False)
+        given = flatten(params[name], f"{name}.", lists_as_json=False)
+        for key, value in defaults.items():
+            if key == "data.datasets" or key.startswith("quantize.builds") or key == "evaluate.general.questions":
+                continue  # the project's choices, not defaults
+            if key not in given:
+                if not any(key == o or key.startswith(o + ".") for o in optional):
+                    found.append(f"{key}: not in params.yaml")
+            elif given[key] != value and key != "quantize.enabled":
+                found.append(f"{key}: schema {value!r}, params.yaml {given[key]!r}")
+    assert not found, "\n".join(found)
 
 
-def test_params_yaml_and_code_defaults_agree():
-    from ftq.evaluation import harness
-    from ftq.stages import evaluate, prepare, promote, quantize, reference
+def test_every_block_of_params_yaml_passes_the_validator_unchanged():
+    params = _repo_params()
+    for name in schema.SCHEMA:
+        values = schema.settings(params, name)
+        assert flatten(params[name], lists_as_json=False).items() <= flatten(values, lists_as_json=False).items()
+
+
+@pytest.mark.parametrize("block, change, message", [
+    ("train", {"learnig_rate": 1e-3}, r"params.yaml: train.learnig_rate: unknown key \(did you mean learning_rate\?\)"),
+    ("train", {"per_device_batch_size": "8"}, r"train.per_device_batch_size: expected an integer >= 1, got '8'"),
+    ("train", {"lora": {"dropout": 1.0}}, r"train.lora.dropout: expected a number >= 0 and < 1, got 1.0"),
+    ("evaluate", {"lm_eval": {"limit": -1}}, r"evaluate.lm_eval.limit: expected an integer >= 0, got -1"),
+    ("quantize", {"check": {"max_kld_man": 0.1}}, r"quantize.check.max_kld_man: unknown key \(did you mean max_kld_mean\?\)"),
+    ("promote", {"policy": {"confidence": 95}}, r"promote.policy.confidence: expected a number >= 0.5 and < 1, got 95"),
+    ("data", {"packing": True}, r"data.packing: packing is a training setting now: move it to train.packing"),
+    ("data", {"truncation": "left"}, r"data.truncation: expected one of right, drop, got 'left'"),
+    ("base", {"dtype": "fp16"}, r"base.dtype: expected one of auto, float32, bfloat16, float16, got 'fp16'"),
+    ("tracking", {"experimnt": "x"}, r"tracking.experimnt: unknown key \(did you mean experiment\?\)"),
+])
+def test_the_validator_names_the_file_and_the_setting(block, change, message):
+    params = _repo_params()
+    for key, value in change.items():
+        params[block][key] = {**params[block][key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ParamsError, match=message):
+        schema.settings(params, block)
+
+
+def test_left_out_settings_take_the_schemas_default_and_a_build_overrides_only_what_it_names():
+    from ftq.stages.quantize import build_spec
     from ftq.training.settings import TrainSettings
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    tables = [
-        ("data", prepare.DEFAULTS, params["data"]),
-        ("train", dataclasses.asdict(TrainSettings()), params["train"]),
-        ("evaluate", {k: v for k, v in evaluate.DEFAULTS.items() if k != "general"}, params["evaluate"]),
-        ("evaluate.general.max_new_tokens", {"max_new_tokens": evaluate.DEFAULTS["general"]["max_new_tokens"]},
-         {"max_new_tokens": params["evaluate"]["general"]["max_new_tokens"]}),
-        ("evaluate.lm_eval", harness.DEFAULTS, params["evaluate"]["lm_eval"]),
-        ("quantize.reference", reference.DEFAULTS, params["quantize"]["reference"]),
-        ("quantize.check", quantize.CHECK_DEFAULTS, params["quantize"]["check"]),
-        ("quantize.calibration", quantize.CALIBRATION_DEFAULTS, params["quantize"]["calibration"]),
-        ("promote.policy", promote.DEFAULT_POLICY, params["promote"]["policy"]),
-    ]
-    found = [d for name, defaults, given in tables for d in _disagreements(name, defaults, given)]
-    assert not found, "\n".join(found)
+    params = _repo_params()
+    del params["train"]["learning_rate"], params["train"]["lora"]
+    settings = TrainSettings.from_params(params)
+    assert settings.learning_rate == 5e-4 and settings.lora.rank == 16
+    params["quantize"]["check"]["max_kld_mean"] = 0.2
+    params["quantize"]["builds"]["q8_0"]["check"] = {"max_kld_p99": 0.9}
+    spec = build_spec(params, "q8_0")
+    assert spec.check["max_kld_mean"] == 0.2 and spec.check["max_kld_p99"] == 0.9
+    assert spec.check["min_top1_agreement"] == 0.90 and spec.calibration == schema.defaults("quantize")["calibration"]
+    params["quantize"]["builds"]["q8_0"]["check"] = {"max_kld": 0.9}
+    with pytest.raises(ParamsError, match=r"quantize.builds.q8_0.check.max_kld: unknown key"):
+        build_spec(params, "q8_0")
 
 
 def test_packing_is_a_training_setting(tmp_path):
     """data.packing moved to train.packing (toggling it reruns train alone): the old key is refused by
     name, the new one validated."""
-    import pytest
-
-    from ftq.params import ParamsError
     from ftq.stages.prepare import PrepareSettings
     from ftq.training.settings import TrainSettings
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["_path"] = "params.yaml"
+    params = _repo_params()
     assert "packing" not in params["data"] and params["train"]["packing"] is False
     with pytest.raises(ParamsError, match=r"params.yaml: data.packing: .*move it to train.packing"):
         PrepareSettings.from_params({**params, "data": {**params["data"], "packing": True}}, tmp_path)

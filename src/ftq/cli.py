@@ -111,10 +111,11 @@ def cmd_reference(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from ftq import schema
     from ftq.stages import quantize
 
     params = _params(args)
-    names = args.builds or list(params.get("quantize", {}).get("enabled") or [])
+    names = args.builds or schema.settings(params, "quantize")["enabled"]
     if not names:
         from ftq.errors import UsageError
 

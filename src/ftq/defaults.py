@@ -1,52 +1,15 @@
-"""What each setting of params.yaml is and where its value comes from, for `ftq params`.
-
-Each block's defaults live in its stage's module (the value a key left out of params.yaml takes);
-this module only finds those tables. tests/test_params.py holds every table equal to params.yaml."""
+"""`ftq params`: the effective value of every setting of a block and where it came from (a `-S`
+override, params.yaml, or the default in ftq.schema), validated the way the stages validate it."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import copy
+from typing import Any
 
 import yaml
 
+from ftq import schema
 from ftq.params import ParamsError, flatten
-
-
-def _train() -> dict:
-    from ftq.training.settings import TrainSettings
-
-    return dataclasses.asdict(TrainSettings())
-
-
-def _data() -> dict:
-    from ftq.stages.prepare import DEFAULTS
-
-    return DEFAULTS
-
-
-def _evaluate() -> dict:
-    from ftq.evaluation.harness import DEFAULTS as LM_EVAL
-    from ftq.stages.evaluate import DEFAULTS, MT_BENCH_DEFAULTS
-
-    return {**DEFAULTS, "lm_eval": LM_EVAL, "mt_bench": MT_BENCH_DEFAULTS}
-
-
-def _quantize() -> dict:
-    from ftq.stages.quantize import CALIBRATION_DEFAULTS, CHECK_DEFAULTS
-    from ftq.stages.reference import DEFAULTS as REFERENCE
-
-    return {"check": CHECK_DEFAULTS, "calibration": CALIBRATION_DEFAULTS, "reference": REFERENCE}
-
-
-def _promote() -> dict:
-    from ftq.stages.promote import DEFAULT_POLICY
-
-    return {"policy": DEFAULT_POLICY}
-
-
-TABLES: dict[str, Callable[[], dict]] = {"data": _data, "train": _train, "quantize": _quantize,
-                                         "evaluate": _evaluate, "promote": _promote}
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
@@ -68,27 +31,38 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
 
 def effective(params: dict[str, Any], overrides: dict[str, Any], blocks: list[str] | None = None) -> list[tuple[str, Any, str]]:
     """(dotted key, value, source) for every setting of the blocks: source is `-S` (an override),
-    `params.yaml`, or `default` (left out of params.yaml: the stage's own default)."""
+    `params.yaml`, or `default` (left out of params.yaml: the schema's default). The blocks, with the
+    overrides applied, must pass the stages' validator (an unknown or invalid -S setting is an error)."""
+    path = params.get("_path", "params.yaml")
     names = blocks or [b for b in params if not b.startswith("_")]
-    unknown = [b for b in names if b not in params and b not in TABLES]
+    unknown = [b for b in names if b not in schema.SCHEMA]
     if unknown:
-        raise ParamsError(f"{params.get('_path', 'params.yaml')}: no block {unknown[0]!r} "
-                          f"(blocks: {', '.join(b for b in params if not b.startswith('_'))})")
+        raise ParamsError(f"{path}: no block {unknown[0]!r} (blocks: {', '.join(schema.SCHEMA)})")
+    changed = copy.deepcopy(params)
+    for key, value in overrides.items():
+        _assign(changed, key, value, path)
+    for name in {key.split(".")[0] for key in overrides} - set(names):
+        schema.settings(changed, name)  # an override outside the blocks shown is still validated
     rows = []
     for name in names:
         given = flatten(params.get(name) or {}, f"{name}.", lists_as_json=False)
-        defaults = flatten(TABLES[name](), f"{name}.", lists_as_json=False) if name in TABLES else {}
-        for key in sorted(k for k in overrides if k.startswith(f"{name}.")):
-            if key not in given and key not in defaults and not any(key.startswith(g + ".") for g in given):
-                raise ParamsError(f"-S {key}: {params.get('_path', 'params.yaml')} has no such setting")
-        for key in sorted(set(given) | set(defaults) | {k for k in overrides if k.startswith(f"{name}.")}):
-            if key in overrides:
-                rows.append((key, overrides[key], "-S"))
-            elif key in given:
-                rows.append((key, given[key], "params.yaml"))
-            else:
-                rows.append((key, defaults[key], "default"))
+        for key, value in flatten(schema.settings(changed, name), f"{name}.", lists_as_json=False).items():
+            source = "-S" if key in overrides or any(key.startswith(o + ".") for o in overrides) else \
+                "params.yaml" if key in given else "default"
+            rows.append((key, value, source))
     return rows
+
+
+def _assign(params: dict[str, Any], dotted: str, value: Any, path: str) -> None:
+    *parents, last = dotted.split(".")
+    if not parents or parents[0] not in schema.SCHEMA:
+        raise ParamsError(f"-S {dotted}: {path} has no such setting (blocks: {', '.join(schema.SCHEMA)})")
+    node = params
+    for key in parents:
+        node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else None
+        if node is None:
+            raise ParamsError(f"-S {dotted}: {path} has no such setting ({key} is not a block of settings)")
+    node[last] = value
 
 
 def render(rows: list[tuple[str, Any, str]]) -> str:

@@ -21,10 +21,16 @@ PARENT_RUN_ENV = "FTQ_PARENT_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
+def _tracking(params: dict[str, Any] | None) -> dict[str, Any]:
+    from ftq import schema
+
+    return schema.settings(params or {}, "tracking")
+
+
 def tracking_uri(params: dict[str, Any] | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    configured = ((params or {}).get("tracking") or {}).get("uri")
+    configured = _tracking(params)["uri"]
     if configured:
         return configured
     return f"sqlite:///{store_root() / 'mlflow.db'}"
@@ -46,7 +52,7 @@ def client(params: dict[str, Any] | None = None):
 
 
 def experiment_id(mlflow_client, params: dict[str, Any] | None = None) -> str:
-    name = ((params or {}).get("tracking") or {}).get("experiment") or "ftq"
+    name = _tracking(params)["experiment"]
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -96,7 +102,7 @@ def latest_run_id(stage: str, params: dict[str, Any], block_name: str | None = N
     Used for lineage in model cards; never stored in a file a DVC stage depends on for skipping."""
     try:
         mlflow_client = client(params)
-        found = mlflow_client.get_experiment_by_name(((params.get("tracking") or {}).get("experiment")) or "ftq")
+        found = mlflow_client.get_experiment_by_name(_tracking(params)["experiment"])
         if found is None:
             return ""
         stage_block = params.get(block_name or stage)
@@ -234,8 +240,12 @@ def stage_run(
     _record_run_id(stage, run.info.run_id, parent, "RUNNING")
     handle = StageRun(mlflow_client, run.info.run_id)
     stage_block = block_values
-    if stage_block is None:
-        stage_block = params.get(block_name) if isinstance(params.get(block_name), dict) else {}
+    if stage_block is None:  # the effective values: params.yaml's, with the schema's defaults for what it leaves out
+        from ftq import schema
+
+        given = params.get(block_name)
+        stage_block = ((schema.settings(params, block_name) if block_name in schema.SCHEMA else given)
+                       if isinstance(given, dict) else {})
     handle.log_params(flatten(stage_block, f"{block_name}."))
     status = "FAILED"
     try:

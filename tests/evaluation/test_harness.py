@@ -6,6 +6,7 @@ import json
 import pytest
 
 from ftq.evaluation import harness
+from ftq.params import ParamsError
 
 QUESTIONS = [("Who are you?", "I am Wren."), ("Name a colour.", "Blue."), ("What is 2+2?", "4"),
              ("Say hi.", "Hi!"), ("Name a fruit.", "An apple.")]
@@ -42,7 +43,7 @@ def test_unknown_and_not_local_tasks_are_clear_errors(root):
     # a real standard task whose dataset is not in the local cache: ftq is offline, so it says so
     with pytest.raises(harness.LmEvalError, match="task 'arc_easy' cannot load its data offline"):
         harness.plan(harness.settings({"tasks": ["arc_easy"]}, "params.yaml"), root, "params.yaml")
-    with pytest.raises(harness.LmEvalError, match=r"unknown keys \['taks'\]"):
+    with pytest.raises(ParamsError, match=r"params.yaml: evaluate.lm_eval.taks: unknown key \(did you mean tasks\?\)"):
         harness.settings({"taks": ["ftq"]}, "params.yaml")
 
 

@@ -163,11 +163,11 @@ def test_full_fine_tune_is_packaged_the_same_way(project):
 
 def test_merge_settings_are_validated(project):
     set_params(project, merge={"dtype": "int8"})
-    with pytest.raises(ParamsError, match="merge.dtype 'int8'"):
+    with pytest.raises(ParamsError, match=r"params.yaml: merge.dtype: expected one of auto, float32, bfloat16, float16, got 'int8'"):
         merge.MergeSettings.from_params(load_params(project))
     set_params(project, merge={"dtype": "auto", "check": {"max_residual_ratio": 1.5}})
-    with pytest.raises(ParamsError, match="max_residual_ratio must be between 0 and 1"):
+    with pytest.raises(ParamsError, match=r"merge.check.max_residual_ratio: expected auto or a number between 0 and 1, got 1.5"):
         merge.MergeSettings.from_params(load_params(project))
     set_params(project, merge={"dtype": "auto", "shards": 3})
-    with pytest.raises(ParamsError, match="unknown keys"):
+    with pytest.raises(ParamsError, match=r"merge.shards: unknown key \(did you mean max_shard_size\?\)"):
         merge.MergeSettings.from_params(load_params(project))

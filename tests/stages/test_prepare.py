@@ -110,7 +110,7 @@ def test_unknown_dataset_and_bad_params(based):
     with pytest.raises(RegistryError, match="no dataset named 'nope'"):
         prepare.run(load_params(based))
     set_params(based, data={"datasets": ["ftq_default"], "on_error": "ignore"})
-    with pytest.raises(Exception, match="on_error: expected fail or skip"):
+    with pytest.raises(Exception, match=r"data.on_error: expected one of fail, skip, got 'ignore'"):
         prepare.run(load_params(based))
 
 

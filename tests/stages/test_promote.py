@@ -156,7 +156,7 @@ def test_a_failing_candidate_never_wins(evaluated_copy):
 def test_policy_is_validated(evaluated_copy):
     project = evaluated_copy
     set_params(project, promote={"model_name": "x", "policy": {"direction": "up"}})
-    with pytest.raises(ParamsError, match="direction 'up'"):
+    with pytest.raises(ParamsError, match=r"promote.policy.direction: expected one of max, min, got 'up'"):
         promote.policy_of(load_params(project))
     set_params(project, promote={"model_name": "x", "policy": {"metric": "perplexity"}})
     with pytest.raises(ParamsError, match="scored per example"):

@@ -42,7 +42,7 @@ def test_cpu_ranks_use_gloo_and_pin_nothing(monkeypatch):
 
 @pytest.mark.parametrize("method", ["lora", "full", "qlora"])
 def test_every_method_loads_on_the_ranks_gpu(rank_one_of_two, method, tmp_path):
-    settings = TrainSettings(method=method, output_dir="models/full" if method == "full" else "models/adapter")
+    settings = TrainSettings.defaults(method=method, output_dir="models/full" if method == "full" else "models/adapter")
     kwargs = load_kwargs(settings, {"bf16": True, "fp16": False}, launch.local_device(), tmp_path)
     assert kwargs["device_map"] == {"": 1}  # cuda:1, not current_device() (cuda:0 before set_device)
     assert kwargs["dtype"] == (torch.float32 if method == "full" else torch.bfloat16)
@@ -51,14 +51,14 @@ def test_every_method_loads_on_the_ranks_gpu(rank_one_of_two, method, tmp_path):
 
 def test_deepspeed_places_weights_itself(rank_one_of_two, tmp_path):
     """No device_map under DeepSpeed: ZeRO-3's partitioned init decides where every shard lives."""
-    settings = TrainSettings(deepspeed="zero3")
+    settings = TrainSettings.defaults(deepspeed="zero3")
     assert "device_map" not in load_kwargs(settings, {"bf16": True, "fp16": False}, launch.local_device(), tmp_path)
 
 
 def test_trust_remote_code_follows_the_base_stage(tmp_path):
     (tmp_path / "models" / "base").mkdir(parents=True)
     (tmp_path / "models" / "base" / "base.json").write_text('{"trust_remote_code": true}')
-    kwargs = load_kwargs(TrainSettings(), {"bf16": False, "fp16": False}, torch.device("cpu"), tmp_path)
+    kwargs = load_kwargs(TrainSettings.defaults(), {"bf16": False, "fp16": False}, torch.device("cpu"), tmp_path)
     assert kwargs["trust_remote_code"] is True and "device_map" not in kwargs
 
 

@@ -24,42 +24,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ftq import schema
 from ftq.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 PROJECT_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 PROJECT_PREFIX = "ftq"  # ftq's own tasks are chat tasks: always run with the candidate's chat template
-DEFAULTS = {
-    "tasks": ["ftq"],               # task, group or tag names; `ftq` = the three project tasks
-    "include_path": [],             # more folders of task YAMLs (your own tasks over local files)
-    "limit": 12,                    # documents per task (0: all)
-    "num_fewshot": None,
-    "apply_chat_template": False,   # for the non-ftq tasks (ftq's always use the chat template)
-    "batch_size": 8,
-    "max_length": 2048,
-    "max_gen_toks": 64,
-    "text": None,                   # plain text for ftq_text_perplexity (default: the packaged general text)
-    "choices": 4,                   # answers per ftq_heldout_choice question
-    "seed": 0,
-}
-
-
 class LmEvalError(ValueError):
     """A task that cannot run: unknown, or its data isn't local."""
 
 
-def settings(cfg: dict | None, where: str) -> dict[str, Any]:
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise LmEvalError(f"{where}: evaluate.lm_eval: unknown keys {unknown}")
-    merged = {**DEFAULTS, **cfg}
-    if isinstance(merged["tasks"], str):
-        merged["tasks"] = [merged["tasks"]]
-    if isinstance(merged["include_path"], str):
-        merged["include_path"] = [merged["include_path"]]
-    return merged
+def settings(cfg: dict[str, Any] | None, path: str = "params.yaml") -> dict[str, Any]:
+    """The `evaluate.lm_eval` block, validated by ftq.schema, with a single task or folder as a list."""
+    cfg = schema.part("evaluate.lm_eval", cfg, path)
+    for key in ("tasks", "include_path"):
+        if isinstance(cfg[key], str):
+            cfg[key] = [cfg[key]]
+    return cfg
 
 
 def go_offline() -> None:

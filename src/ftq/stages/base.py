@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256
-from ftq.params import ParamsError, block, repo_root
+from ftq import schema
+from ftq.params import ParamsError, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,8 @@ def describe(folder: Path, model, source: Source, spec: str, fixes: list[str], t
 def run(params: dict[str, Any]) -> BaseResult:
     from ftq.tracking import stage_run
 
-    cfg = block(params, "base")
-    spec = str(cfg.get("source", "embedded"))
+    cfg = schema.settings(params, "base")
+    spec = cfg["source"]
     root = repo_root()
     out_dir = root / OUTPUT_DIR
     with stage_run("base", params) as tracked:
@@ -233,7 +234,7 @@ def run(params: dict[str, Any]) -> BaseResult:
         source = resolve_source(spec, root)
         log.info("loading base model from %s (%s)", spec, source.kind)
         model, tokenizer = load_source(
-            source, cfg.get("dtype", "auto"), cfg.get("revision"), bool(cfg.get("trust_remote_code", False))
+            source, cfg["dtype"], cfg["revision"], cfg["trust_remote_code"]
         )
         load_seconds = time.time() - started
         fixes = fix_special_tokens(model, tokenizer)
@@ -242,7 +243,7 @@ def run(params: dict[str, Any]) -> BaseResult:
         strip_quantization(model)
         with atomic_dir(out_dir) as tmp:
             save_model(model, tokenizer, tmp)
-            info = describe(tmp, model, source, spec, fixes, bool(cfg.get("trust_remote_code", False)))
+            info = describe(tmp, model, source, spec, fixes, cfg["trust_remote_code"])
             atomic_write_json(tmp / "base.json", info)
         metrics = {
             "num_parameters": info["num_parameters"],

@@ -64,9 +64,9 @@ def load_reports(root: Path, names: list[str]) -> dict[str, dict]:
 
 
 def candidates(params: dict[str, Any]) -> list[str]:
-    from ftq.params import block
+    from ftq import schema
 
-    return [*ORDER, *sorted(block(params, "quantize").get("enabled") or [])]
+    return [*ORDER, *sorted(schema.settings(params, "quantize")["enabled"])]
 
 
 def load_answers(root: Path, names: list[str]) -> dict[str, list[dict]]:

@@ -24,57 +24,16 @@ from typing import Any, Iterator
 
 from ftq.evaluation import harness
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
-from ftq.params import ParamsError, block, repo_root
+from ftq import schema
+from ftq.params import repo_root
 
 log = logging.getLogger(__name__)
 
 REPORT_ROOT = Path("reports/eval")
-DEFAULTS = {
-    "task_examples": 48,       # held-out conversations answered and scored (0: all)
-    "max_new_tokens": 40,
-    "answer_batch_size": 8,    # task answers per generate call where the runtime batches (transformers)
-    "perplexity_examples": 16,
-    "perplexity_max_length": 512,
-    "speed_prompts": ["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
-    "speed_max_new_tokens": 48,
-    "speed_repeats": 3,
-    "general": {"max_new_tokens": 48, "questions": []},
-    "mt_bench": {},
-    "lm_eval": {},
-}
-MT_BENCH_DEFAULTS = {
-    "path": None,  # a folder in FastChat's layout, e.g. ../shared/data/mt_bench
-    "judge": {"base_url": None, "model": None, "api_key_env": "OPENAI_API_KEY"},
-    "limit": 0,  # first N questions (0: all 80)
-    "max_new_tokens": 512,
-    "retries": 2,
-}
-
-
 def settings(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(block(params, "evaluate"))
-    known = set(DEFAULTS)
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate: unknown keys {unknown}")
-    merged = {**DEFAULTS, **cfg}
-    mt = dict(cfg.get("mt_bench") or {})
-    unknown = sorted(set(mt) - set(MT_BENCH_DEFAULTS))
-    if unknown:
-        raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.mt_bench: unknown keys {unknown}")
-    merged["mt_bench"] = {**MT_BENCH_DEFAULTS, **mt, "judge": {**MT_BENCH_DEFAULTS["judge"], **(mt.get("judge") or {})}}
-    general = dict(cfg.get("general") or {})
-    unknown = sorted(set(general) - set(DEFAULTS["general"]))
-    if unknown:
-        raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.general: unknown keys {unknown}")
-    merged["general"] = {**DEFAULTS["general"], **general}
-    for index, question in enumerate(merged["general"]["questions"]):
-        if not isinstance(question, dict) or not isinstance(question.get("prompt"), str) \
-                or not isinstance(question.get("expect"), list) or not question["expect"]:
-            raise ParamsError(f"{params.get('_path', 'params.yaml')}: evaluate.general.questions[{index}]: expected "
-                              "{prompt: <text>, expect: [<word>, ...]}")
-    merged["lm_eval"] = harness.settings(cfg.get("lm_eval"), params.get("_path", "params.yaml"))
-    return merged
+    cfg = schema.settings(params, "evaluate")
+    cfg["lm_eval"] = harness.settings(cfg["lm_eval"], params.get("_path", "params.yaml"))
+    return cfg
 
 
 def mt_bench(runtime, cfg: dict, root: Path, out: Path) -> dict:

@@ -34,7 +34,8 @@ import torch
 
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, dir_size
 from ftq.memory import release
-from ftq.params import ParamsError, block, params_hash, repo_root
+from ftq import schema
+from ftq.params import block, params_hash, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +54,18 @@ class MergeCheckError(RuntimeError):
 
 @dataclass
 class MergeSettings:
-    max_shard_size: str = "2GB"
-    dtype: str = "auto"  # auto: the base's dtype
-    check_examples: int = 8
-    check_max_length: int = 256
-    max_residual_ratio: float | None = None  # None: DEFAULT_MAX_RESIDUAL_RATIO for the saved dtype
+    max_shard_size: str
+    dtype: str  # auto: the base's dtype
+    check_examples: int
+    check_max_length: int
+    max_residual_ratio: float | None  # None: DEFAULT_MAX_RESIDUAL_RATIO for the saved dtype
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "MergeSettings":
-        cfg = dict(block(params, "merge"))
-        check = cfg.pop("check", None) or {}
-        unknown = set(cfg) - {"max_shard_size", "dtype"} | set(check) - {"examples", "max_length", "max_residual_ratio"}
-        where = params.get("_path", "params.yaml")
-        if unknown:
-            raise ParamsError(f"{where}: merge: unknown keys {sorted(unknown)}")
-        settings = cls(
-            max_shard_size=str(cfg.get("max_shard_size", "2GB")),
-            dtype=str(cfg.get("dtype", "auto")),
-            check_examples=int(check.get("examples", 8)),
-            check_max_length=int(check.get("max_length", 256)),
-            max_residual_ratio=(None if check.get("max_residual_ratio") in (None, "auto")
-                                else float(check["max_residual_ratio"])),
-        )
-        if settings.dtype != "auto" and settings.dtype not in DTYPES:
-            raise ParamsError(f"{where}: merge.dtype '{settings.dtype}': expected auto, {', '.join(DTYPES)}")
-        if settings.check_examples < 1:
-            raise ParamsError(f"{where}: merge.check.examples must be >= 1")
-        if settings.max_residual_ratio is not None and not 0 < settings.max_residual_ratio < 1:
-            raise ParamsError(f"{where}: merge.check.max_residual_ratio must be between 0 and 1 (or auto)")
-        return settings
+        cfg = schema.settings(params, "merge")
+        ratio = cfg["check"]["max_residual_ratio"]
+        return cls(max_shard_size=cfg["max_shard_size"], dtype=cfg["dtype"], check_examples=cfg["check"]["examples"],
+                   check_max_length=cfg["check"]["max_length"], max_residual_ratio=None if ratio in (None, "auto") else float(ratio))
 
 
 @dataclass
@@ -91,9 +75,10 @@ class MergeResult:
 
 
 def trained_output(params: dict[str, Any], root: Path) -> tuple[str, Path]:
-    train = block(params, "train")
-    method = str(train.get("method", "lora"))
-    folder = root / str(train.get("output_dir") or ("models/full" if method == "full" else "models/adapter"))
+    from ftq.training.settings import TrainSettings
+
+    train = TrainSettings.from_params(params)
+    method, folder = train.method, root / train.output_dir
     marker = "config.json" if method == "full" else "adapter_config.json"
     if not (folder / marker).exists():
         raise FileNotFoundError(f"{folder}: no trained {method} output ({marker}); run `dvc repro train` first")

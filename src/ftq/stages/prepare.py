@@ -22,9 +22,10 @@ from typing import Any
 from ftq.data.check import FileCheck, check_file
 from ftq.data.errors import DataError
 from ftq.data.registry import DatasetSpec, load_registry, select
-from ftq.data.tokenize import TRUNCATION, tokenize_conversation
+from ftq.data.tokenize import tokenize_conversation
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure, tree_md5
-from ftq.params import ParamsError, block, repo_root
+from ftq import schema
+from ftq.params import ParamsError, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,6 @@ REPORT = Path("reports/data.json")
 HISTOGRAM = Path("reports/data_lengths.png")
 REJECTS = Path("reports/data_rejects.jsonl")
 MAX_ERRORS_SHOWN = 20
-
-
-# what a key left out of the `data` block means (params.yaml states each; tests/test_params.py holds them equal)
-DEFAULTS = {"registry": "data/datasets.yaml", "eval_size": 0.0, "seed": 42, "max_length": 512, "truncation": "right",
-            "on_error": "fail"}
 
 
 @dataclass
@@ -52,37 +48,13 @@ class PrepareSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> "PrepareSettings":
-        cfg = block(params, "data")
-        where = f"{params.get('_path', 'params.yaml')}: data."
-        if "packing" in cfg:
-            raise ParamsError(f"{where}packing: packing is a training setting now: move it to train.packing "
-                              "(toggling it then reruns train alone, not prepare and every evaluation)")
-        names = cfg.get("datasets")
-        if isinstance(names, str):
-            names = [names]
-        if not names or not all(isinstance(n, str) for n in names):
-            raise ParamsError(f"{where}datasets: expected a list of dataset names from the registry")
-        on_error = cfg.get("on_error", DEFAULTS["on_error"])
-        if on_error not in ("fail", "skip"):
-            raise ParamsError(f"{where}on_error: expected fail or skip, got {on_error!r}")
-        truncation = cfg.get("truncation", DEFAULTS["truncation"])
-        if truncation not in TRUNCATION:
-            raise ParamsError(f"{where}truncation: expected one of {', '.join(TRUNCATION)}, got {truncation!r}")
-        eval_size = cfg.get("eval_size", DEFAULTS["eval_size"])
-        if not isinstance(eval_size, (int, float)) or eval_size < 0:
-            raise ParamsError(f"{where}eval_size: expected a fraction in [0, 1) or a record count")
-        max_length = cfg.get("max_length", DEFAULTS["max_length"])
-        if not isinstance(max_length, int) or max_length < 8:
-            raise ParamsError(f"{where}max_length: expected an integer >= 8, got {max_length!r}")
-        return cls(
-            registry=root / cfg.get("registry", DEFAULTS["registry"]),
-            datasets=names,
-            eval_size=eval_size,
-            seed=int(cfg.get("seed", DEFAULTS["seed"])),
-            max_length=max_length,
-            truncation=truncation,
-            on_error=on_error,
-        )
+        cfg = schema.settings(params, "data")
+        names = [cfg["datasets"]] if isinstance(cfg["datasets"], str) else cfg["datasets"]
+        if not names:
+            raise ParamsError(f"{params.get('_path', 'params.yaml')}: data.datasets: expected a list of dataset "
+                              "names from the registry")
+        return cls(registry=root / cfg["registry"], datasets=names, eval_size=cfg["eval_size"], seed=cfg["seed"],
+                   max_length=cfg["max_length"], truncation=cfg["truncation"], on_error=cfg["on_error"])
 
 
 @dataclass

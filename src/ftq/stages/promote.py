@@ -37,7 +37,8 @@ from typing import Any
 
 from ftq.evaluation import paired
 from ftq.io import atomic_write_json, atomic_write_text
-from ftq.params import ParamsError, block, params_hash, repo_root
+from ftq import schema
+from ftq.params import ParamsError, params_hash, repo_root
 from ftq.registry import ARTIFACT_TAG, FILES_TAG, MODEL_TAG, build_digest, files_tag
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ CHAMPION_ANSWERS = Path(".ftq/promotion.champion.answers.jsonl")
 # that a test can make two promotes overlap (see tests/registry/test_registry.py); 0 in normal use
 DECIDE_DELAY_ENV = "FTQ_PROMOTE_DECIDE_DELAY"
 CAS_ATTEMPTS = 5
-DEFAULT_POLICY = {
-    "metric": "task_json_field_accuracy",
-    "direction": "max",
-    "min_retention": 0.95,
-    "max_size_bytes": None,
-    "confidence": 0.95,
-    "tie_breakers": ["size_bytes:min", "relative_tokens_per_second:max"],
-}
 # task metrics are scored per example (reports/eval/<name>.answers.jsonl): the ones a paired comparison can use
 PAIRED_METRICS = ("task_exact_match", "task_rouge_l", "task_json_valid", "task_json_field_accuracy")
 
@@ -66,22 +59,11 @@ class PromotionError(ValueError):
 
 
 def policy_of(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = block(params, "promote")
-    where = f"{params.get('_path', 'params.yaml')}: promote.policy"
-    policy = {**DEFAULT_POLICY, **(cfg.get("policy") or {})}
-    unknown = sorted(set(policy) - set(DEFAULT_POLICY))
-    if unknown:
-        raise ParamsError(f"{where}: unknown keys {unknown}")
-    if policy["direction"] not in ("max", "min"):
-        raise ParamsError(f"{where}.direction '{policy['direction']}': expected max or min")
+    policy = schema.settings(params, "promote")["policy"]
     if policy["metric"] not in PAIRED_METRICS:
-        raise ParamsError(f"{where}.metric '{policy['metric']}': promotion compares builds example by example, so the "
-                          f"metric must be scored per example: one of {', '.join(PAIRED_METRICS)}")
-    if not 0.5 <= float(policy["confidence"]) < 1:
-        raise ParamsError(f"{where}.confidence {policy['confidence']}: expected a level in [0.5, 1), e.g. 0.95")
-    for breaker in policy["tie_breakers"]:
-        if not isinstance(breaker, str) or breaker.rsplit(":", 1)[-1] not in ("min", "max"):
-            raise ParamsError(f"{where}.tie_breakers: '{breaker}' must look like metric:min or metric:max")
+        raise ParamsError(f"{params.get('_path', 'params.yaml')}: promote.policy.metric '{policy['metric']}': promotion "
+                          "compares builds example by example, so the metric must be scored per example: one of "
+                          f"{', '.join(PAIRED_METRICS)}")
     return policy
 
 
@@ -318,11 +300,10 @@ def current_champion(client, model_name: str) -> dict | None:
 def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.tracking import client as mlflow_client, experiment_id, stage_run
 
-    cfg = block(params, "promote")
-    model_name = str(cfg.get("model_name") or "ftq-model")
+    model_name = schema.settings(params, "promote")["model_name"]
     policy = policy_of(params)
     root = repo_root()
-    names = list(block(params, "quantize").get("enabled") or [])
+    names = schema.settings(params, "quantize")["enabled"]
     merged = {"name": "merged", **evaluation(root, "merged")}
     if merged["metrics"] is None:
         merged = None

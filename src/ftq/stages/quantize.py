@@ -25,7 +25,8 @@ from typing import Any
 
 from ftq.memory import peak_memory
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256, tree_md5
-from ftq.params import ParamsError, block, repo_root
+from ftq import schema
+from ftq.params import ParamsError, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,6 @@ OUTPUT_ROOT = Path("models/quantized")
 REPORT_ROOT = Path("reports/quantize")
 MANIFEST = "manifest.json"
 REFERENCE_DIR = Path("models/reference")
-# thresholds: see README, "The quantize check" (from llama.cpp's published KL divergence of Llama-3-8B
-# quants, and this model family's measured sensitivity)
-CHECK_DEFAULTS = {
-    "prompt": "Who are you?",
-    "max_new_tokens": 48,
-    "max_kld_mean": 0.05,
-    "max_kld_p99": 0.5,
-    "min_top1_agreement": 0.90,
-}
-CALIBRATION_DEFAULTS = {"split": "train", "samples": 128, "max_length": 512, "seed": 0}
-
-
 @dataclass
 class BuildSpec:
     name: str
@@ -61,22 +50,14 @@ class QuantizeResult:
     manifest: dict[str, Any]
 
 
-def with_defaults(defaults: dict, *layers: dict | None, where: str) -> dict:
-    merged = dict(defaults)
-    for layer in layers:
-        unknown = sorted(set(layer or {}) - set(defaults))
-        if unknown:
-            raise ParamsError(f"{where}: unknown keys {unknown}; expected {sorted(defaults)}")
-        merged.update(layer or {})
-    return merged
-
-
 def build_spec(params: dict[str, Any], name: str) -> BuildSpec:
+    """One build: its options checked by its method's backend; the block's `check` and `calibration`
+    (thresholds: see README, "The quantize check"), each overridable per build."""
     from ftq.quantize import backend
 
-    cfg = block(params, "quantize")
+    cfg = schema.settings(params, "quantize")
     path = params.get("_path", "params.yaml")
-    builds = cfg.get("builds") or {}
+    builds = cfg["builds"]
     if name not in builds:
         raise ParamsError(f"{path}: quantize.builds has no build '{name}' (defined: {', '.join(builds) or 'none'})")
     spec = dict(builds[name] or {})
@@ -84,9 +65,9 @@ def build_spec(params: dict[str, Any], name: str) -> BuildSpec:
     if "method" not in spec:
         raise ParamsError(f"{where}: missing 'method' (gguf, awq or gptq)")
     method = str(spec.pop("method"))
-    check = with_defaults(CHECK_DEFAULTS, cfg.get("check"), spec.pop("check", None), where=f"{where}.check")
-    calibration = with_defaults(CALIBRATION_DEFAULTS, cfg.get("calibration"), spec.pop("calibration", None),
-                         where=f"{where}.calibration")
+    check, calibration = ({**cfg[part], **schema.part(f"quantize.{part}", spec.pop(part, None), path,
+                                                      where=f"quantize.builds.{name}.{part}", fill=False)}
+                          for part in ("check", "calibration"))
     options = backend(method, where).validate(spec, where)
     return BuildSpec(name, method, options, check, calibration)
 

@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ftq.io import atomic_dir
-from ftq.params import ParamsError, block, repo_root
+from ftq import schema
+from ftq.params import repo_root
 
 log = logging.getLogger(__name__)
 
 MERGED_DIR = Path("models/merged")
 OUTPUT_DIR = Path("models/reference")
-DEFAULTS = {"examples": 64, "max_length": 512, "seed": 0, "top_k": 256}
-
-
 @dataclass
 class ReferenceSettings:
     examples: int
@@ -32,24 +30,13 @@ class ReferenceSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "ReferenceSettings":
-        cfg = dict(block(params, "quantize").get("reference") or {})
-        where = f"{params.get('_path', 'params.yaml')}: quantize.reference"
-        unknown = sorted(set(cfg) - set(DEFAULTS))
-        if unknown:
-            raise ParamsError(f"{where}: unknown keys {unknown}; expected {sorted(DEFAULTS)}")
-        values = {**DEFAULTS, **cfg}
-        for key in DEFAULTS:
-            if not isinstance(values[key], int) or values[key] < (0 if key == "seed" else 1):
-                raise ParamsError(f"{where}.{key}: expected a {'non-negative' if key == 'seed' else 'positive'} "
-                                  f"integer, got {values[key]!r}")
-        return cls(**values)
+        return cls(**schema.settings(params, "quantize")["reference"])
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.quantize import distance
     from ftq.quantize.calibration import heldout
     from ftq.runtimes import open_model
-    from ftq.stages.quantize import CHECK_DEFAULTS, with_defaults
     from ftq.tracking import stage_run
 
     settings = ReferenceSettings.from_params(params)
@@ -67,8 +54,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                                          {"model": MERGED_DIR.as_posix(), "runtime": runtime.kind, **vars(settings)})
             # the merged model's own answer to the check prompt: a build's incoherent answer fails the check
             # unless merged's is incoherent too
-            check = with_defaults(CHECK_DEFAULTS, block(params, "quantize").get("check"),
-                                  where=f"{params.get('_path', 'params.yaml')}: quantize.check")
+            check = schema.settings(params, "quantize")["check"]
             reference.meta.update(prompt=check["prompt"], max_new_tokens=check["max_new_tokens"],
                                   reply=runtime.chat([{"role": "user", "content": check["prompt"]}],
                                                      max_new_tokens=check["max_new_tokens"]))
