@@ -52,6 +52,9 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_WHEEL_STAMP) $(LLAMA_SERVER)
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/gguf-py
 	install -m 755 $(LLAMA_SERVER) $(BIN)/llama-server
+	# DeepSpeed's CPU Adam (the *_offload presets) compiles on first use (~2.5 min on 2 cores): once per
+	# machine, here, into torch's extension cache ($$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" >/dev/null
 	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc, llama_cpp, lm_eval, tenacity; print('ftq', ftq.__version__, 'torch', torch.__version__, 'llama_cpp', llama_cpp.__version__)"
 	touch $@
 
@@ -108,7 +111,7 @@ postgres:
 	else echo "postgresql not installed (needs root and apt-get): the tracking server test will skip"; fi
 
 test: install browser postgres
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=20 $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 # the GPU suite (tests/gpu, marker gpu): every test skips with its reason where CUDA is absent
 test-gpu: install

@@ -21,6 +21,20 @@ os.environ.setdefault("FTQ_TORCH_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
 
 
+# session fixtures that build a whole tiny project (minutes each): every test that uses one runs in the
+# same xdist worker (make test passes --dist loadgroup), so each is built once per run, not once per worker
+SHARED_PROJECTS = ("evaluated",)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):  # -p no:xdist (make test-gpu): one process anyway
+        return
+    for item in items:
+        for name in SHARED_PROJECTS:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _single_torch_thread():
     import torch
