@@ -5,6 +5,11 @@
   the first label of each example set to -100, so no token predicts across a boundary. transformers
   derives a block-diagonal causal mask from the restarting position_ids, so examples never attend to
   each other (call the model with use_cache=False outside Trainer, or the mask is not derived).
+- at_label_positions (either layout): the model computes logits only where the next token is a label.
+
+The logits are a training step's largest tensor on a small model with a large vocabulary (SmolLM2:
+49,152 columns, float32, upcast again for the loss) and the lm_head a fifth of its matmul work, yet
+chat data puts labels on the answers alone: prompts and padding need neither.
 """
 
 from __future__ import annotations
@@ -45,7 +50,30 @@ def packed(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     }
 
 
-def make_collator(pad_token_id: int, packing: bool):
-    if packing:
-        return packed
-    return lambda features: padded(features, pad_token_id)
+def at_label_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add `logits_to_keep` (the sequence positions, over the whole batch, whose next token is a label
+    in some row) and `shift_labels` (the next-token labels at exactly those positions). transformers'
+    causal LMs then apply the lm_head there alone, and their loss (ForCausalLMLoss) scores the same
+    label tokens with the same normalizer: the loss and gradients of the full logits, up to summation
+    order. `labels` stays, so the Trainer still counts the batch's label tokens."""
+    shifted = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # no label at all: left as it was (the loss is then undefined either way)
+        return batch
+    return {**batch, "logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+
+
+def make_collator(pad_token_id: int, packing: bool, label_positions: bool = False):
+    collate = packed if packing else (lambda features: padded(features, pad_token_id))
+    if label_positions:
+        return lambda features: at_label_positions(collate(features))
+    return collate
+
+
+def takes_label_positions(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` as positions (every causal LM of transformers
+    5 does; remote code might not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters

@@ -174,7 +174,7 @@ def build_trainer(settings, params, root, tracked):
     from transformers import Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ftq.data.collate import make_collator
+    from ftq.data.collate import make_collator, takes_label_positions
     from ftq.training.callbacks import History, Progress
     from ftq.hf import stored_dtype
     from ftq.training.model import load_for_training, precision_flags
@@ -196,7 +196,7 @@ def build_trainer(settings, params, root, tracked):
         train_dataset=train_data,
         eval_dataset=eval_data,
         # no processing_class: with it, packed rows would count <|im_end|> (the pad id) as padding
-        data_collator=make_collator(tokenizer.pad_token_id, packing),
+        data_collator=make_collator(tokenizer.pad_token_id, packing, takes_label_positions(model)),
         callbacks=[history, Progress(history)],
     )
     trainer.remove_callback(ProgressCallback)
