@@ -69,6 +69,8 @@ def test_left_out_settings_take_the_schemas_default_and_a_build_overrides_only_w
     del params["train"]["learning_rate"], params["train"]["lora"]
     settings = TrainSettings.from_params(params)
     assert settings.learning_rate == 5e-4 and settings.lora.rank == 16
+    assert schema.settings({**params, "data": {**params["data"], "datasets": "ftq_default"}}, "data")["datasets"] \
+        == ["ftq_default"]  # a single name is stored as the one-item list every reader expects
     params["quantize"]["check"]["max_kld_mean"] = 0.2
     params["quantize"]["builds"]["q8_0"]["check"] = {"max_kld_p99": 0.9}
     spec = build_spec(params, "q8_0")

@@ -42,7 +42,7 @@ def remove_leftovers(target: Path) -> list[Path]:
     for path in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
         pid = path.name[len(target.name) + len(".tmp-"):].split("-")[0]
         if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _remove(path)
             removed.append(path)
     if removed:
         log.warning("removed %d leftover(s) of a killed run: %s", len(removed), ", ".join(str(p) for p in removed))
@@ -75,7 +75,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 def _remove_own_temp_paths(target: Path) -> None:
     for path in target.parent.glob(f"{glob.escape(_temp_prefix(target))}*"):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -22,6 +22,7 @@ class Setting:
     accepts: Callable[[Any], bool]
     expect: str  # what a valid value is, for the error message
     required: bool = False  # no default: params.yaml must give it
+    normalize: Callable[[Any], Any] | None = None  # the accepted value in its one stored form
 
 
 def _number(value) -> bool:
@@ -67,11 +68,8 @@ def Choice(default, *options) -> Setting:
 def Texts(default, required=False, single_ok=False) -> Setting:
     """A list of texts (a single text too where single_ok: it becomes a one-item list)."""
     return Setting(default, lambda v: (single_ok and isinstance(v, str)) or
-                   (isinstance(v, list) and all(isinstance(t, str) for t in v)), "a list of texts", required)
-
-
-def Free(default, accepts, expect) -> Setting:
-    return Setting(default, accepts, expect)
+                   (isinstance(v, list) and all(isinstance(t, str) for t in v)), "a list of texts", required,
+                   normalize=lambda v: [v] if isinstance(v, str) else v)
 
 
 def _questions(value) -> bool:
@@ -114,7 +112,7 @@ SCHEMA: dict[str, dict] = {
             "rank": Int(16, minimum=1),
             "alpha": Num(32, above=0),
             "dropout": Num(0.05, minimum=0, below=1),
-            "target_modules": Free("all-linear", _targets, "all-linear or a list of module names"),
+            "target_modules": Setting("all-linear", _targets, "all-linear or a list of module names"),
         },
         "optim": Choice("adamw_torch", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"),
         "attn_implementation": Choice("sdpa", "sdpa", "eager", "flash_attention_2"),
@@ -152,14 +150,14 @@ SCHEMA: dict[str, dict] = {
         "check": {
             "examples": Int(8, minimum=1),
             "max_length": Int(256, minimum=8),
-            "max_residual_ratio": Free("auto", lambda v: v == "auto" or v is None or (_number(v) and 0 < v < 1),
+            "max_residual_ratio": Setting("auto", lambda v: v == "auto" or v is None or (_number(v) and 0 < v < 1),
                                        "auto or a number between 0 and 1"),
         },
     },
     "quantize": {
         "enabled": Texts([]),
         # each build's options are checked by its backend (ftq.quantize), which knows its method
-        "builds": Free({}, lambda v: isinstance(v, dict) and all(isinstance(b, dict) for b in v.values()),
+        "builds": Setting({}, lambda v: isinstance(v, dict) and all(isinstance(b, dict) for b in v.values()),
                        "a mapping of build names to {method: ..., options}"),
         "calibration": {
             "split": Choice("train", "train", "eval"),
@@ -192,7 +190,7 @@ SCHEMA: dict[str, dict] = {
         "speed_repeats": Int(3, minimum=1),
         "general": {
             "max_new_tokens": Int(48, minimum=1),
-            "questions": Free([], _questions, "a list of {prompt: <text>, expect: [<word>, ...]}"),
+            "questions": Setting([], _questions, "a list of {prompt: <text>, expect: [<word>, ...]}"),
         },
         "lm_eval": {
             "tasks": Texts(["ftq"], single_ok=True),
@@ -227,7 +225,7 @@ SCHEMA: dict[str, dict] = {
             "min_retention": Num(0.95, minimum=0),
             "max_size_bytes": Int(None, minimum=1, nullable=True),
             "confidence": Num(0.95, minimum=0.5, below=1),
-            "tie_breakers": Free(["size_bytes:min", "relative_tokens_per_second:max"], _tie_breakers,
+            "tie_breakers": Setting(["size_bytes:min", "relative_tokens_per_second:max"], _tie_breakers,
                                  "a list like [size_bytes:min, relative_tokens_per_second:max]"),
         },
     },
@@ -303,17 +301,6 @@ def _validate(schema: dict, given: dict, where: str, path: str, fill: bool = Tru
         elif not setting.accepts(given[key]):
             raise ParamsError(f"{path}: {dotted}: expected {setting.expect}, got {given[key]!r}")
         else:
-            values[key] = given[key]
+            values[key] = setting.normalize(given[key]) if setting.normalize else given[key]
     return values
 
-
-def flat_settings() -> dict[str, Setting]:
-    """Every setting by dotted key (for `ftq params`)."""
-    found: dict[str, Setting] = {}
-
-    def walk(tree: dict, prefix: str) -> None:
-        for key, setting in tree.items():
-            walk(setting, f"{prefix}{key}.") if isinstance(setting, dict) else found.__setitem__(f"{prefix}{key}", setting)
-
-    walk(SCHEMA, "")
-    return found

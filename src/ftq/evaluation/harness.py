@@ -36,12 +36,8 @@ class LmEvalError(ValueError):
 
 
 def settings(cfg: dict[str, Any] | None, path: str = "params.yaml") -> dict[str, Any]:
-    """The `evaluate.lm_eval` block, validated by ftq.schema, with a single task or folder as a list."""
-    cfg = schema.part("evaluate.lm_eval", cfg, path)
-    for key in ("tasks", "include_path"):
-        if isinstance(cfg[key], str):
-            cfg[key] = [cfg[key]]
-    return cfg
+    """The `evaluate.lm_eval` block on its own, validated and completed by ftq.schema."""
+    return schema.part("evaluate.lm_eval", cfg, path)
 
 
 def go_offline() -> None:

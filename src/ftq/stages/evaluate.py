@@ -30,12 +30,6 @@ from ftq.params import repo_root
 log = logging.getLogger(__name__)
 
 REPORT_ROOT = Path("reports/eval")
-def settings(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = schema.settings(params, "evaluate")
-    cfg["lm_eval"] = harness.settings(cfg["lm_eval"], params.get("_path", "params.yaml"))
-    return cfg
-
-
 def mt_bench(runtime, cfg: dict, root: Path, out: Path) -> dict:
     """MT-Bench scores, or the reason it was skipped; answers and judgments go to <out>."""
     from ftq.evaluation import mt_bench as bench
@@ -121,7 +115,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     from ftq.memory import peak_memory, release
     from ftq.tracking import stage_run
 
-    cfg = settings(params)
+    cfg = schema.settings(params, "evaluate")
     root = repo_root()
     path = candidate_path(root, name)
     examples = task_examples(root, cfg)

@@ -49,7 +49,7 @@ class PrepareSettings:
     @classmethod
     def from_params(cls, params: dict[str, Any], root: Path) -> "PrepareSettings":
         cfg = schema.settings(params, "data")
-        names = [cfg["datasets"]] if isinstance(cfg["datasets"], str) else cfg["datasets"]
+        names = cfg["datasets"]
         if not names:
             raise ParamsError(f"{params.get('_path', 'params.yaml')}: data.datasets: expected a list of dataset "
                               "names from the registry")
