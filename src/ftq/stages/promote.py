@@ -356,13 +356,13 @@ class ChampionScorer:
 
     def _reevaluate(self, before: dict) -> dict:
         from ftq.registry.resolve import fetch, lookup
-        from ftq.stages.evaluate import answer_all, settings, task_examples
+        from ftq.stages.evaluate import answer_all, task_examples
         from ftq.runtimes import open_model
 
         version, tags = before["version"], before["tags"]
         reference = f"models:/{self.model_name}/{version}"
         resolved = fetch(lookup(reference, self.params), self.params)
-        cfg = settings(self.params)
+        cfg = schema.settings(self.params, "evaluate")
         examples = task_examples(self.root, cfg)
         log.info("champion version %s is not among this run's builds: re-evaluating it on the current %d examples",
                  version, len(examples))
