@@ -43,3 +43,27 @@ def test_tracking_uri_override(project, monkeypatch, tmp_path):
     with tracking.stage_run("base", load_params(project)):
         pass
     assert (tmp_path / "other.db").exists()
+
+
+def test_one_process_logs_each_project_into_its_own_store(project, tiny_model_dir, tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; left there, the next project in the same
+    process (a notebook, a test worker, `ftq` driving stages in-process) logged into the first one's store."""
+    from conftest import make_project
+
+    with tracking.stage_run("base", load_params(project)):
+        pass
+    second = make_project(tmp_path / "second", tiny_model_dir)
+    monkeypatch.chdir(second)
+    assert tracking.tracking_uri(load_params(second)) == f"sqlite:///{second / 'mlflow.db'}"
+    with tracking.stage_run("base", load_params(second)):
+        pass
+    assert (second / "mlflow.db").exists()
+
+
+def test_a_tracking_uri_the_user_set_survives_a_client(project, monkeypatch, tmp_path):
+    chosen = f"sqlite:///{tmp_path / 'chosen.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", chosen)
+    tracking.client(load_params(project))
+    import os
+
+    assert os.environ["MLFLOW_TRACKING_URI"] == chosen

@@ -46,8 +46,15 @@ def client(params: dict[str, Any] | None = None):
 
     uri = tracking_uri(params)
     # MLflow's own code sometimes opens a default client (the registry resolving a `models:/<model_id>`
-    # source does): point the process-wide URI at the same store
+    # source does): point the process-wide URI at the same store. mlflow.set_tracking_uri also writes
+    # $MLFLOW_TRACKING_URI, which tracking_uri() reads as the user's choice: left there, every later
+    # project in this process (and every child process) would log into this one's store
+    user_choice = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if user_choice is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_choice
     return MlflowClient(tracking_uri=uri)
 
 

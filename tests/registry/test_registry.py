@@ -129,7 +129,7 @@ def test_a_tampered_download_is_refused(evaluated_copy, tmp_path):
         resolve("models:/tamper@champion", params)
 
 
-def test_mlflow_loads_and_serves_the_champion_through_the_pyfunc_flavor(evaluated_copy, tmp_path):
+def test_mlflow_loads_and_serves_the_champion_through_the_pyfunc_flavor(evaluated_copy, tmp_path, monkeypatch):
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
@@ -138,6 +138,7 @@ def test_mlflow_loads_and_serves_the_champion_through_the_pyfunc_flavor(evaluate
     project = evaluated_copy
     promote_as(project, "native")
     uri = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri writes it; undone after the test
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/native@champion")
     answer = model.predict({"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 5,
