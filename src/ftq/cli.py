@@ -206,9 +206,11 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_make_default(args) -> int:
-    from ftq.data import default_set
+    from ftq.data import default_set, tool_set
 
     for path in default_set.write(args.out, args.seed):
+        print(path)
+    for path in tool_set.write(args.tools_out, args.seed):
         print(path)
     if args.replay:
         from ftq.data import replay
@@ -390,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         "make-default", help="regenerate the embedded default instruction set", formatter_class=FORMATTER
     )
     make_default.add_argument("--out", default="data/raw/ftq_default", help="output folder")
+    make_default.add_argument("--tools-out", default="data/raw/ftq_tools",
+                              help="output folder of the tool-calling set (ftq.data.tool_set)")
     make_default.add_argument("--seed", type=int, default=0, help="generator seed")
     make_default.add_argument("--replay", action="store_true",
                               help="also write replay.json: the base model's own answers to the general prompts "

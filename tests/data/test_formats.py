@@ -65,7 +65,8 @@ def test_sharegpt_with_tools_function_call_and_observation():
     }
     conversation = normalize(record, SHAREGPT, "f.json", 0)
     assert [m["role"] for m in conversation["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
-    assert conversation["tools"] == '[{"name": "weather"}]'
+    assert conversation["tools"] == [{"type": "function", "function": {
+        "name": "weather", "description": "", "parameters": {"type": "object", "properties": {}}}}]
 
 
 def test_qwen_style_role_tags():
@@ -103,11 +104,13 @@ def test_openai_tool_calls_become_assistant_turns():
             {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "weather"}}]},
             {"role": "tool", "content": "rain"},
             {"role": "assistant", "content": "Rain."},
-        ]
+        ],
+        "tools": [{"name": "weather"}],
     }
     messages = normalize(record, OPENAI, "f.json", 0)["messages"]
-    assert messages[1] == {"role": "assistant", "content": '[{"function": {"name": "weather"}}]'}
-    assert messages[2]["role"] == "tool"
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": {}}}]}
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_0", "content": "rain"}
 
 
 def test_non_object_record():

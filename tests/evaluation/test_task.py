@@ -46,3 +46,51 @@ def test_intervals_narrow_with_more_examples_and_hold_the_mean():
     assert low < low48 < 0.5 < high48 < high and high48 - low48 < 0.32
     assert interval(many) == interval(many)  # seeded
     assert interval([1.0] * 10) == [1.0, 1.0]
+
+
+def tool_record():
+    from ftq.data.formats import FormatSpec, normalize
+
+    weather = {"name": "weather", "description": "Current weather",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    record = {"conversations": [
+        {"from": "human", "value": "Weather in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})},
+        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}], "tools": [weather]}
+    return {**normalize(record, FormatSpec.build("sharegpt"), "f.json", 0), "dataset": "calls", "record": 0}
+
+
+def test_a_conversation_with_tools_is_asked_for_its_call_as_training_rendered_it(tmp_path):
+    from ftq.data import tools
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps(tool_record()) + "\n")
+    (fallback,) = load_examples(path, -1, tools.FALLBACK)
+    assert [m["role"] for m in fallback["prompt"]] == ["system", "user"] and fallback["tools"] is None
+    assert '"name": "weather"' in fallback["prompt"][0]["content"]
+    assert fallback["reference_calls"] == [{"name": "weather", "arguments": {"city": "Oslo"}}]
+    (native,) = load_examples(path, -1, tools.NATIVE)
+    assert native["prompt"] == [{"role": "user", "content": "Weather in Oslo?"}]
+    assert native["tools"][0]["function"]["name"] == "weather"
+
+
+def test_calls_are_scored_by_name_and_by_arguments_as_json_values():
+    expected = [{"name": "weather", "arguments": {"city": "Oslo", "days": 2}}]
+    reference = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>'
+
+    def scored(answer):
+        result = score(answer, reference, expected)
+        return result["tool_call_name_accuracy"], result["tool_call_exact"]
+
+    assert scored('<tool_call>{"arguments": {"days": 2.0, "city": "Oslo"}, "name": "weather"}</tool_call>') == (1, 1)
+    assert scored('<tool_call>{"name": "weather", "arguments": {"city": "Oslo", "days": "2"}}</tool_call>') == (1, 0)
+    assert scored('<tool_call>{"name": "forecast", "arguments": {"city": "Oslo", "days": 2}}</tool_call>') == (0, 0)
+    assert scored("It is sunny in Oslo.") == (0, 0)
+    both = [{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "weather", "arguments": {"city": "Rome"}}]
+    answer = ('<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
+              '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    assert score(answer, "", both)["tool_call_exact"] == 1  # parallel calls in any order
+    assert score(answer + answer, "", both)["tool_call_exact"] == 0  # an extra call is not exact
+    metrics = aggregate([score(answer, "", both), score("no", "", both), {"exact_match": 1.0, "rouge_l": 1.0}])
+    assert metrics["tool_call_exact"] == 0.5 and metrics["tool_call_examples"] == 2
+    assert len(metrics["tool_call_exact_ci95"]) == 2

@@ -4,6 +4,7 @@ import shutil
 import pytest
 import yaml
 from datasets import load_from_disk
+from transformers import AutoTokenizer
 
 from conftest import FIXTURES, load_params, mlflow_runs, set_params, shared_file
 from ftq.data.errors import DataError
@@ -98,11 +99,34 @@ def test_on_error_skip_writes_rejects_with_reasons(based):
     assert {"file", "record", "field", "reason", "message"} <= set(rejects[1])
 
 
-def test_sharegpt_with_tools_tokenizes(based):
+def test_openai_file_with_tools_tokenizes(based):
     register(based, "tools", FIXTURES / "data" / "openai_ok.jsonl", format="openai", split="train")
     set_params(based, data={"datasets": ["tools"], "eval_size": 0})
     report = prepare.run(load_params(based)).report
-    assert report["train"]["examples"] == 2
+    assert report["train"]["examples"] == 2 and report["train"]["with_tools"] == 1
+
+
+def test_the_tool_call_set_keeps_its_tools_in_every_tokenized_example(based):
+    """The project's tool set is in LLaMA-Factory's ShareGPT layout (tools as JSON text, function_call and
+    observation turns): SmolLM2's template ignores tools, so every example goes through ftq's fallback."""
+    from ftq.data import tool_set
+
+    set_params(based, data={"datasets": ["ftq_tools", "ftq_tools_heldout"], "max_length": 1024})
+    prepare.run(load_params(based))
+    report = json.loads((based / "reports" / "data.json").read_text())
+    assert report["tool_rendering"] == "ftq_fallback" and report["rejected"] == 0
+    assert report["train"]["with_tools"] == report["train"]["examples"] > 100
+    assert report["eval"]["with_tools"] == report["eval"]["examples"] > 20
+    tokenizer = AutoTokenizer.from_pretrained(based / "models" / "base")
+    descriptions = [t["description"] for t in tool_set.TOOLS]
+    for part in ("train", "eval"):
+        rows = load_from_disk(str(based / "data" / "processed" / part))
+        for number, ids in enumerate(rows["input_ids"]):
+            shown = tokenizer.decode(ids)
+            assert all(d in shown for d in descriptions), (part, number)
+    manifest = json.loads((based / "data" / "processed" / "manifest.json").read_text())
+    run = {r.data.tags["ftq.stage"]: r for r in mlflow_runs(based)}["prepare"]
+    assert manifest["tool_rendering"] == run.data.tags["data.tool_rendering"] == "ftq_fallback"
 
 
 def test_unknown_dataset_and_bad_params(based):

@@ -1,9 +1,11 @@
 """Normalize alpaca, sharegpt and openai-messages records to one conversation schema:
 
-    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "tools": str|None}
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}, ...],
+     "tools": [OpenAI function schemas] | None}
 
-Every check raises a RecordError naming the field. Function calls become assistant turns (they are
-trained on); observations become `tool` turns (context, not targets)."""
+Every check raises a RecordError naming the field. Function calls become assistant turns with OpenAI
+`tool_calls` (they are trained on), observations `tool` turns with the `tool_call_id` of the call they
+answer (context, not targets); see ftq.data.tools for the shape and the tool-data errors."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftq.data.errors import RecordError
+from ftq.data.tools import CallLedger, ToolDataError, normalize_tools, parse_call_turn
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 
@@ -40,8 +43,6 @@ DEFAULT_TAGS = {
         "system_tag": "system",
     },
 }
-USER_SIDE = ("user", "tool")
-ASSISTANT_SIDE = ("assistant",)
 
 
 @dataclass
@@ -92,19 +93,11 @@ def _string(record: dict, name: str | None, file: str, index: int, required: boo
     return value
 
 
-def _tools(record: dict, name: str | None, file: str, index: int) -> str | None:
-    if not name or record.get(name) in (None, "", []):
-        return None
-    value = record[name]
-    if isinstance(value, str):
-        try:
-            json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise _error(file, index, name, f"not valid JSON: {exc.msg}", "bad_tools") from exc
-        return value
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
-    raise _error(file, index, name, f"expected JSON text or a list, got {type(value).__name__}", "bad_tools")
+def _tools(record: dict, name: str | None, file: str, index: int) -> list[dict] | None:
+    try:
+        return normalize_tools(record.get(name) if name else None, name or "tools")
+    except ToolDataError as exc:
+        raise _error(file, index, exc.field, str(exc), exc.reason) from exc
 
 
 def _alpaca(record: dict, columns: dict[str, str], file: str, index: int) -> dict[str, Any]:
@@ -146,8 +139,8 @@ def _role_map(tags: dict[str, str]) -> dict[str, str]:
 def _turn_content(turn: dict, tags: dict, role: str, file: str, index: int, where: str) -> str:
     content_tag = tags["content_tag"]
     content = turn.get(content_tag)
-    if content is None and role == "assistant" and turn.get("tool_calls"):
-        return json.dumps(turn["tool_calls"], ensure_ascii=False)  # OpenAI assistant tool calls
+    if role == "tool" and isinstance(content, (dict, list)):
+        return json.dumps(content, ensure_ascii=False)  # a structured tool result
     if content is None:
         raise _error(file, index, f"{where}.{content_tag}", "missing", "missing_field")
     if not isinstance(content, str):
@@ -155,6 +148,42 @@ def _turn_content(turn: dict, tags: dict, role: str, file: str, index: int, wher
     if not content.strip():
         raise _error(file, index, f"{where}.{content_tag}", "empty", "empty_field")
     return content
+
+
+# what may follow each kind of turn; "calls" is an assistant turn that calls functions
+FOLLOWS = {"user": (None, "assistant"), "assistant": ("user", "tool"), "calls": ("user", "tool"),
+           "tool": ("calls", "tool")}
+
+
+def _out_of_order(kind: str, previous: str | None, tag: str) -> str:
+    if previous == "calls":
+        return f"turn out of order: expected an observation turn after a function call, got {tag!r}"
+    if kind in ("user", "tool") and previous in ("user", "tool"):
+        return f"turn out of order: expected an assistant or function-call turn, got {tag!r}"
+    return f"turn out of order: expected a user or observation turn, got {tag!r}"
+
+
+def _message(turn: dict, role: str, tags: dict, ledger: CallLedger, file: str, index: int, where: str) -> list[dict]:
+    """One source turn -> its normalized message(s); raises on bad tool data."""
+    content_tag = tags["content_tag"]
+    try:
+        if role == "function_call":
+            return [ledger.assistant_calls(parse_call_turn(turn.get(content_tag), f"{where}.{content_tag}"),
+                                           f"{where}.{content_tag}")]
+        if role == "assistant" and turn.get("tool_calls"):  # OpenAI: calls on the assistant message
+            message = ledger.assistant_calls(parse_call_turn(turn["tool_calls"], f"{where}.tool_calls"),
+                                             f"{where}.tool_calls")
+            text = turn.get(content_tag)
+            message["content"] = text if isinstance(text, str) else ""
+            return [message]
+        content = _turn_content(turn, tags, role, file, index, where)
+        if role == "tool":
+            call_id = turn.get("tool_call_id")
+            return ledger.results(content, call_id if isinstance(call_id, str) else None, f"{where}.{tags['role_tag']}",
+                                  one_turn_answers_all=call_id is None)
+        return [{"role": role, "content": content}]
+    except ToolDataError as exc:
+        raise _error(file, index, exc.field, str(exc), exc.reason) from exc
 
 
 def _turns(record: dict, spec: FormatSpec, file: str, index: int) -> dict[str, Any]:
@@ -168,10 +197,13 @@ def _turns(record: dict, spec: FormatSpec, file: str, index: int) -> dict[str, A
     if not turns:
         raise _error(file, index, name, "empty conversation", "empty_conversation")
     roles = _role_map(tags)
-    messages: list[dict[str, str]] = []
+    tools = _tools(record, columns.get("tools"), file, index)
+    ledger = CallLedger(tools)
+    messages: list[dict] = []
     system = _string(record, columns.get("system"), file, index, required=False)
     if system and system.strip():
         messages.append({"role": "system", "content": system})
+    previous: str | None = None
     for position, turn in enumerate(turns):
         where = f"{name}[{position}]"
         if not isinstance(turn, dict):
@@ -188,16 +220,21 @@ def _turns(record: dict, spec: FormatSpec, file: str, index: int) -> dict[str, A
                 raise _error(file, index, f"{where}.{tags['role_tag']}", "a system turn is only allowed first", "turn_order")
             messages.append({"role": "system", "content": _turn_content(turn, tags, role, file, index, where)})
             continue
-        role = "assistant" if role == "function_call" else role
-        content = _turn_content(turn, tags, role, file, index, where)
-        expected = USER_SIDE if len([m for m in messages if m["role"] != "system"]) % 2 == 0 else ASSISTANT_SIDE
-        if role not in expected:
-            wanted = "a user or observation" if expected is USER_SIDE else "an assistant or function-call"
-            raise _error(file, index, f"{where}.{tags['role_tag']}", f"turn out of order: expected {wanted} turn, got {tag!r}", "turn_order")
-        messages.append({"role": role, "content": content})
+        kind = "calls" if role == "function_call" or (role == "assistant" and turn.get("tool_calls")) else role
+        role_field = f"{where}.{tags['role_tag']}"
+        if kind == "tool" and not ledger.pending:
+            raise _error(file, index, role_field, "an observation with no function call before it",
+                         "observation_without_call")
+        if previous not in FOLLOWS[kind] or (kind != "tool" and previous == "calls"):
+            raise _error(file, index, role_field, _out_of_order(kind, previous, tag), "turn_order")
+        if kind != "tool" and ledger.pending:
+            raise _error(file, index, role_field, f"{len(ledger.pending)} function call(s) have no result before "
+                         f"this turn ({', '.join(ledger.pending)})", "turn_order")
+        messages.extend(_message(turn, role, tags, ledger, file, index, where))
+        previous = kind
     dialogue = [m for m in messages if m["role"] != "system"]
     if not dialogue:
         raise _error(file, index, name, "empty conversation (only a system turn)", "empty_conversation")
-    if dialogue[-1]["role"] != "assistant":
+    if previous not in ("assistant", "calls"):
         raise _error(file, index, name, "the last turn must be the assistant's", "turn_order")
-    return {"messages": messages, "tools": _tools(record, columns.get("tools"), file, index)}
+    return {"messages": messages, "tools": tools}

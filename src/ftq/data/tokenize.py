@@ -3,13 +3,17 @@
 Assistant spans are found by rendering growing prefixes of the conversation: the text between
 render(turns[:i], add_generation_prompt=True) and render(turns[:i+1]) is turn i's target, including
 the template's end-of-turn token so the model learns to stop. Tokens are then labelled by their
-character offsets, which works for any template that renders prefixes as prefixes."""
+character offsets, which works for any template that renders prefixes as prefixes.
+
+Conversations with tools are rendered through ftq.data.tools (the template's own tool rendering, or
+ftq's fallback), and every tokenized example is checked to still show each of its tools."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from ftq.data import tools as tool_format
 
 IGNORE_INDEX = -100
 TRUNCATION = ("right", "drop")
@@ -24,6 +28,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    missing_tools: list[str] = field(default_factory=list)  # tool names the kept tokens do not show
 
     @property
     def target_tokens(self) -> int:
@@ -34,6 +39,11 @@ def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(
         messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def tool_rendering(tokenizer) -> str:
+    """tools.NATIVE where the tokenizer's chat template renders tools and calls itself, else tools.FALLBACK."""
+    return tool_format.rendering(tool_format.tokenizer_renderer(tokenizer))
 
 
 def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
@@ -54,10 +64,15 @@ def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) 
     return text, spans
 
 
-def tokenize_conversation(tokenizer, conversation: dict[str, Any], max_length: int, truncation: str = "right"):
-    """Tokenized example, or None when it must be dropped (too long under `drop`, or no target left)."""
-    tools = json.loads(conversation["tools"]) if conversation.get("tools") else None
-    text, spans = assistant_spans(tokenizer, conversation["messages"], tools)
+def tokenize_conversation(tokenizer, conversation: dict[str, Any], max_length: int, truncation: str = "right",
+                          rendering: str | None = None):
+    """Tokenized example, or None when it must be dropped (too long under `drop`, or no target left).
+    `rendering` (tool_rendering's answer) is probed from the tokenizer when not given."""
+    tools = conversation.get("tools") or None
+    if rendering is None and tools:
+        rendering = tool_rendering(tokenizer)
+    messages, shown_tools = tool_format.for_template(conversation["messages"], tools, rendering)
+    text, spans = assistant_spans(tokenizer, messages, shown_tools)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -73,4 +88,7 @@ def tokenize_conversation(tokenizer, conversation: dict[str, Any], max_length: i
             return None
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     example = Tokenized(input_ids, labels, truncated)
+    if tools:
+        shown = tokenizer.decode(input_ids, skip_special_tokens=False)
+        example.missing_tools = [name for name in tool_format.tool_names(tools) if name not in shown]
     return example if example.target_tokens else None

@@ -2,7 +2,12 @@
 before the last assistant turn) and is scored against that turn. The metric fits the answer:
 JSON validity and per-field accuracy where the reference is a JSON object, exact match always,
 ROUGE-L F1 for free text. Every mean comes with `<metric>_ci95`, a seeded bootstrap interval over the
-examples: a few dozen examples decide little without one."""
+examples: a few dozen examples decide little without one.
+
+A conversation with tools is asked for its first function-call turn (or its last answer when it makes
+no call), rendered as prepare rendered it for training. Calls are scored like BFCL's AST match: the
+answer's calls are parsed, and `tool_call_name_accuracy` asks for the same function names,
+`tool_call_exact` for the same names with arguments equal as JSON values (parallel calls in any order)."""
 
 from __future__ import annotations
 
@@ -10,9 +15,12 @@ import json
 import re
 from pathlib import Path
 
+from ftq.data import tools
 
-def load_examples(path: Path, limit: int) -> list[dict]:
-    """`limit` conversations spread evenly over the file (held-out sets are often grouped by kind), or all."""
+
+def load_examples(path: Path, limit: int, rendering: str = tools.FALLBACK) -> list[dict]:
+    """`limit` conversations spread evenly over the file (held-out sets are often grouped by kind), or all.
+    `rendering` is how prepare rendered tools (data/processed/manifest.json `tool_rendering`)."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if 0 < limit < len(lines):
         lines = [lines[i * len(lines) // limit] for i in range(limit)]
@@ -20,10 +28,32 @@ def load_examples(path: Path, limit: int) -> list[dict]:
     for line in lines:
         record = json.loads(line)
         messages = record["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        examples.append({"id": f"{record.get('dataset', '')}#{record.get('record', len(examples))}",
-                         "prompt": messages[:last], "reference": messages[last]["content"]})
+        calls = [i for i, m in enumerate(messages) if m.get("tool_calls")]
+        asked = calls[0] if calls else max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt, shown_tools = tools.for_template(messages[:asked], record.get("tools") or None, rendering)
+        example = {"id": f"{record.get('dataset', '')}#{record.get('record', len(examples))}", "prompt": prompt,
+                   "tools": shown_tools, "reference": messages[asked]["content"]}
+        if calls:
+            reference_calls = messages[asked]["tool_calls"]
+            example["reference"] = tools.call_text(reference_calls)
+            example["reference_calls"] = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                                          for c in reference_calls]
+        examples.append(example)
     return examples
+
+
+def score_calls(prediction: str, expected: list[dict]) -> dict:
+    _text, got = tools.parse_calls(prediction)
+    names = sorted(c["name"] for c in got) == sorted(c["name"] for c in expected)
+    unmatched = list(got)
+    for call in expected:  # == on parsed JSON: 12 equals 12.0, key order does not matter
+        match = next((c for c in unmatched if c["name"] == call["name"] and c["arguments"] == call["arguments"]), None)
+        if match is None:
+            break
+        unmatched.remove(match)
+    else:
+        return {"tool_call_name_accuracy": float(names), "tool_call_exact": float(not unmatched)}
+    return {"tool_call_name_accuracy": float(names), "tool_call_exact": 0.0}
 
 
 def normalize(text: str) -> str:
@@ -59,9 +89,11 @@ def parse_json_object(text: str):
     return value if isinstance(value, dict) else None
 
 
-def score(prediction: str, reference: str) -> dict:
+def score(prediction: str, reference: str, reference_calls: list[dict] | None = None) -> dict:
     result = {"exact_match": float(normalize(prediction) == normalize(reference)),
               "rouge_l": rouge_l(prediction, reference)}
+    if reference_calls is not None:
+        return {**result, **score_calls(prediction, reference_calls)}
     expected = parse_json_object(reference)
     if expected is not None:
         got = parse_json_object(prediction)
@@ -88,11 +120,14 @@ def interval(values: list[float], seed: int = 0) -> list[float]:
 
 def aggregate(rows: list[dict]) -> dict:
     metrics: dict = {}
-    for key in ("exact_match", "rouge_l", "json_valid", "json_field_accuracy"):
+    for key in ("exact_match", "rouge_l", "json_valid", "json_field_accuracy", "tool_call_name_accuracy",
+                "tool_call_exact"):
         values = [r[key] for r in rows if key in r]
         if values:
             metrics[key] = round(sum(values) / len(values), 4)
             metrics[f"{key}_ci95"] = interval(values)
     metrics["examples"] = len(rows)
     metrics["json_examples"] = sum(1 for r in rows if "json_valid" in r)
+    if any("tool_call_exact" in r for r in rows):
+        metrics["tool_call_examples"] = sum(1 for r in rows if "tool_call_exact" in r)
     return metrics

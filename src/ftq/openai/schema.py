@@ -13,11 +13,51 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSchema
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class Sampling(BaseModel):
@@ -52,6 +92,57 @@ class Sampling(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model decides how many calls it writes
+
+    def tool_list(self) -> list[dict] | None:
+        """The tools the model is shown: none under tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [{"type": "function", "function": {"name": t.function.name, "description": t.function.description or "",
+                                                  "parameters": t.function.parameters or {"type": "object", "properties": {}}}}
+                for t in self.tools]
+
+    def forced_function(self) -> str | None:
+        """The function tool_choice names, "" for "required", None where the model chooses."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools or []}:
+                raise RequestError(f"tool_choice: function {self.tool_choice.function.name!r} is not in tools")
+            return self.tool_choice.function.name
+        if self.tool_choice == "required":
+            if not self.tools:
+                raise RequestError("tool_choice: \"required\" needs tools")
+            return ""
+        return None
+
+    def conversation(self) -> list[dict]:
+        """The messages in ftq's shape (ftq.data.tools): call arguments as JSON objects, checked here."""
+        messages = []
+        for number, message in enumerate(self.messages):
+            if message.role == "tool" and not message.tool_call_id:
+                raise RequestError(f"messages.{number}.tool_call_id: a tool message must name the call it answers")
+            if message.content is None and not message.tool_calls:
+                raise RequestError(f"messages.{number}.content: missing")
+            entry = {"role": message.role, "content": message.content or ""}
+            if message.tool_calls:
+                entry["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments, number, position)}}
+                    for position, c in enumerate(message.tool_calls)]
+            if message.tool_call_id:
+                entry["tool_call_id"] = message.tool_call_id
+            messages.append(entry)
+        return messages
+
+
+def _arguments(text: str, number: int, position: int) -> dict:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise RequestError(f"messages.{number}.tool_calls.{position}.function.arguments: not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise RequestError(f"messages.{number}.tool_calls.{position}.function.arguments: must be a JSON object")
+    return value
 
 
 class CompletionRequest(Sampling):
@@ -147,8 +238,11 @@ def check_batch(limits: Limits, prompt_lengths: list[int], max_tokens: int) -> N
 
 
 def chat_arguments(body: ChatRequest, limits: Limits) -> dict:
-    """A validated chat request -> the keyword arguments of a runtime's `stream_chat`."""
-    messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
+    """A validated chat request -> the keyword arguments of a runtime's `stream_chat` (plain chat: tool
+    calling is `ftq serve`'s)."""
+    if body.tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
+        raise RequestError("tools: tool calling is served by `ftq serve`, not by this flavor")
+    messages = [{"role": m["role"], "content": m["content"]} for m in body.conversation()]
     return {"messages": messages, "max_new_tokens": budget(limits, body.max_completion_tokens or body.max_tokens),
             "temperature": body.temperature, "top_p": body.top_p, "stop": body.stop_list()}
 

@@ -41,10 +41,23 @@ class LlamaCppRuntime:
             self._chat_model = self._load()
         return self._chat_model
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+    def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+             tools: list[dict] | None = None) -> str:
+        """`tools` are for a chat template that renders them itself: the GGUF's template renders the prompt
+        as transformers renders it in training (see ftq.data.tools)."""
+        if tools:
+            prompt = self._template_renderer()(messages, tools, True)
+            reply = self.llama.create_completion(prompt, max_tokens=max_new_tokens, temperature=temperature, seed=0)
+            return (reply["choices"][0]["text"] or "").strip()
         reply = self.llama.create_chat_completion(messages=messages, max_tokens=max_new_tokens, temperature=temperature,
                                                   seed=0)
         return (reply["choices"][0]["message"]["content"] or "").strip()
+
+    def _template_renderer(self):
+        from ftq.data.tools import template_renderer
+
+        info = self.tokenizer_info()
+        return template_renderer(info["chat_template"], {"bos_token": info["bos_token"], "eos_token": info["eos_token"]})
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                     top_p: float = 1.0, stop: list[str] | None = None) -> Iterator[str]:

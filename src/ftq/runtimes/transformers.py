@@ -26,9 +26,9 @@ class TransformersRuntime:
                                                           **load_kwargs())
         self.model.eval()
 
-    def _inputs(self, messages: list[dict]) -> dict:
+    def _inputs(self, messages: list[dict], tools: list[dict] | None = None) -> dict:
         inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
@@ -51,8 +51,10 @@ class TransformersRuntime:
                                                       return_dict=False))
 
     @torch.no_grad()
-    def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
-        inputs = self._inputs(messages)
+    def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+             tools: list[dict] | None = None) -> str:
+        """`tools` are for a chat template that renders them itself (see ftq.data.tools)."""
+        inputs = self._inputs(messages, tools)
         output = self.model.generate(**inputs, **self._generation_kwargs(max_new_tokens, temperature))
         return self.tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

@@ -49,6 +49,15 @@ class Served:
     inflight: int = 0
     _scorer: Any = None
     scorer_lock: threading.Lock = field(default_factory=threading.Lock)
+    _tool_template: Any = None
+
+    async def tool_template(self):
+        """How this model renders tools (ftq.serve.tool_calls), probed from its chat template on first use."""
+        from ftq.serve.tool_calls import ToolTemplate
+
+        if self._tool_template is None:
+            self._tool_template = ToolTemplate.probe(await self.engine.tokenizer_info())
+        return self._tool_template
 
     def scorer(self, n_ctx: int):
         """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights).
@@ -190,10 +199,18 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         max_tokens = budget(limits, body.max_completion_tokens or body.max_tokens)
         settings = settings_of(body, max_tokens)
         served = host.served
-        messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
-        prompt = await served.engine.tokenize(await served.engine.chat_prompt(messages), False)
+        messages = body.conversation()
+        shown_tools = body.tool_list()
+        opening = None  # None: plain chat; else the answer is parsed for calls (opening: a forced call's start)
+        if shown_tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            template = await served.tool_template()
+            text, forced = template.prompt(messages, shown_tools, body.forced_function() if shown_tools else None)
+            opening = forced if shown_tools else None
+        else:
+            text = await served.engine.chat_prompt(messages)
+        prompt = await served.engine.tokenize(text, False)
         check_prompt(limits, len(prompt), max_tokens, served.engine.context_length)
-        return await generation(request, body, "chat.completion", served, prompt, settings)
+        return await generation(request, body, "chat.completion", served, prompt, settings, opening)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -228,12 +245,13 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         async with ticket:
             return await run_in_threadpool(work)
 
-    async def generation(request: Request, body, kind: str, served: Served, prompt: list[int], settings: Settings):
+    async def generation(request: Request, body, kind: str, served: Served, prompt: list[int], settings: Settings,
+                         opening: str | None = None):
         ticket = gate.admit()
         metrics.prompt_tokens.inc(len(prompt))
         ident = new_id(kind)
         if body.stream:
-            events = stream_events(ticket, ident, kind, served, prompt, settings, body.include_usage())
+            events = stream_events(ticket, ident, kind, served, prompt, settings, body.include_usage(), opening)
             return ClosingStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         work = asyncio.ensure_future(whole(ticket, served, prompt, settings))
         left = asyncio.ensure_future(until_disconnected(request.receive))
@@ -245,7 +263,13 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
             return Response(status_code=499)
         left.cancel()
         text, tokens, finish = work.result()
-        return completion_response(kind, ident, host.model_id, text, len(prompt), tokens, settings.max_tokens, finish)
+        response = completion_response(kind, ident, host.model_id, text, len(prompt), tokens, settings.max_tokens, finish)
+        if opening is not None:
+            from ftq.serve.tool_calls import message
+
+            answer, called = message(opening + text)
+            response["choices"][0].update(message=answer, finish_reason=called or response["choices"][0]["finish_reason"])
+        return response
 
     async def pieces(ticket, served: Served, prompt: list[int], settings: Settings, route: str):
         """The engine's pieces for one request, holding a slot; records latency and tokens."""
@@ -274,7 +298,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         return "".join(text), tokens, finish
 
     async def stream_events(ticket, ident: str, kind: str, served: Served, prompt: list[int], settings: Settings,
-                            include_usage: bool):
+                            include_usage: bool, opening: str | None = None):
         chat = kind == "chat.completion"
         created = int(time.time())
 
@@ -290,13 +314,26 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
 
         tokens, finish = 0, "stop"
         generated = pieces(ticket, served, prompt, settings, "stream")
+        if opening is not None:
+            from ftq.serve.tool_calls import StreamHold
+
+            hold = StreamHold(opening)
         try:
             if chat:
                 yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             async for piece in generated:
                 tokens, finish = piece.tokens, piece.finish or finish
-                if piece.text:
-                    yield event(choice(piece.text, None))
+                text = hold.feed(piece.text) if opening is not None else piece.text
+                if text:
+                    yield event(choice(text, None))
+            if opening is not None:
+                rest, calls = hold.finish()
+                if rest:
+                    yield event(choice(rest, None))
+                if calls:
+                    finish = "tool_calls"
+                    yield event({"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                        {"index": i, **call} for i, call in enumerate(calls)]}})
             yield event(choice("", finish))
             if include_usage:
                 yield event(None, {"usage": usage(len(prompt), tokens)})

@@ -31,6 +31,8 @@ METRICS = [
     ("task_json_valid", "JSON valid", True),
     ("task_json_field_accuracy", "JSON field accuracy", True),
     ("task_rouge_l", "ROUGE-L", True),
+    ("task_tool_call_name_accuracy", "tool call: function name", True),
+    ("task_tool_call_exact", "tool call: name and arguments", True),
     ("general_accuracy", "general questions", True),
     ("mt_bench_score", "MT-Bench (1-10)", True),
     ("perplexity", "held-out perplexity", False),
@@ -43,7 +45,8 @@ METRICS = [
 ]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending so
 GROUPS = {
-    "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l", "general_accuracy"],
+    "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l",
+                "task_tool_call_name_accuracy", "task_tool_call_exact", "general_accuracy"],
     "lm_eval": [],  # every lm_eval_* metric found in the reports
     "perplexity": ["perplexity"],
     "size": ["size_bytes", "peak_memory_bytes"],
@@ -110,7 +113,8 @@ def lm_eval_metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
 
 
 def metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
-    return METRICS[:6] + lm_eval_metrics(reports) + METRICS[6:]
+    split = [k for k, _, _ in METRICS].index("mt_bench_score") + 1  # lm-eval's rows follow the quality rows
+    return METRICS[:split] + lm_eval_metrics(reports) + METRICS[split:]
 
 
 def table_rows(reports: dict[str, dict]) -> list[list[str]]:

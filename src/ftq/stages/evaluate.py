@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from ftq.data import tools
 from ftq.evaluation import harness
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
 from ftq import schema
@@ -72,7 +73,9 @@ def task_examples(root: Path, cfg: dict) -> list[dict]:
     examples_file = root / "data" / "processed" / "eval.jsonl"
     if not examples_file.exists() or not examples_file.read_text().strip():
         examples_file = root / "data" / "processed" / "train.jsonl"
-    return task.load_examples(examples_file, int(cfg["task_examples"]) or -1)
+    manifest = root / "data" / "processed" / "manifest.json"
+    rendering = json.loads(manifest.read_text()).get("tool_rendering") if manifest.exists() else None
+    return task.load_examples(examples_file, int(cfg["task_examples"]) or -1, rendering or tools.FALLBACK)
 
 
 def speed_reference(root: Path, name: str):
@@ -86,9 +89,16 @@ def speed_reference(root: Path, name: str):
     return lambda: open_model(path)
 
 
-def answers(runtime, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> Iterator[str]:
+def answers(runtime, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
+            tool_lists: list | None = None) -> Iterator[str]:
     """Greedy answers, in batches where the runtime generates batches (transformers); llama.cpp's
-    Python API decodes one sequence at a time, so GGUF candidates answer one by one."""
+    Python API decodes one sequence at a time, so GGUF candidates answer one by one. Conversations with
+    tools for the chat template itself (`tool_lists`) answer one by one too."""
+    if tool_lists and any(tool_lists):
+        for conversation, shown_tools in zip(conversations, tool_lists):
+            yield (runtime.chat(conversation, max_new_tokens=max_new_tokens, tools=shown_tools) if shown_tools
+                   else runtime.chat(conversation, max_new_tokens=max_new_tokens))
+        return
     if batch_size > 1 and hasattr(runtime, "chat_batch"):
         for start in range(0, len(conversations), batch_size):
             yield from runtime.chat_batch(conversations[start:start + batch_size], max_new_tokens=max_new_tokens)
@@ -101,9 +111,11 @@ def answer_all(runtime, examples: list[dict], max_new_tokens: int, batch_size: i
     from ftq.evaluation.task import score
 
     rows = []
-    for example, answer in zip(examples, answers(runtime, [e["prompt"] for e in examples], max_new_tokens, batch_size)):
+    generated = answers(runtime, [e["prompt"] for e in examples], max_new_tokens, batch_size,
+                        [e.get("tools") for e in examples])
+    for example, answer in zip(examples, generated):
         rows.append({"id": example["id"], "prompt": example["prompt"][-1]["content"], "reference": example["reference"],
-                     "answer": answer, **score(answer, example["reference"])})
+                     "answer": answer, **score(answer, example["reference"], example.get("reference_calls"))})
     return rows
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ftq.data.check import FileCheck, check_file
-from ftq.data.errors import DataError
+from ftq.data.errors import DataError, RecordError
 from ftq.data.registry import DatasetSpec, load_registry, select
-from ftq.data.tokenize import tokenize_conversation
+from ftq.data.tokenize import tokenize_conversation, tool_rendering
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure, tree_md5
 from ftq import schema
 from ftq.params import ParamsError, repo_root
@@ -99,20 +99,36 @@ def split(specs: list[DatasetSpec], pools: dict[str, list[dict]], eval_size: flo
     return train, evaluation
 
 
-def tokenize_all(tokenizer, conversations: list[dict], settings: PrepareSettings):
+def tokenize_all(tokenizer, conversations: list[dict], settings: PrepareSettings, rendering: str,
+                 files: dict[str, str] | None = None):
+    """Token rows, the conversations kept, and counts. An example with tools whose tokens no longer show
+    one of them (a template that drops tools, or truncation) fails the stage: training on it would teach
+    calls to functions the model was never shown."""
     rows = {"input_ids": [], "labels": [], "length": []}
-    stats = {"truncated": 0, "dropped_too_long": 0}
-    kept = []
+    stats = {"truncated": 0, "dropped_too_long": 0, "with_tools": 0}
+    kept, lost = [], []
     for conversation in conversations:
-        example = tokenize_conversation(tokenizer, conversation, settings.max_length, settings.truncation)
+        example = tokenize_conversation(tokenizer, conversation, settings.max_length, settings.truncation, rendering)
         if example is None:
             stats["dropped_too_long"] += 1
             continue
+        if example.missing_tools:
+            lost.append(RecordError((files or {}).get(conversation["dataset"], conversation["dataset"]),
+                                    conversation.get("record"),
+                                    "tools", f"the tokenized example does not show tool(s) "
+                                    f"{', '.join(example.missing_tools)} ({rendering} rendering, "
+                                    f"{len(example.input_ids)} tokens kept of max_length {settings.max_length})",
+                                    "tools_lost"))
+            continue
+        stats["with_tools"] += bool(conversation.get("tools"))
         stats["truncated"] += example.truncated
         rows["input_ids"].append(example.input_ids)
         rows["labels"].append(example.labels)
         rows["length"].append(len(example.input_ids))
         kept.append(conversation)
+    if lost:
+        shown = "\n".join(f"  {e}" for e in lost[:MAX_ERRORS_SHOWN])
+        raise DataError(f"{len(lost)} example(s) lost their tools in tokenization:\n{shown}", lost)
     return rows, kept, stats
 
 
@@ -191,8 +207,10 @@ def run(params: dict[str, Any]) -> PrepareResult:
 
         base_dir = root / "models" / "base"
         tokenizer = AutoTokenizer.from_pretrained(base_dir, **load_kwargs())
-        train_rows, train, train_stats = tokenize_all(tokenizer, train, settings)
-        eval_rows, evaluation, eval_stats = tokenize_all(tokenizer, evaluation, settings)
+        rendering = tool_rendering(tokenizer)
+        files = {spec.name: _display_path(spec.file) for spec in specs}
+        train_rows, train, train_stats = tokenize_all(tokenizer, train, settings, rendering, files)
+        eval_rows, evaluation, eval_stats = tokenize_all(tokenizer, evaluation, settings, rendering, files)
 
         out_dir = root / OUTPUT_DIR
         with atomic_dir(out_dir) as tmp:
@@ -210,6 +228,8 @@ def run(params: dict[str, Any]) -> PrepareResult:
                 "datasets": settings.datasets,
                 "chat_template_md5": _md5(tokenizer.chat_template or ""),
             }
+            if train_stats["with_tools"] or eval_stats["with_tools"]:  # what evaluate renders tools with
+                manifest["tool_rendering"] = rendering
             atomic_write_json(tmp / "manifest.json", manifest)
 
         rejects = [e for c in checks.values() for e in c.errors]
@@ -217,6 +237,7 @@ def run(params: dict[str, Any]) -> PrepareResult:
         report = build_report(specs, checks, pools, train, evaluation, train_rows, eval_rows, settings)
         report["train"].update(train_stats)
         report["eval"].update(eval_stats)
+        report["tool_rendering"] = rendering
         atomic_write_json(root / REPORT, report)
         plot_lengths(train_rows["length"], eval_rows["length"], settings.max_length, root / HISTOGRAM)
 
@@ -225,7 +246,7 @@ def run(params: dict[str, Any]) -> PrepareResult:
         tracked.log_artifact(root / HISTOGRAM)
         if rejects:
             tracked.log_artifact(root / REJECTS)
-        tracked.set_tags({"data.md5": manifest["md5"]})
+        tracked.set_tags({"data.md5": manifest["md5"], "data.tool_rendering": rendering})
     log.info("prepared %d train / %d eval examples into %s", len(train), len(evaluation), out_dir)
     return PrepareResult(out_dir, report)
 
@@ -283,7 +304,7 @@ def build_report(specs, checks, pools, train, evaluation, train_rows, eval_rows,
 def metrics_of(report: dict[str, Any]) -> dict[str, float]:
     metrics = {k: report[k] for k in ("records_in", "records_valid", "rejected", "duplicates")}
     for part in ("train", "eval"):
-        for key in ("examples", "tokens", "target_tokens", "truncated", "dropped_too_long"):
+        for key in ("examples", "tokens", "target_tokens", "truncated", "dropped_too_long", "with_tools"):
             metrics[f"{part}_{key}"] = report[part].get(key, 0)
         for key, value in report[part]["length"].items():
             metrics[f"{part}_length_{key}"] = value

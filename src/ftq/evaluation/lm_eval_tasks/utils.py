@@ -34,7 +34,8 @@ def _heldout_file(kwargs) -> Path:
 
 def single_turn(kwargs) -> list[dict]:
     """(question, answer) pairs: conversations with one user turn and a final assistant answer; a system
-    prompt is folded into the question, since lm-eval's chat formatting has one user message per doc."""
+    prompt is folded into the question, since lm-eval's chat formatting has one user message per doc.
+    Conversations with tools are left to ftq's own task scoring: lm-eval's formatting cannot show tools."""
     path = _heldout_file(kwargs)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no held-out conversations (run `dvc repro prepare`)")
@@ -42,7 +43,10 @@ def single_turn(kwargs) -> list[dict]:
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        messages = json.loads(line).get("messages") or []
+        record = json.loads(line)
+        if record.get("tools"):
+            continue
+        messages = record.get("messages") or []
         users = [m for m in messages if m["role"] == "user"]
         if len(users) != 1 or not messages or messages[-1]["role"] != "assistant":
             continue
