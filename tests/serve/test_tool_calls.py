@@ -128,3 +128,52 @@ def test_bad_tool_requests_get_400_naming_the_field(calling_server, body, messag
         urllib.request.urlopen(request, timeout=60)
     assert caught.value.code == 400
     assert message in json.loads(caught.value.read())["error"]["message"]
+
+
+def test_the_web_chat_shows_a_call_and_sends_the_next_message_as_its_result(calling_server, tmp_path):
+    import shutil
+
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.skip("Debian chromium and chromium-driver are not installed (make test installs them where apt works)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port, _ = calling_server
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+    def answered(count):
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            WebDriverWait(driver, 120).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-done='true']")) >= count
+                or d.find_elements(By.CSS_SELECTOR, ".error"))
+        except TimeoutException:
+            raise AssertionError(f"no answer {count}: {driver.find_element(By.ID, 'log').get_attribute('innerHTML')}")
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error"), driver.find_element(By.CSS_SELECTOR, ".error").text
+
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.TAG_NAME, "summary").click()
+        driver.find_element(By.ID, "tools").send_keys(json.dumps([LOOKUP]))
+        driver.find_element(By.ID, "input").send_keys(QUESTION[0]["content"])
+        driver.find_element(By.ID, "send").click()
+        answered(1)
+        call = driver.find_element(By.CSS_SELECTOR, ".call").text
+        assert call.startswith("calls lookup_order") and '"order_id": "A-1042"' in call
+        assert "lookup_order" in driver.find_element(By.ID, "input").get_attribute("placeholder")
+        driver.find_element(By.ID, "input").send_keys('{"status": "shipped"}')
+        driver.find_element(By.ID, "send").click()
+        answered(2)
+        assert driver.find_element(By.CSS_SELECTOR, ".tool").text == 'lookup_order returned\n{"status": "shipped"}'
+        driver.save_screenshot(str(tmp_path / "web-chat-tools.png"))
+    finally:
+        driver.quit()

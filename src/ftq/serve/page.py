@@ -40,7 +40,7 @@ function bubble(role, text) {
 function showCall(call) {
   let args = call.function.arguments;
   try { args = JSON.stringify(JSON.parse(args), null, 2); } catch (e) {}
-  return bubble('call', 'calls ' + call.function.name + '\n' + args);
+  return bubble('call', 'calls ' + call.function.name + '\\n' + args);
 }
 function toolsList() {
   const text = document.getElementById('tools').value.trim();
@@ -51,7 +51,7 @@ async function ask(text) {
   if (openCalls.length) {
     const call = openCalls.shift();
     history.push({role: 'tool', tool_call_id: call.id, content: text});
-    bubble('tool', call.function.name + ' returned\n' + text);
+    bubble('tool', call.function.name + ' returned\\n' + text);
   } else {
     history.push({role: 'user', content: text});
     bubble('user', text);
@@ -68,7 +68,7 @@ async function ask(text) {
     const response = await fetch('/v1/chat/completions', {method: 'POST', headers, body: JSON.stringify(request)});
     if (!response.ok) { const body = await response.json(); throw new Error(body.error ? body.error.message : response.status); }
     const reader = response.body.getReader(); const decoder = new TextDecoder(); let buffer = '', reply = '';
-    const calls = [];
+    const calls = []; let shown = out;
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
@@ -82,19 +82,19 @@ async function ask(text) {
         const choice = JSON.parse(data).choices[0];
         const delta = choice?.delta?.content;
         if (delta) { reply += delta; out.textContent = reply; log.scrollTop = log.scrollHeight; }
-        for (const call of choice?.delta?.tool_calls || []) { calls.push(call); showCall(call); }
+        for (const call of choice?.delta?.tool_calls || []) { calls.push(call); shown = showCall(call); }
       }
     }
     if (calls.length) {
       history.push({role: 'assistant', content: reply || null,
                     tool_calls: calls.map(c => ({id: c.id, type: 'function', function: c.function}))});
-      if (!reply) out.remove();
+      if (!reply) out.remove(); else shown = out;
       openCalls = calls.slice();
       input.placeholder = 'Result of ' + calls[0].function.name + ' (sent as the tool message)';
     } else {
       history.push({role: 'assistant', content: reply});
     }
-    out.dataset.done = 'true';
+    shown.dataset.done = 'true';
   } catch (err) {
     history.pop(); out.className = 'msg error'; out.textContent = 'Error: ' + err.message;
   } finally { send.disabled = false; input.focus(); }
