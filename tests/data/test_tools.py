@@ -163,3 +163,22 @@ def test_committed_tool_set_is_what_the_generator_writes_and_every_record_is_val
     train_text = json.dumps(train)
     for record in heldout:
         assert record["conversations"][0]["value"] not in train_text
+
+
+@pytest.mark.parametrize("template", ["smollm2", "qwen2_5"])
+def test_serve_renders_a_request_exactly_as_prepare_rendered_training(tokenizer_dir, template):
+    """prepare renders with the tokenizer; ftq serve has only the template's text (a GGUF's metadata) and
+    renders with transformers' Jinja renderer: both must give the same prompt, token for token."""
+    from ftq.serve.tool_calls import ToolTemplate
+
+    tokenizer = with_template(tokenizer_dir, QWEN_TEMPLATE if template == "qwen2_5" else None)
+    served = ToolTemplate.probe({"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token,
+                                 "eos_token": tokenizer.eos_token})
+    conversation = normalize(RECORD, SHAREGPT, "f.json", 0)
+    assert served.rendering == tool_rendering(tokenizer)
+    for upto in (1, 3):  # the question; the question, the call and its result
+        messages = conversation["messages"][:upto]
+        trained = tools.render(tools.tokenizer_renderer(tokenizer), messages, conversation["tools"],
+                               served.rendering, True)
+        prompt, opening = served.prompt(messages, conversation["tools"], None)
+        assert (prompt, opening) == (trained, "")
