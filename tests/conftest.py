@@ -21,9 +21,10 @@ os.environ.setdefault("FTQ_TORCH_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
 
 
-# session fixtures that build a whole tiny project (minutes each): every test that uses one runs in the
-# same xdist worker (make test passes --dist loadgroup), so each is built once per run, not once per worker
-SHARED_PROJECTS = ("evaluated",)
+# fixtures that take a minute or more to build (a whole tiny project, the real SmolLM2 with its reference,
+# a trained model behind a server): every test that uses one runs in the same xdist worker (make test
+# passes --dist loadgroup), so each is built once per run, not once per worker that happens to get one
+SHARED_PROJECTS = ("evaluated", "smollm2", "calling_server", "server")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,6 +34,7 @@ def pytest_collection_modifyitems(config, items):
         for name in SHARED_PROJECTS:
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(name))
+                break  # one group per test: the first, most expensive, fixture decides
 
 
 @pytest.fixture(scope="session", autouse=True)
