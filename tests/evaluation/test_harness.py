@@ -90,3 +90,14 @@ def test_gguf_through_the_llamacpp_server_scores_like_transformers(root, tiny_mo
         assert (hf_row["task"], hf_row["doc_id"]) == (gguf_row["task"], gguf_row["doc_id"])
         if hf_row["task"] == "ftq_heldout_generate":
             assert hf_row["response"] == gguf_row["response"]  # greedy: the same words
+
+
+def test_no_tasks_still_writes_the_outputs_dvc_declares(tmp_path):
+    """`evaluate.lm_eval.tasks: []` (e.g. a tools-only data set, which lm-eval cannot show) must not fail
+    `dvc repro` on missing outputs: the results file says no tasks ran and the samples file is empty."""
+    from ftq.evaluation import harness
+
+    planned = harness.Plan({"tasks": []}, None, [], [])
+    assert harness.run(None, "merged", planned, tmp_path) == {}
+    assert json.loads((tmp_path / "merged.json").read_text())["results"] == {}
+    assert (tmp_path / "merged.samples.jsonl").read_text() == ""

@@ -210,7 +210,10 @@ def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
     from lm_eval import __version__ as lm_eval_version
 
     cfg = planned.cfg
-    if not planned.own and not planned.others:
+    if not planned.own and not planned.others:  # the stage's outputs still exist (DVC declares them), empty
+        atomic_write_json(out_dir / f"{name}.json", {"candidate": name, "lm_eval_version": lm_eval_version,
+                                                     "settings": cfg, "results": {}, "note": "no lm-eval tasks"})
+        atomic_write_text(out_dir / f"{name}.samples.jsonl", "")
         return {}
     started = time.time()
     if runtime.kind == "llama.cpp":
