@@ -91,6 +91,20 @@ def test_calls_are_scored_by_name_and_by_arguments_as_json_values():
               '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>')
     assert score(answer, "", both)["tool_call_exact"] == 1  # parallel calls in any order
     assert score(answer + answer, "", both)["tool_call_exact"] == 0  # an extra call is not exact
+    assert score("Hello! How can I help?", "Hello!", [])["tool_call_abstained"] == 1  # tools offered, none needed
+    assert score(answer, "Hello!", [])["tool_call_abstained"] == 0
     metrics = aggregate([score(answer, "", both), score("no", "", both), {"exact_match": 1.0, "rouge_l": 1.0}])
     assert metrics["tool_call_exact"] == 0.5 and metrics["tool_call_examples"] == 2
     assert len(metrics["tool_call_exact_ci95"]) == 2
+
+
+def test_a_conversation_with_tools_that_needs_no_call_asks_for_none(tmp_path):
+    from ftq.data import tools
+
+    record = tool_record()
+    record["messages"] = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}]
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (example,) = load_examples(path, -1, tools.FALLBACK)
+    assert example["reference_calls"] == [] and example["reference"] == "Hi."
+    assert '"name": "weather"' in example["prompt"][0]["content"]  # the tools are still offered

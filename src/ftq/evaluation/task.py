@@ -7,7 +7,9 @@ examples: a few dozen examples decide little without one.
 A conversation with tools is asked for its first function-call turn (or its last answer when it makes
 no call), rendered as prepare rendered it for training. Calls are scored like BFCL's AST match: the
 answer's calls are parsed, and `tool_call_name_accuracy` asks for the same function names,
-`tool_call_exact` for the same names with arguments equal as JSON values (parallel calls in any order)."""
+`tool_call_exact` for the same names with arguments equal as JSON values (parallel calls in any order).
+Where tools are offered but the answer needs none, `tool_call_abstained` asks for no call (BFCL's
+irrelevance check)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def load_examples(path: Path, limit: int, rendering: str = tools.FALLBACK) -> li
         prompt, shown_tools = tools.for_template(messages[:asked], record.get("tools") or None, rendering)
         example = {"id": f"{record.get('dataset', '')}#{record.get('record', len(examples))}", "prompt": prompt,
                    "tools": shown_tools, "reference": messages[asked]["content"]}
+        if record.get("tools") and not calls:
+            example["reference_calls"] = []  # tools offered, none needed: a call here is wrong
         if calls:
             reference_calls = messages[asked]["tool_calls"]
             example["reference"] = tools.call_text(reference_calls)
@@ -92,6 +96,8 @@ def parse_json_object(text: str):
 def score(prediction: str, reference: str, reference_calls: list[dict] | None = None) -> dict:
     result = {"exact_match": float(normalize(prediction) == normalize(reference)),
               "rouge_l": rouge_l(prediction, reference)}
+    if reference_calls == []:
+        return {**result, "tool_call_abstained": float(not tools.parse_calls(prediction)[1])}
     if reference_calls is not None:
         return {**result, **score_calls(prediction, reference_calls)}
     expected = parse_json_object(reference)
@@ -121,7 +127,7 @@ def interval(values: list[float], seed: int = 0) -> list[float]:
 def aggregate(rows: list[dict]) -> dict:
     metrics: dict = {}
     for key in ("exact_match", "rouge_l", "json_valid", "json_field_accuracy", "tool_call_name_accuracy",
-                "tool_call_exact"):
+                "tool_call_exact", "tool_call_abstained"):
         values = [r[key] for r in rows if key in r]
         if values:
             metrics[key] = round(sum(values) / len(values), 4)

@@ -33,6 +33,7 @@ METRICS = [
     ("task_rouge_l", "ROUGE-L", True),
     ("task_tool_call_name_accuracy", "tool call: function name", True),
     ("task_tool_call_exact", "tool call: name and arguments", True),
+    ("task_tool_call_abstained", "tool call: none where none is needed", True),
     ("general_accuracy", "general questions", True),
     ("mt_bench_score", "MT-Bench (1-10)", True),
     ("perplexity", "held-out perplexity", False),
@@ -46,7 +47,7 @@ METRICS = [
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending so
 GROUPS = {
     "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l",
-                "task_tool_call_name_accuracy", "task_tool_call_exact", "general_accuracy"],
+                "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained", "general_accuracy"],
     "lm_eval": [],  # every lm_eval_* metric found in the reports
     "perplexity": ["perplexity"],
     "size": ["size_bytes", "peak_memory_bytes"],

@@ -52,7 +52,7 @@ DECIDE_DELAY_ENV = "FTQ_PROMOTE_DECIDE_DELAY"
 CAS_ATTEMPTS = 5
 # task metrics are scored per example (reports/eval/<name>.answers.jsonl): the ones a paired comparison can use
 PAIRED_METRICS = ("task_exact_match", "task_rouge_l", "task_json_valid", "task_json_field_accuracy",
-                  "task_tool_call_name_accuracy", "task_tool_call_exact")
+                  "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained")
 
 
 class PromotionError(ValueError):
