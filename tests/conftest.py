@@ -21,20 +21,33 @@ os.environ.setdefault("FTQ_TORCH_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
 
 
-# fixtures that take a minute or more to build (a whole tiny project, the real SmolLM2 with its reference,
-# a trained model behind a server): every test that uses one runs in the same xdist worker (make test
-# passes --dist loadgroup), so each is built once per run, not once per worker that happens to get one
-SHARED_PROJECTS = ("evaluated", "smollm2", "calling_server", "server")
+# Test modules that share a fixture taking a minute or more to build (the `evaluated` project, the real
+# SmolLM2 with its reference, the tool-calling model behind a server, the GGUF server) run in one xdist
+# worker, so each fixture is built once per run rather than once per worker that gets one of its tests.
+# xdist's own `--dist loadgroup` cannot do it here: it marks groups by rewriting `item._nodeid`, which
+# pytest 9 no longer reads (nodeids come from `item._id`), so its groups are silently ignored.
+SHARED_FIXTURE_MODULES = {
+    **dict.fromkeys(("tests/stages/test_evaluate.py", "tests/stages/test_promote.py",
+                     "tests/registry/test_registry.py", "tests/registry/test_tracking_server.py",
+                     "tests/evaluation/test_mt_bench.py", "tests/serve/test_server.py"), "evaluated"),
+    "tests/quantize/test_distance.py": "smollm2",
+    "tests/serve/test_tool_calls.py": "calling_server",
+}
 
 
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):  # -p no:xdist (make test-gpu): one process anyway
-        return
-    for item in items:
-        for name in SHARED_PROJECTS:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
-                break  # one group per test: the first, most expensive, fixture decides
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist (make test-gpu)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `make test`'s --dist loadgroup: every other test is its own unit (xdist's `load`); the modules
+    above are one unit per shared fixture, the largest first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED_FIXTURE_MODULES.get(nodeid.split("::", 1)[0], nodeid)
+
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
