@@ -35,6 +35,16 @@ SHARED_FIXTURE_MODULES = {
 }
 
 
+# modules whose tests take a minute or more each: they start first, so the short tests fill both workers
+# at the end instead of one worker finishing a four-minute test while the other idles
+SLOW_MODULES = ("tests/test_pipeline.py", "tests/stages/test_train.py", "tests/stages/test_base.py",
+                "tests/serve/test_soak.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in SLOW_MODULES)  # stable: same order on every worker
+
+
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist (make test-gpu)
 def pytest_xdist_make_scheduler(config, log):
     """Under `make test`'s --dist loadgroup: every other test is its own unit (xdist's `load`); the modules
