@@ -340,3 +340,21 @@ def evaluated_copy(evaluated, tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FTQ_CACHE", str(tmp_path / "cache"))  # downloads of registry versions
     monkeypatch.chdir(copy)
     return copy
+
+
+def chromium(tmp_path):
+    """Headless Debian Chromium through chromedriver (skips where they are not installed)."""
+    import shutil
+
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.skip("Debian chromium and chromium-driver are not installed (make test installs them where apt works)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)

@@ -183,23 +183,12 @@ def test_terminal_chat_streams_keeps_history_and_resets(gguf_model):
 
 
 def test_web_page_exchanges_a_message_in_headless_chromium(server, tmp_path):
-    import shutil
-
-    if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        pytest.skip("Debian chromium and chromium-driver are not installed (make test installs them where apt works)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from conftest import chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     port, _ = server
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = chromium(tmp_path)
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         driver.find_element(By.ID, "key").send_keys("sekrit")

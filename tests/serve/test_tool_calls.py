@@ -131,23 +131,12 @@ def test_bad_tool_requests_get_400_naming_the_field(calling_server, body, messag
 
 
 def test_the_web_chat_shows_a_call_and_sends_the_next_message_as_its_result(calling_server, tmp_path):
-    import shutil
-
-    if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        pytest.skip("Debian chromium and chromium-driver are not installed (make test installs them where apt works)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from conftest import chromium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     port, _ = calling_server
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = chromium(tmp_path)
 
     def answered(count):
         from selenium.common.exceptions import TimeoutException

@@ -137,12 +137,6 @@ def generate(seed: int = 0, train_calls: int = 160, heldout_calls: int = 32) -> 
 
 
 def write(folder: str | Path, seed: int = 0) -> list[Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    train, heldout = generate(seed)
-    paths = []
-    for name, records in (("train.json", train), ("heldout.json", heldout)):
-        path = folder / name
-        path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
-        paths.append(path)
-    return paths
+    from ftq.data.default_set import write_sets
+
+    return write_sets(folder, *generate(seed))
