@@ -1,3 +1,3 @@
 from ftq.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(supervise=True))

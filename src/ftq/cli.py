@@ -418,8 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# the pipeline's stages (dvc.yaml's commands)
+STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_train, cmd_merge, cmd_reference, cmd_quantize, cmd_evaluate,
+                  cmd_compare, cmd_promote}
+
+
+def main(argv: list[str] | None = None, supervise: bool = False) -> int:
+    """`supervise` (python -m ftq, which DVC's stage commands run through bin/ftq): a stage runs in a
+    child process watched by this one, which names a death by a signal (see ftq.processes.supervise)."""
     args = build_parser().parse_args(argv)
+    if supervise and args.func in STAGE_COMMANDS:
+        from ftq.processes import supervise as watch
+
+        code = watch(" ".join(sys.argv[1:] if argv is None else argv))
+        if code is not None:
+            return code
+        import faulthandler
+
+        faulthandler.enable()  # a death in native code shows the Python frames that called it
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s ftq %(name)s: %(message)s",

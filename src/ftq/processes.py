@@ -37,6 +37,86 @@ def exit_code(stop: KeyboardInterrupt) -> int:
     return 128 + getattr(stop, "signum", signal.SIGINT)
 
 
+# what a death by each signal most likely means here, for messages that name it instead of "exited with -4"
+SIGNAL_CAUSES = {
+    "SIGILL": "an instruction this CPU or VM does not allow; see README, \"llama.cpp's CPU features\"",
+    "SIGSEGV": "an invalid memory access in native code",
+    "SIGBUS": "a bad memory access, often a memory-mapped file that was truncated or a full /dev/shm",
+    "SIGFPE": "an arithmetic fault in native code",
+    "SIGABRT": "native code aborted (a failed assertion; its message is in the output above)",
+    "SIGKILL": "killed, often by the kernel's out-of-memory killer (see dmesg)",
+    "SIGTERM": "stopped from outside",
+    "SIGINT": "interrupted",
+}
+
+
+def signal_of(returncode: int | None) -> signal.Signals | None:
+    """The signal a process died by: subprocess's negative return code, or a shell's 128 + N."""
+    if returncode is None or returncode == 0:
+        return None
+    number = -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 128 + 65 else None
+    try:
+        return signal.Signals(number) if number else None
+    except ValueError:
+        return None
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'died by SIGILL (an instruction this CPU or VM does not allow; ...)', or 'exited with 3'."""
+    sig = signal_of(returncode)
+    if sig is None:
+        return f"exited with {returncode}"
+    cause = SIGNAL_CAUSES.get(sig.name)
+    return f"died by {sig.name}" + (f" ({cause})" if cause else "")
+
+
+def supervise(label: str) -> int | None:
+    """Run the rest of this command in a forked child and wait for it here, so that a death by a signal in
+    native code (llama.cpp, torch) is named with its likely cause instead of DVC's bare "exited with -4".
+    Returns None in the child (go on with the command) and the child's exit code in the parent, where a
+    death by signal N becomes the shell's 128 + N. Stops sent to this process (SIGTERM, SIGHUP, and
+    SIGINT from DVC or `ftq run`) are passed on to the child, which has its own process group so that a
+    Ctrl-C at the terminal reaches it once, through here; the child dies with its parent, even a SIGKILLed one.
+    FTQ_SUPERVISE=0 runs the command in this process."""
+    if os.environ.get("FTQ_SUPERVISE") == "0":
+        return None
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        _die_with_parent(signal.SIGKILL)
+        return None
+    previous = {sig: signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return code
+    import sys
+
+    print(f"ftq {label}: {describe_exit(code)}", file=sys.stderr, flush=True)
+    return 128 - code
+
+
+def _forward(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with_parent(sig: int) -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() == 1:  # the parent was already gone before the prctl
+        os.kill(os.getpid(), sig)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -73,7 +153,7 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float, log_path=None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}{_tail(log_path)}")
+            raise RuntimeError(f"{process.args[:4]} {describe_exit(process.returncode)}{log_tail(log_path)}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -82,10 +162,10 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float, log_path=None
             pass
         time.sleep(0.5)
     stop_group(process)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s{_tail(log_path)}")
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s{log_tail(log_path)}")
 
 
-def _tail(log_path) -> str:
+def log_tail(log_path) -> str:
     if not log_path or not os.path.exists(log_path):
         return ""
     with open(log_path, errors="replace") as handle:

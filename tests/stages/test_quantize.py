@@ -1,4 +1,5 @@
 import json
+import signal
 
 import pytest
 
@@ -180,6 +181,21 @@ def test_a_stopped_build_removes_its_temp_folder_and_ends_its_run_killed(merged,
     assert not list((merged / "models" / "quantized").glob(f"{name}*"))
     [run] = quantize_runs(merged, name)
     assert run.info.status == "KILLED"
+
+
+def test_a_build_whose_process_dies_by_sigill_says_so_instead_of_a_bare_exit_code(merged):
+    """What an AMX host without the patched llama.cpp did: the stage's process dies by SIGILL in native
+    code. DVC alone would print "exited with -4"; the stage's watcher names the signal and its cause."""
+    import psutil
+
+    name = "sigill"
+    process = _start_build(merged, name)
+    [worker] = psutil.Process(process.pid).children()  # the stage itself, in the watched child
+    worker.send_signal(signal.SIGILL)
+    assert process.wait(timeout=60) == 128 + signal.SIGILL
+    log = (merged / f"{name}.log").read_text()
+    assert f"ftq quantize {name}: died by SIGILL (an instruction this CPU or VM does not allow" in log, log
+    assert "Fatal Python error: Illegal instruction" in log  # faulthandler: where in Python it happened
 
 
 def test_leftovers_of_a_sigkilled_build_are_removed_by_its_next_run(merged):

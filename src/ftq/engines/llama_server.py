@@ -22,7 +22,7 @@ import orjson
 
 from ftq.engines import EngineError, Piece, Settings
 from ftq.errors import UsageError
-from ftq.processes import free_port, stop_group, wait_http
+from ftq.processes import describe_exit, log_tail, free_port, stop_group, wait_http
 from ftq.runtimes import gpu_layers
 
 START_TIMEOUT = 600  # seconds: a 70B GGUF takes a while to map
@@ -111,9 +111,26 @@ class LlamaServerEngine:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    async def death(self, exc: Exception) -> EngineError:
+        """A request that failed on the connection: if the engine died (SIGILL on a CPU feature the build
+        uses, the OOM killer), say so, with its log, instead of the connection error."""
+        import asyncio
+
+        for _ in range(20):  # the connection drops a moment before the kernel reaps the process
+            if not self.alive():
+                return EngineError(f"llama-server (the engine serving {self.path.name}) "
+                                   f"{describe_exit(self.process.returncode)}{log_tail(self.log.name)}")
+            await asyncio.sleep(0.05)
+        return EngineError(f"llama-server: {type(exc).__name__}: {exc}")
+
     async def _post(self, route: str, payload: dict) -> dict:
-        async with self.session.post(route, data=orjson.dumps(payload), headers=JSON) as response:
-            body = await response.read()
+        import aiohttp
+
+        try:
+            async with self.session.post(route, data=orjson.dumps(payload), headers=JSON) as response:
+                body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise await self.death(exc) from exc
         if 400 <= response.status < 500:  # the request's fault (a template that refuses the messages)
             from ftq.openai.schema import RequestError
 
@@ -123,8 +140,13 @@ class LlamaServerEngine:
         return orjson.loads(body)
 
     async def _get(self, route: str) -> dict:
-        async with self.session.get(route) as response:
-            return orjson.loads(await response.read())
+        import aiohttp
+
+        try:
+            async with self.session.get(route) as response:
+                return orjson.loads(await response.read())
+        except aiohttp.ClientError as exc:
+            raise await self.death(exc) from exc
 
     async def chat_prompt(self, messages: list[dict]) -> str:
         return (await self._post("/apply-template", {"messages": messages}))["prompt"]
@@ -155,21 +177,28 @@ class LlamaServerEngine:
                    "stop": list(settings.stop), "ignore_eos": settings.ignore_eos}
         if settings.seed is not None:
             payload["seed"] = settings.seed
-        async with self.session.post("/completion", data=orjson.dumps(payload), headers=JSON) as response:
-            if response.status != 200:
-                raise EngineError(f"llama-server /completion: HTTP {response.status}: {(await response.read())[:300]!r}")
-            async for line in response.content:  # one server-sent event per line
-                if not line.startswith(b"data: "):
-                    continue
-                data = orjson.loads(line[6:])
-                if "error" in data:
-                    raise EngineError(f"llama-server: {data['error']}")
-                if data.get("stop"):
-                    finish = "length" if data.get("stop_type") == "limit" else "stop"
-                    yield Piece(data.get("content") or "", int(data.get("tokens_predicted", 0)), finish)
-                    return
-                if data.get("content"):
-                    yield Piece(data["content"], int(data.get("tokens_predicted", 0)))
+        import aiohttp
+
+        try:
+            async with self.session.post("/completion", data=orjson.dumps(payload), headers=JSON) as response:
+                if response.status != 200:
+                    raise EngineError(f"llama-server /completion: HTTP {response.status}: {(await response.read())[:300]!r}")
+                async for line in response.content:  # one server-sent event per line
+                    if not line.startswith(b"data: "):
+                        continue
+                    data = orjson.loads(line[6:])
+                    if "error" in data:
+                        raise EngineError(f"llama-server: {data['error']}")
+                    if data.get("stop"):
+                        finish = "length" if data.get("stop_type") == "limit" else "stop"
+                        yield Piece(data.get("content") or "", int(data.get("tokens_predicted", 0)), finish)
+                        return
+                    if data.get("content"):
+                        yield Piece(data["content"], int(data.get("tokens_predicted", 0)))
+        except aiohttp.ClientError as exc:
+            raise await self.death(exc) from exc
+        if not self.alive():
+            raise await self.death(EngineError("stream closed"))
         raise EngineError("llama-server closed the stream before the answer finished")
 
     def close(self) -> None:

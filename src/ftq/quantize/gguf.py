@@ -106,7 +106,9 @@ def _convert(source: Path, target: Path, outtype: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"convert_hf_to_gguf.py failed on {source} ({result.returncode}):\n{tail}")
+        from ftq.processes import describe_exit
+
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {source} ({describe_exit(result.returncode)}):\n{tail}")
 
 
 def quantize(source: Path, target: Path, opts: dict, threads: int) -> None:
