@@ -53,7 +53,13 @@ PYTEST_WORKERS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL)
+# which llama.cpp build the venv is linked to: switching builds (FTQ_LLAMA_AMX, ...), and back, relinks
+LLAMA_LINKED := $(VENV)/.ftq-llama-$(LLAMA_KEY)
+
+$(LLAMA_LINKED):
+	mkdir -p $(VENV) && rm -f $(VENV)/.ftq-llama-* && touch $@
+
+$(STAMP): pyproject.toml Makefile $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
@@ -89,7 +95,7 @@ $(LLAMA_PYTHON_WHEEL): $(LLAMA_SDIST)
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PYTHON) -m pip wheel --quiet --no-deps $(LLAMA_SDIST) -w $(dir $@)
 	test -f $@
 
-# the one build of llama.cpp (~N min on 2 cores): shared libraries and the tools, without the tests,
+# the one build of llama.cpp (about 5 min on 2 cores): shared libraries and the tools, without the tests,
 # examples, web UI (its build fetches from a hub), TLS or curl; tools find the libraries through
 # RPATH $$ORIGIN/../lib. A patch that does not apply stops the build.
 $(LLAMA_BUILD)/.built: $(LLAMA_SDIST)

@@ -31,7 +31,9 @@ def _default_mode(path: Path, is_dir: bool) -> None:
 
 
 def _temp_prefix(target: Path) -> str:
-    return f"{target.name}.tmp-{os.getpid()}-"
+    from ftq.processes import owner_pid
+
+    return f"{target.name}.tmp-{owner_pid()}-"
 
 
 def remove_leftovers(target: Path) -> list[Path]:

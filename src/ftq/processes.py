@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 
 class Stopped(KeyboardInterrupt):
@@ -80,10 +81,12 @@ def supervise(label: str) -> int | None:
     FTQ_SUPERVISE=0 runs the command in this process."""
     if os.environ.get("FTQ_SUPERVISE") == "0":
         return None
+    watcher = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.setpgid(0, 0)
         _die_with_parent(signal.SIGKILL)
+        os.environ[WATCHER_ENV] = str(watcher)
         return None
     previous = {sig: signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -117,6 +120,17 @@ def _die_with_parent(sig: int) -> None:
         os.kill(os.getpid(), sig)
 
 
+WATCHER_ENV = "FTQ_WATCHER_PID"
+
+
+def owner_pid() -> int:
+    """The pid that names this run's temp paths and RUNNING records: the watcher's where `supervise` runs
+    the command in a child (the child dies with it, so once the watcher is gone, so is the work, and its
+    leftovers can be swept the moment the watcher's death is seen), else this process's own."""
+    watcher = os.environ.get(WATCHER_ENV, "")
+    return int(watcher) if watcher.isdigit() and watcher == str(os.getppid()) else os.getpid()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -124,7 +138,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie is dead: only its exit status is left for a parent that may never read it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftq.params import flatten, params_hash, repo_root, store_root
-from ftq.processes import pid_alive
+from ftq.processes import owner_pid, pid_alive
 
 PARENT_RUN_ENV = "FTQ_PARENT_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -176,7 +176,7 @@ def _runs_log() -> Path:
 def _record_run_id(stage: str, run_id: str, parent: str | None, status: str) -> None:
     log = _runs_log()
     log.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"stage": stage, "run_id": run_id, "parent": parent, "status": status, "pid": os.getpid(),
+    entry = {"stage": stage, "run_id": run_id, "parent": parent, "status": status, "pid": owner_pid(),
              "time": time.time()}
     with open(log, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
