@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftq.processes import describe_exit, free_port, signal_of, stop_group
+from ftq.processes import describe_exit, free_port, signal_of, stop_group, wait_http
 
 BATCH_TOKENS = 400  # a prompt of this many tokens goes through llama.cpp as one batch
 # the text of the batch: plain words, long enough for BATCH_TOKENS tokens with any tokenizer ftq ships
@@ -137,18 +137,12 @@ def server_probe(model: Path, server: Path, features: list[str], timeout: float 
 
 
 def _wait_healthy(base: str, process: subprocess.Popen, timeout: float, log: str, features: list[str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    try:
+        wait_http(f"{base}/health", process, timeout, log)
+    except RuntimeError as exc:
         if process.poll() is not None:
-            raise _failure("llama-server", process.returncode, features, Path(log).read_text(errors="replace"))
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise SmokeFailed(f"llama.cpp smoke test: llama-server did not answer /health within {timeout:.0f} s")
+            raise _failure("llama-server", process.returncode, features, Path(log).read_text(errors="replace")) from exc
+        raise SmokeFailed(f"llama.cpp smoke test: {exc}") from exc
 
 
 def _llama_libraries(paths: list[str]) -> list[str]:
