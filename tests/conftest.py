@@ -231,16 +231,20 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
+HELLASWAG = SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt"
 SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4, "perplexity_max_length": 96,
               "speed_prompts": ["Who are you?", "Hello"], "speed_max_new_tokens": 8,
-              "lm_eval": {"limit": 3, "max_gen_toks": 8, "batch_size": 4, "max_length": 512}}
+              # HellaSwag from ../shared/data when it is there (8 items), else absent: skipped, saying so
+              "lm_eval": {"limit": 3, "max_gen_toks": 8, "batch_size": 4, "max_length": 512,
+                          "local_data": {"hellaswag": {"path": str(HELLASWAG), "format": "llama.cpp-hellaswag",
+                                                       "sample": 8}}}}
 
 
 @pytest.fixture(scope="session")
 def evaluated(tmp_path_factory, tiny_model_dir):
     """A tiny project with base, merged and two GGUF builds, each evaluated, then compared (shared by the
     evaluate, compare and promote tests; promote tests only touch the registry and reports/promotion.json)."""
-    from ftq.stages import base, compare, evaluate, merge, prepare, quantize, reference, train
+    from ftq.stages import base, benchmark_data, compare, evaluate, merge, prepare, quantize, reference, train
 
     project = make_project(tmp_path_factory.mktemp("evaluate") / "project", tiny_model_dir)
     with pytest.MonkeyPatch.context() as patch:
@@ -253,11 +257,13 @@ def evaluated(tmp_path_factory, tiny_model_dir):
                              "reference": {"examples": 4, "max_length": 96}},
                    evaluate=SMALL_EVAL)
         params = load_params(project)
-        for stage in (base, prepare, train, merge, reference):
+        for stage in (base, prepare, train, merge, reference, benchmark_data):
             stage.run(params)
         quantize.run(params, "q8_0")
         quantize.run(params, "q4_0")
-        reports = {name: evaluate.run(params, name) for name in ("base", "merged", "q8_0", "q4_0")}
+        merged = evaluate.run(params, "merged")  # first: the others' benchmarks are paired with merged's
+        reports = {name: merged if name == "merged" else evaluate.run(params, name)
+                   for name in ("base", "merged", "q8_0", "q4_0")}
         compare.run(params)
     yield project, reports
 

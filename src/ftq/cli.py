@@ -110,6 +110,16 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def cmd_benchmark_data(args) -> int:
+    from ftq.stages import benchmark_data
+
+    for task, entry in benchmark_data.run(_params(args)).items():
+        print(f"{task}: {entry['path']}, {entry['items']} items, {len(entry['indices'])} sampled, sha256 "
+              f"{entry['sha256'][:12]}" if entry["present"] else f"{task}: {entry['note']}")
+    print(f"-> {benchmark_data.MANIFEST}")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from ftq import schema
     from ftq.stages import quantize
@@ -301,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     params_option(merge)
     merge.set_defaults(func=cmd_merge)
 
+    bench_data = commands.add_parser(
+        "benchmark-data", help="stage benchmark_data: record the local files of the standard benchmarks "
+                               "(evaluate.lm_eval.local_data) in data/benchmarks.json", formatter_class=FORMATTER)
+    params_option(bench_data)
+    bench_data.set_defaults(func=cmd_benchmark_data)
+
     reference = commands.add_parser(
         "reference", help="stage reference: merged's next-token distribution on held-out data, for the quantize check",
         formatter_class=FORMATTER,
@@ -419,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the pipeline's stages (dvc.yaml's commands)
-STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_train, cmd_merge, cmd_reference, cmd_quantize, cmd_evaluate,
+STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_merge, cmd_reference, cmd_quantize, cmd_evaluate,
                   cmd_compare, cmd_promote}
 
 

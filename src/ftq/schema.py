@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ftq.data.tokenize import TRUNCATION
+from ftq.evaluation.local_data import FORMATS as LOCAL_FORMATS
 from ftq.params import ParamsError
 
 
@@ -23,6 +24,14 @@ class Setting:
     expect: str  # what a valid value is, for the error message
     required: bool = False  # no default: params.yaml must give it
     normalize: Callable[[Any], Any] | None = None  # the accepted value in its one stored form
+
+
+@dataclass(frozen=True)
+class Entries:
+    """A mapping of names the user chooses (e.g. lm-eval task names) to blocks of one schema, each
+    validated and completed like a block of its own (errors name `<where>.<name>.<key>`)."""
+    entry: dict
+    default: dict
 
 
 def _number(value) -> bool:
@@ -88,6 +97,15 @@ def _tie_breakers(value) -> bool:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# one standard lm-eval task over a local file (evaluate.lm_eval.local_data.<task>; ftq.evaluation.local_data)
+LOCAL_TASK = {
+    "path": Str(None, required=True),
+    "format": Choice("auto", *LOCAL_FORMATS),
+    "split": Str(None, nullable=True),  # the task's split the file is (null: the split the task evaluates on)
+    "sample": Int(0, minimum=0),        # a seeded sample of the items, the same for every candidate (0: all)
+    "seed": Int(0, minimum=0),
+}
 
 SCHEMA: dict[str, dict] = {
     "base": {
@@ -202,8 +220,9 @@ SCHEMA: dict[str, dict] = {
             "max_length": Int(2048, minimum=8),
             "max_gen_toks": Int(64, minimum=1),
             "text": Str(None, nullable=True),
-            "choices": Int(4, minimum=2),
-            "seed": Int(0, minimum=0),
+            "local_data": Entries(LOCAL_TASK, {"hellaswag": {
+                "path": "../shared/data/hellaswag/hellaswag_val_full.txt", "format": "llama.cpp-hellaswag",
+                "split": None, "sample": 300, "seed": 0}}),
         },
         "mt_bench": {
             "path": Str(None, nullable=True),  # a folder in FastChat's layout, e.g. ../shared/data/mt_bench
@@ -225,6 +244,11 @@ SCHEMA: dict[str, dict] = {
             "min_retention": Num(0.95, minimum=0),
             "max_size_bytes": Int(None, minimum=1, nullable=True),
             "confidence": Num(0.95, minimum=0.5, below=1),
+            "general_guard": {  # a build whose paired difference vs merged on a standard task lies wholly below
+                "task": Str("hellaswag", nullable=True),   # -tolerance is rejected (null: no guard)
+                "metric": Str("acc_norm"),
+                "tolerance": Num(0.02, minimum=0),
+            },
             "tie_breakers": Setting(["size_bytes:min", "relative_tokens_per_second:max"], _tie_breakers,
                                  "a list like [size_bytes:min, relative_tokens_per_second:max]"),
         },
@@ -236,7 +260,11 @@ SCHEMA: dict[str, dict] = {
 }
 
 # keys that moved: the old name is refused with where the setting lives now
-MOVED = {"data.packing": "packing is a training setting now: move it to train.packing (toggling it then reruns "
+MOVED = {"evaluate.lm_eval.choices": "ftq_heldout_choice was removed (every candidate scored 1.0 on it: it separated "
+                                    "nothing); HellaSwag (evaluate.lm_eval.local_data) measures general ability now",
+         "evaluate.lm_eval.seed": "it seeded ftq_heldout_choice, which was removed; a local task's sample has its own "
+                                  "seed (evaluate.lm_eval.local_data.<task>.seed)",
+         "data.packing": "packing is a training setting now: move it to train.packing (toggling it then reruns "
                          "train alone, not prepare and every evaluation)"}
 
 
@@ -246,7 +274,12 @@ def defaults(name: str) -> dict[str, Any]:
 
 
 def _defaults(tree: dict) -> dict[str, Any]:
-    return {key: _defaults(s) if isinstance(s, dict) else s.default for key, s in tree.items()}
+    return {key: _defaults(s) if isinstance(s, dict) else _entries_default(s) if isinstance(s, Entries) else s.default
+            for key, s in tree.items()}
+
+
+def _entries_default(setting: Entries) -> dict:
+    return {name: {**_defaults(setting.entry), **block} for name, block in setting.default.items()}
 
 
 def settings(params: dict[str, Any], name: str) -> dict[str, Any]:
@@ -292,6 +325,18 @@ def _validate(schema: dict, given: dict, where: str, path: str, fill: bool = Tru
                 raise ParamsError(f"{path}: {dotted}: expected a mapping of settings, got {sub!r}")
             if fill or sub is not None:
                 values[key] = _validate(setting, sub or {}, dotted, path, fill)
+        elif isinstance(setting, Entries):
+            if key not in given:
+                if fill:
+                    values[key] = _entries_default(setting)
+                continue
+            if not isinstance(given[key], dict):
+                raise ParamsError(f"{path}: {dotted}: expected a mapping of names to blocks, got {given[key]!r}")
+            values[key] = {}
+            for name, block in given[key].items():
+                if not isinstance(block, dict):
+                    raise ParamsError(f"{path}: {dotted}.{name}: expected a mapping of settings, got {block!r}")
+                values[key][name] = _validate(setting.entry, block, f"{dotted}.{name}", path, fill)
         elif key not in given:
             if not fill:
                 continue

@@ -88,12 +88,16 @@ async def malformed(client, rng, tally) -> None:
     try:
         response = await client.post("/v1/chat/completions", content=body,
                                      headers={"Content-Type": "application/json"})
-    except httpx_errors():
+    except httpx_errors() as exc:
+        if kind != "big":  # a small malformed body must get its 400, never a dropped connection
+            tally["server_errors"].append(("dropped", f"{kind}: {type(exc).__name__}: {exc}"))
         return  # a 413 may close the connection while the big body is still being sent
     if response.status_code >= 500:
         tally["server_errors"].append((response.status_code, response.text[:200]))
-    elif response.status_code in (400, 413):
+    elif response.status_code == (413 if kind == "big" else 400):
         tally["refused"] += 1
+    else:
+        tally["server_errors"].append((response.status_code, f"{kind}: expected {413 if kind == 'big' else 400}"))
 
 
 def httpx_errors():

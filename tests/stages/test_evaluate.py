@@ -41,23 +41,57 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
 def test_lm_eval_runs_ftqs_tasks_for_every_candidate(evaluated):
     project, reports = evaluated
     for name, report in reports.items():
-        for key in ("lm_eval_ftq_heldout_choice_acc", "lm_eval_ftq_heldout_generate_exact_match",
+        for key in ("lm_eval_ftq_heldout_generate_exact_match",
                     "lm_eval_ftq_heldout_generate_chrf", "lm_eval_ftq_text_perplexity_word_perplexity",
                     "lm_eval_ftq_text_perplexity_bits_per_byte"):
             assert isinstance(report[key], float), (name, key)
         results = json.loads((project / "reports" / "eval" / "lm_eval" / f"{name}.json").read_text())
-        assert results["n_samples"]["ftq_heldout_choice"]["effective"] == 3
-        assert results["model"] == ("hf" if report["runtime"] == "transformers"
-                                    else "local-completions (ftq serve, llama.cpp)")
+        assert results["n_samples"]["ftq_heldout_generate"]["effective"] == 3
+        assert results["model"] == ("hf" if report["runtime"] == "transformers" else "ftq llama.cpp (in process)")
         samples = [json.loads(line) for line in
                    (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
-        assert {s["task"] for s in samples} == {"ftq_heldout_choice", "ftq_heldout_generate", "ftq_text_perplexity"}
-        assert all(len(s["doc"]["choices"]) == 4 for s in samples if s["task"] == "ftq_heldout_choice")
+        assert {s["task"] for s in samples} - {"hellaswag"} == {"ftq_heldout_generate", "ftq_text_perplexity"}
     # q8_0 is nearly lossless: the same text scores nearly the same through llama.cpp's server as in transformers
     merged, q8 = (reports[n]["lm_eval_ftq_text_perplexity_word_perplexity"] for n in ("merged", "q8_0"))
     assert abs(q8 - merged) / merged < 0.05
     md = (project / "reports" / "compare.md").read_text()
-    assert "lm-eval ftq_heldout_choice_acc" in md and (project / "reports" / "compare" / "lm_eval.png").exists()
+    assert "lm-eval ftq_heldout_generate_chrf" in md and (project / "reports" / "compare" / "lm_eval.png").exists()
+
+
+def test_hellaswag_is_scored_for_every_candidate_on_the_same_items_paired_with_merged(evaluated):
+    """lm-eval's own hellaswag task over the official validation file: the same seeded items for every
+    candidate, each metric with its interval and, but for merged, the paired difference vs merged."""
+    from conftest import shared_file
+
+    shared_file("hellaswag", "hellaswag_val_full.txt")
+    project, reports = evaluated
+    manifest = json.loads((project / "data" / "benchmarks.json").read_text())["hellaswag"]
+    assert manifest["present"] and manifest["items"] == 10042 and len(manifest["indices"]) == 8
+    for name, report in reports.items():
+        section = report["benchmarks"]["hellaswag"]
+        assert section["status"] == "ok" and section["items"] == 8 and section["sha256"] == manifest["sha256"]
+        acc_norm = section["metrics"]["acc_norm"]
+        assert acc_norm["mean"] == pytest.approx(report["lm_eval_hellaswag_acc_norm"], abs=1e-4)
+        assert acc_norm["interval"][0] <= acc_norm["mean"] <= acc_norm["interval"][1]
+        samples = [json.loads(line) for line in
+                   (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
+        assert sorted(s["doc_id"] for s in samples if s["task"] == "hellaswag") == manifest["indices"]
+        assert ("vs_merged" in acc_norm) == (name != "merged")
+        if name != "merged":
+            assert report["lm_eval_hellaswag_acc_norm_vs_merged"] == acc_norm["vs_merged"]["diff"]
+            assert acc_norm["vs_merged"]["examples"] == 8
+    md = (project / "reports" / "compare.md").read_text()
+    assert "## Standard benchmarks" in md and "| hellaswag acc_norm | q8_0 |" in md
+
+
+def test_an_absent_benchmark_file_is_skipped_saying_how_to_get_it(project, monkeypatch):
+    """A user without the file: data/benchmarks.json notes it, evaluation and the guard skip it."""
+    from conftest import load_params
+    from ftq.stages import benchmark_data
+
+    entries = benchmark_data.run(load_params(project))  # params.yaml's ../shared/data path, absent beside a temp project
+    assert not entries["hellaswag"]["present"]
+    assert "klosax/hellaswag_text_data" in entries["hellaswag"]["note"]
 
 
 def test_compare_report_puts_candidates_side_by_side(evaluated):

@@ -153,6 +153,32 @@ def test_a_failing_candidate_never_wins(evaluated_copy):
     assert champion_build(project, "strict") == "q8_0" and not capped["champion_passes_policy"]
 
 
+def hellaswag_rows(correct: list[float]) -> list[dict]:
+    return [{"task": "hellaswag", "doc_id": i, "acc_norm": v, "acc": v} for i, v in enumerate(correct)]
+
+
+GUARD = {"task": "hellaswag", "metric": "acc_norm", "tolerance": 0.02}  # the default policy's guard
+
+
+def test_the_general_ability_guard_rejects_a_paired_loss_beyond_its_tolerance():
+    """Decided on the paired difference over the same items: a build that lost 6 of 300 items' answers
+    and kept the rest is rejected at the default tolerance (2 points), one that traded as many answers
+    as it lost passes (its own interval alone could not tell), and an absent file skips the guard."""
+    merged = {"metrics": {"benchmarks": {}}, "benchmark_rows": hellaswag_rows(ones(120, total=300))}
+    lost = {"name": "q2_k", "benchmark_rows": hellaswag_rows(ones(104, total=300))}
+    verdict = promote.general_guard(lost, merged, GUARD, 0.95)
+    assert verdict["status"] == "rejected" and verdict["diff"] == pytest.approx(-16 / 300, abs=1e-4)
+    assert verdict["interval"][1] < -0.02 and "general ability lost: hellaswag acc_norm" in verdict["reason"]
+    traded = {"name": "q8_0", "benchmark_rows": hellaswag_rows(ones(110, total=300)[:290] + [1.0] * 10)}
+    assert promote.general_guard(traded, merged, GUARD, 0.95)["status"] == "pass"
+    small = {"name": "q6_k", "benchmark_rows": hellaswag_rows(ones(117, total=300))}  # 1 point: within tolerance
+    assert promote.general_guard(small, merged, GUARD, 0.95)["status"] == "pass"
+    absent = {"metrics": {"benchmarks": {"hellaswag": {"status": "skipped: /x/hs.txt is absent. Get ..."}}},
+              "benchmark_rows": []}
+    skipped = promote.general_guard(lost, absent, GUARD, 0.95)
+    assert skipped["status"] == "skipped" and skipped["reason"].startswith("skipped: /x/hs.txt is absent")
+
+
 def test_policy_is_validated(evaluated_copy):
     project = evaluated_copy
     set_params(project, promote={"model_name": "x", "policy": {"direction": "up"}})

@@ -1,31 +1,27 @@
 """EleutherAI's lm-evaluation-harness for one candidate: ftq's own tasks over the project's local files
-(src/ftq/evaluation/lm_eval_tasks: held-out multiple choice, held-out generation, rolling-loglikelihood
-perplexity over a local text) plus any registered lm-eval task named in `evaluate.lm_eval.tasks` whose
-data is available locally. Nothing is downloaded: datasets and the hub run offline.
+(src/ftq/evaluation/lm_eval_tasks: held-out generation, rolling-loglikelihood perplexity over a local
+text), standard tasks of lm-eval's catalogue over files the user names (`evaluate.lm_eval.local_data`,
+e.g. HellaSwag; ftq.evaluation.local_data), and any other registered task named in
+`evaluate.lm_eval.tasks` whose data is in the local Hugging Face cache. Nothing is downloaded: datasets
+and the hub run offline.
 
-HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model, on the model the stage already loaded.
-GGUF files go through lm-eval's `local-completions` model against a local OpenAI-compatible llama.cpp
-server that this module starts and stops: ftq's completions app (`ftq.openai.completions`, not the
-`ftq serve` gateway) on a loopback port, over the llama.cpp model the stage has loaded. Its
-/v1/completions returns exact echo logprobs (llama-cpp-python's own server
-shifts them by a token for models without BOS) and its vLLM-style /tokenize endpoints let lm-eval count
-tokens with the GGUF's own vocabulary."""
+HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model, GGUF files through ftq's in-process
+llama.cpp model (ftq.evaluation.llamacpp_lm), each on the model the stage has already loaded."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from ftq import schema
-from ftq.io import atomic_write_json, atomic_write_text
+from ftq.evaluation import local_data
+from ftq.io import atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +54,7 @@ def task_manager(root: Path, cfg: dict):
     from lm_eval.tasks import TaskManager
 
     paths = [str(PROJECT_TASKS)] + [str(p if Path(p).is_absolute() else root / p) for p in cfg["include_path"]]
-    metadata = {"ftq_root": str(root), "ftq_choices": int(cfg["choices"]), "ftq_seed": int(cfg["seed"])}
+    metadata = {"ftq_root": str(root)}
     if cfg["text"]:
         metadata["ftq_text"] = str(cfg["text"] if Path(cfg["text"]).is_absolute() else root / cfg["text"])
     local = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
@@ -95,38 +91,6 @@ def split_tasks(manager, tasks: list[str], where: str) -> tuple[list[str], list[
     return own, [t for t in tasks if t not in own]
 
 
-@contextlib.contextmanager
-def local_server(runtime, name: str, context: int, timeout: float = 60) -> Iterator[str]:
-    """ftq's completions app (`ftq.openai.completions`) on a free loopback port, in a thread, over the
-    model the stage has already loaded; stopped when the block ends. Yields its completions URL."""
-    import uvicorn
-
-    from ftq.openai.completions import completions_app
-    from ftq.openai.schema import Limits
-    from ftq.processes import free_port
-
-    path = Path(runtime.path)
-    app = completions_app(runtime, name, Limits(max_tokens=1024, default_max_tokens=256, max_prompt_tokens=context,
-                                                 # lm-eval's own batches on a private loopback port: no caps
-                                                 max_batch_prompts=1 << 20, max_batch_tokens=1 << 40,
-                                                 max_body_bytes=1 << 40))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="ftq-lm-eval-server", daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.time() > deadline:
-                raise LmEvalError(f"{path}: the local llama.cpp server did not start on port {port}")
-            time.sleep(0.05)
-        log.info("lm-eval: %s served on http://127.0.0.1:%d (llama.cpp)", name, port)
-        yield f"http://127.0.0.1:{port}/v1/completions"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def hf_model(runtime, cfg: dict):
     from lm_eval.models.huggingface import HFLM
 
@@ -135,30 +99,31 @@ def hf_model(runtime, cfg: dict):
                 device=str(runtime.model.device))
 
 
-def completions_model(base_url: str, name: str, cfg: dict):
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
+def gguf_model(runtime, cfg: dict):
+    from ftq.evaluation.llamacpp_lm import LlamaCppLM
 
-    class ServedCompletions(LocalCompletionsAPI):
-        # lm-eval 0.4.13 hands the raw message list on as the context when the tokenizer is remote, and
-        # then fails to encode it; render it with the served model's own chat template instead
-        def apply_chat_template(self, chat_history, add_generation_prompt: bool = True):
-            return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
-
-    return ServedCompletions(base_url=base_url, model=name, tokenizer_backend="remote", tokenized_requests=True,
-                               batch_size=int(cfg["batch_size"]), max_length=int(cfg["max_length"]),
-                               max_gen_toks=int(cfg["max_gen_toks"]), num_concurrent=1, max_retries=2, timeout=600)
+    return LlamaCppLM(runtime, max_length=int(cfg["max_length"]), max_gen_toks=int(cfg["max_gen_toks"]))
 
 
-def evaluate(lm, manager, cfg: dict, own: list[str], others: list[str]) -> list[dict]:
+def evaluate(lm, planned: "Plan") -> list[dict]:
+    """One lm-eval run per kind of task: ftq's own (with the chat template, `limit` documents), the
+    other named tasks (`limit`), and the local standard tasks (their seeded samples; lm-eval takes
+    either a limit or samples per run)."""
     import lm_eval
 
+    cfg = planned.cfg
+    common = dict(model=lm, num_fewshot=cfg["num_fewshot"], log_samples=True, random_seed=0, numpy_random_seed=0,
+                  torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0)
     runs = []
-    for tasks, chat in ((own, True), (others, bool(cfg["apply_chat_template"]))):
+    for tasks, chat in ((planned.own, True), (planned.others, bool(cfg["apply_chat_template"]))):
         if tasks:
-            runs.append(lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, task_manager=manager, limit=int(cfg["limit"]) or None,
-                num_fewshot=cfg["num_fewshot"], apply_chat_template=chat, log_samples=True, random_seed=0,
-                numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0, bootstrap_iters=0))
+            runs.append(lm_eval.simple_evaluate(tasks=tasks, task_manager=planned.manager, apply_chat_template=chat,
+                                                limit=int(cfg["limit"]) or None, **common))
+    if planned.local:
+        runs.append(lm_eval.simple_evaluate(
+            tasks=[local_data.task_config(planned.catalogue[t.task], t) for t, _ in planned.local],
+            task_manager=planned.manager, apply_chat_template=bool(cfg["apply_chat_template"]),
+            samples={t.task: entry["indices"] for t, entry in planned.local}, **common))
     return runs
 
 
@@ -173,6 +138,9 @@ def flatten(results: dict[str, dict]) -> dict[str, float]:
             suffix = "" if filter_name == "none" else f"_{filter_name}"
             flat[f"lm_eval_{task}_{metric}{suffix}"] = round(float(value), 6)
     return flat
+
+
+SAMPLE_FIELDS = ("task", "doc_id", "doc", "target", "response")  # a samples row's fields besides its metrics
 
 
 def sample_rows(runs: list[dict]) -> list[dict]:
@@ -194,14 +162,65 @@ class Plan:
     manager: Any
     own: list[str]
     others: list[str]
+    # local standard tasks whose file is present, with their data/benchmarks.json entry
+    local: list[tuple[local_data.LocalTask, dict]] = field(default_factory=list)
+    catalogue: dict[str, Any] = field(default_factory=dict)  # task -> a TaskManager that knows it
+    skipped: dict[str, str] = field(default_factory=dict)  # local task -> why it is skipped
+
+    @property
+    def empty(self) -> bool:
+        return not (self.own or self.others or self.local)
 
 
-def plan(cfg: dict, root: Path, where: str) -> Plan:
-    """Resolve and load every task up front (before any model is loaded), offline."""
+def catalogue_manager(task: str):
+    """A TaskManager that knows `task` from lm-eval's catalogue: its own folder's (lm_eval/tasks/<task>,
+    well under a second) when that holds it, else the whole catalogue's (~17 s to index)."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(lm_eval.tasks.__file__).parent / task
+    if folder.is_dir():
+        manager = TaskManager(include_path=[str(folder)], include_defaults=False)
+        if task in manager.task_index:
+            return manager
+    return _full_task_manager((), ())
+
+
+def local_tasks(cfg: dict, root: Path, manifest: dict[str, dict], where: str) -> tuple[list, dict[str, str]]:
+    """(present local tasks with their manifest entries, {absent task: note}); the manifest must have
+    been written for the same settings and the file must not have changed since."""
+    present, skipped = [], {}
+    for task, block in sorted(cfg["local_data"].items()):
+        local = local_data.LocalTask.from_settings(task, block, root)
+        entry = manifest.get(task)
+        stale = (entry is None or entry["path"] != local.given or entry["sample"] != local.sample
+                 or entry["seed"] != local.seed or entry["format"] != local.format
+                 or entry["present"] != local.path.exists()
+                 or (entry["present"] and entry["sha256"] != file_sha256(local.path)))
+        if stale:
+            raise LmEvalError(f"{where}: evaluate.lm_eval.local_data.{task}: data/benchmarks.json does not describe "
+                              f"{local.path} as it is now; run `dvc repro benchmark_data` (or `ftq benchmark-data`)")
+        if entry["present"]:
+            present.append((local, entry))
+        else:
+            skipped[task] = entry["note"]
+    return present, skipped
+
+
+def plan(cfg: dict, root: Path, where: str, manifest: dict[str, dict] | None = None) -> Plan:
+    """Resolve and load every task up front (before any model is loaded), offline. `manifest` is
+    data/benchmarks.json (the benchmark_data stage's record of the local files)."""
     go_offline()
     manager = task_manager(root, cfg)
-    own, others = split_tasks(manager, list(cfg["tasks"]), where)
-    return Plan(cfg, manager, own, others)
+    named = [t for t in cfg["tasks"] if t not in cfg["local_data"]]
+    own, others = split_tasks(manager, named, where)
+    local, skipped = local_tasks(cfg, root, manifest or {}, where)
+    catalogue = {t.task: catalogue_manager(t.task) for t, _ in local}
+    for task, entry in local:
+        local_data.task_config(catalogue[task.task], task)  # an unknown task fails here, before any model time
+    for task, note in skipped.items():
+        log.warning("lm-eval: %s %s", task, note)
+    return Plan(cfg, manager, own, others, local, catalogue, skipped)
 
 
 def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
@@ -210,23 +229,23 @@ def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
     from lm_eval import __version__ as lm_eval_version
 
     cfg = planned.cfg
-    if not planned.own and not planned.others:  # the stage's outputs still exist (DVC declares them), empty
+    skipped = {task: note for task, note in planned.skipped.items()}
+    if planned.empty:  # the stage's outputs still exist (DVC declares them), empty
         atomic_write_json(out_dir / f"{name}.json", {"candidate": name, "lm_eval_version": lm_eval_version,
-                                                     "settings": cfg, "results": {}, "note": "no lm-eval tasks"})
+                                                     "settings": cfg, "results": {}, "skipped": skipped,
+                                                     "note": "no lm-eval tasks"})
         atomic_write_text(out_dir / f"{name}.samples.jsonl", "")
         return {}
     started = time.time()
-    if runtime.kind == "llama.cpp":
-        with local_server(runtime, name, int(cfg["max_length"]) + 64) as url:
-            runs = evaluate(completions_model(url, name, cfg), planned.manager, cfg, planned.own, planned.others)
-    else:
-        runs = evaluate(hf_model(runtime, cfg), planned.manager, cfg, planned.own, planned.others)
+    lm = gguf_model(runtime, cfg) if runtime.kind == "llama.cpp" else hf_model(runtime, cfg)
+    runs = evaluate(lm, planned)
     results = {task: metrics for r in runs for task, metrics in r["results"].items()}
     report = {"candidate": name, "lm_eval_version": lm_eval_version, "settings": cfg,
-              "model": "local-completions (ftq serve, llama.cpp)" if runtime.kind == "llama.cpp" else "hf",
+              "model": "ftq llama.cpp (in process)" if runtime.kind == "llama.cpp" else "hf",
               "results": results, "n_samples": {k: v for r in runs for k, v in (r.get("n-samples") or {}).items()},
               "versions": {k: v for r in runs for k, v in (r.get("versions") or {}).items()},
-              "seconds": round(time.time() - started, 2)}
+              "local_data": {t.task: {k: v for k, v in entry.items() if k != "indices"} for t, entry in planned.local},
+              "skipped": skipped, "seconds": round(time.time() - started, 2)}
     atomic_write_json(out_dir / f"{name}.json", json.loads(json.dumps(report, default=str)))
     atomic_write_text(out_dir / f"{name}.samples.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in sample_rows(runs)))

@@ -75,3 +75,12 @@ def ratio(a: list[float], b: list[float], confidence: float = 0.95, seed: int = 
     kept = bottom != 0  # a resample of only zero-scored references has no ratio
     return {"ratio": round(float(x.mean() / y.mean()), 4), "interval": _bounds(top[kept] / bottom[kept], confidence),
             "examples": len(x)}
+
+
+def mean(a: list[float], confidence: float = 0.95, seed: int = 0) -> dict:
+    """mean(a) with its percentile-bootstrap interval (one side: a candidate's own score)."""
+    import numpy as np
+
+    values = np.asarray(a, dtype=float)
+    means = values[_resamples(len(values), seed)].mean(axis=1)
+    return {"mean": round(float(values.mean()), 4), "interval": _bounds(means, confidence), "examples": len(values)}

@@ -1,34 +1,28 @@
-"""Generation speed on a fixed prompt set: time to first token and decode tokens/s, streamed."""
+"""Generation speed on a fixed prompt set, at a fixed answer length: time to first token and decode
+tokens/s, each candidate measured beside merged in the same run."""
 
 from __future__ import annotations
 
 import time
 
 
-def measure(runtime, prompts: list[str], max_new_tokens: int, count_tokens) -> dict:
-    ttfts, rates, total_tokens, total_seconds = [], [], 0, 0.0
+def measure(runtime, prompts: list[str], tokens: int) -> dict:
+    """Each prompt answered with exactly `tokens` tokens (the end of sequence ignored), so a model with
+    shorter answers does not look slower: decode tokens/s is (tokens - 1) over the time after the
+    first token, by the runtime's own token count; time to first token (prefill) is reported apart."""
+    ttfts, rates, total_tokens = [], [], 0
     for prompt in prompts:
-        started = time.perf_counter()
-        first = None
-        text = ""
-        for piece in runtime.stream_chat([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens):
-            if first is None:
-                first = time.perf_counter()
-            text += piece
-        ended = time.perf_counter()
-        tokens = count_tokens(text)
-        if first is None:
-            continue
-        ttfts.append(first - started)
-        if tokens > 1 and ended > first:
-            rates.append((tokens - 1) / (ended - first))
-        total_tokens += tokens
-        total_seconds += ended - started
+        timed = runtime.timed_generation([{"role": "user", "content": prompt}], tokens)
+        if timed["tokens"] != tokens:
+            raise RuntimeError(f"{runtime.path}: generated {timed['tokens']} tokens where {tokens} were asked")
+        ttfts.append(timed["ttft_seconds"])
+        rates.append((timed["tokens"] - 1) / timed["decode_seconds"])
+        total_tokens += timed["tokens"]
     ttfts.sort()
     return {
-        "ttft_seconds_p50": round(ttfts[len(ttfts) // 2], 4) if ttfts else None,
-        "decode_tokens_per_second": round(sum(rates) / len(rates), 2) if rates else None,
-        "tokens_per_second": round(total_tokens / total_seconds, 2) if total_seconds else None,
+        "ttft_seconds_p50": round(ttfts[len(ttfts) // 2], 4),
+        # decode only (after the first token), mean over the prompts
+        "tokens_per_second": round(sum(rates) / len(rates), 2),
         "generated_tokens": total_tokens,
     }
 
@@ -39,7 +33,7 @@ def _measured(open_model, prompts: list[str], max_new_tokens: int) -> dict:
     runtime = open_model()
     try:
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # load (llama.cpp maps on first use)
-        return measure(runtime, prompts, max_new_tokens, runtime.count_tokens)
+        return measure(runtime, prompts, max_new_tokens)
     finally:
         runtime.close()
         del runtime
@@ -74,7 +68,7 @@ def measure_relative(open_candidate, open_reference, prompts: list[str], max_new
 
     return {
         "ttft_seconds_p50": mid("ttft_seconds_p50"),
-        "decode_tokens_per_second": mid("decode_tokens_per_second"),
+        # decode tokens/s at a fixed answer length (speed_max_new_tokens, end of sequence ignored)
         "tokens_per_second": round(median(speeds), 2) if speeds else None,
         "tokens_per_second_runs": speeds,
         # (max - min) / median over the repeats: how much the machine moved the absolute figure
@@ -83,5 +77,6 @@ def measure_relative(open_candidate, open_reference, prompts: list[str], max_new
         "relative_tokens_per_second": round(median(ratios), 3) if ratios else None,
         "relative_tokens_per_second_runs": [round(r, 3) for r in ratios],
         "speed_repeats": repeats,
+        "speed_answer_tokens": max_new_tokens,
         "generated_tokens": mine[0]["generated_tokens"] if mine else 0,
     }

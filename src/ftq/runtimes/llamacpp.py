@@ -76,6 +76,30 @@ class LlamaCppRuntime:
             if text:
                 yield text
 
+    def timed_generation(self, messages: list[dict], tokens: int) -> dict:
+        """Exactly `tokens` greedy tokens: llama-cpp-python's generate() never stops by itself (the end
+        of sequence is create_completion's stop), so every candidate does the same work. Time to the
+        first token (prefill included) and to the last, and the count of tokens llama.cpp generated."""
+        import time
+
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        info = self.tokenizer_info()
+        prompt = Jinja2ChatFormatter(info["chat_template"], eos_token=info["eos_token"], bos_token=info["bos_token"] or "",
+                                     add_generation_prompt=True)(messages=messages).prompt
+        ids = self.tokenize(prompt, add_special=True)
+        self.llama.reset()  # no prefix reuse from an earlier prompt: the whole prompt is evaluated, as in transformers
+        started = time.perf_counter()
+        first, generated = None, 0
+        for _ in self.llama.generate(ids, top_k=1, temp=0.0, reset=True):
+            generated += 1
+            if first is None:
+                first = time.perf_counter()
+            if generated == tokens:
+                break
+        ended = time.perf_counter()
+        return {"ttft_seconds": first - started, "decode_seconds": ended - first, "tokens": generated}
+
     def count_tokens(self, text: str) -> int:
         return len(self.llama.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
 

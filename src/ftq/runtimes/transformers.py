@@ -106,6 +106,22 @@ class TransformersRuntime:
             yield piece
         worker.join()
 
+    @torch.no_grad()
+    def timed_generation(self, messages: list[dict], tokens: int) -> dict:
+        """Exactly `tokens` greedy tokens, the end of sequence ignored (min_new_tokens holds it back), so
+        every candidate does the same work whatever it would answer: time to the first token (prefill
+        included) and to the last, and the count of tokens generated, by the model's own ids."""
+        import time
+
+        inputs = self._inputs(messages)
+        stamps = _Stamps()
+        started = time.perf_counter()
+        output = self.model.generate(**inputs, **self._generation_kwargs(tokens, 0.0), min_new_tokens=tokens,
+                                     streamer=stamps)
+        ended = time.perf_counter()
+        generated = int(output.shape[1] - inputs["input_ids"].shape[1])
+        return {"ttft_seconds": stamps.first - started, "decode_seconds": ended - stamps.first, "tokens": generated}
+
     # Token-level access, for the server's echo/logprobs completions (same interface as llama.cpp's).
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
@@ -158,6 +174,24 @@ class TransformersRuntime:
 
     def close(self) -> None:
         self.model = None
+
+
+class _Stamps:
+    """A generate() streamer that only notes when the first generated token came (put() gets the prompt
+    first, then each new token)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        import time
+
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def _stop_index(text: str, stop: list[str] | None) -> int | None:

@@ -45,6 +45,9 @@ METRICS = [
     ("peak_memory_bytes", "peak memory (MB)", False),
 ]
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending so
+# a standard benchmark's interval bounds and paired difference (ftq.evaluation.benchmark_scores.flat):
+# shown in their own table, not as metrics of their own
+INTERVAL_SUFFIXES = ("_low", "_high", "_vs_merged")
 GROUPS = {
     "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l",
                 "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained", "general_accuracy"],
@@ -109,7 +112,8 @@ def spread(value) -> str:
 def lm_eval_metrics(reports: dict[str, dict]) -> list[tuple[str, str, bool]]:
     """lm-eval's metrics as they appear in the reports: lm_eval_<task>_<metric>."""
     keys = sorted({k for r in reports.values() for k, v in r.items()
-                   if k.startswith("lm_eval_") and k != "lm_eval_seconds" and isinstance(v, (int, float))})
+                   if k.startswith("lm_eval_") and k != "lm_eval_seconds" and isinstance(v, (int, float))
+                   and not k.endswith(INTERVAL_SUFFIXES)})
     return [(k, "lm-eval " + k[len("lm_eval_"):], not k.endswith(LOWER_IS_BETTER)) for k in keys]
 
 
@@ -130,6 +134,29 @@ def table_rows(reports: dict[str, dict]) -> list[list[str]]:
         rows.append([label, *cells])
     rows.append(["MT-Bench", *[r.get("mt_bench_status", "not run") for r in reports.values()]])
     return rows
+
+
+def benchmark_rows(reports: dict[str, dict]) -> list[list[str]]:
+    """One row per candidate and standard benchmark metric: the score over the sampled items with its
+    95 % interval, and the paired difference vs merged on the same items (or why the task was skipped)."""
+    rows = []
+    tasks = sorted({t for r in reports.values() for t in (r.get("benchmarks") or {})})
+    for task in tasks:
+        for name, report in reports.items():
+            section = (report.get("benchmarks") or {}).get(task) or {"status": "not evaluated"}
+            if section["status"] != "ok":
+                rows.append([task, name, "–", "–", "–", section["status"]])
+                continue
+            for metric, s in section["metrics"].items():
+                vs = s.get("vs_merged")
+                rows.append([f"{task} {metric}", name, f"{s['mean']:.4f} [{s['interval'][0]:.4f}, {s['interval'][1]:.4f}]",
+                             f"{vs['diff']:+.4f} [{vs['interval'][0]:+.4f}, {vs['interval'][1]:+.4f}]" if vs else "(reference)",
+                             f"{section['items']} of {section['of']}", ""])
+    return rows
+
+
+BENCHMARK_HEADER = ["benchmark", "candidate", "score [95 % interval]", "paired difference vs merged [95 %]", "items",
+                    "note"]
 
 
 def chart(reports: dict[str, dict], keys: list[str], title: str, path: Path) -> Path | None:
@@ -161,6 +188,13 @@ def markdown(reports, rows, answers, charts) -> str:
              "Retention in parentheses is the value as a percentage of `merged`'s.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    benchmarks = benchmark_rows(reports)
+    if benchmarks:
+        lines += ["", "## Standard benchmarks", "",
+                  "lm-eval's own tasks over local files, the same seeded items for every candidate; the paired "
+                  "difference is what promote's general-ability guard decides on.", "",
+                  "| " + " | ".join(BENCHMARK_HEADER) + " |", "|---" * len(BENCHMARK_HEADER) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in benchmarks]
     lines += [""] + [f"![{c.stem}](compare/{c.name})" for c in charts]
     lines += ["", "## Answers side by side", ""]
     for i, first in enumerate(answers[names[0]][:ANSWERS_SHOWN]):
@@ -188,13 +222,17 @@ def html_page(reports, rows, answers, charts) -> str:
         )
         blocks.append(f"<h3>{i + 1}. {esc(first['prompt'][:300])}</h3><table><tr><th>reference</th>"
                       f"<td><pre>{esc(first['reference'])}</pre></td></tr>{cells}</table>")
+    benchmarks = benchmark_rows(reports)
+    standard = ("<h2>Standard benchmarks</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in BENCHMARK_HEADER)
+                + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in benchmarks)
+                + "</table>") if benchmarks else ""
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
              "pre{white-space:pre-wrap;margin:0}img{max-width:100%;margin:4px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ftq: candidates compared</title>"
             f"<style>{style}</style></head><body><h1>Candidates compared</h1>"
             f"<p>Retention in parentheses is the value as a percentage of <code>merged</code>'s.</p>"
-            f"<table><tr><th>metric</th>{head}</tr>{body}</table>{images}<h2>Answers side by side</h2>"
+            f"<table><tr><th>metric</th>{head}</tr>{body}</table>{standard}{images}<h2>Answers side by side</h2>"
             f"{''.join(blocks)}</body></html>\n")
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftq.data import tools
-from ftq.evaluation import harness
+from ftq.evaluation import benchmark_scores, harness
+from ftq.stages import benchmark_data
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
 from ftq import schema
 from ftq.params import repo_root
@@ -119,6 +120,36 @@ def answer_all(runtime, examples: list[dict], max_new_tokens: int, batch_size: i
     return rows
 
 
+def read_samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def merged_lm_eval_samples(root: Path, planned) -> list[dict] | None:
+    """merged's per-item lm-eval scores, which every other candidate's local standard tasks are paired
+    with (None when there are no such tasks)."""
+    if not planned.local:
+        return None
+    path = root / REPORT_ROOT / "lm_eval" / "merged.samples.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; evaluate merged first (`dvc repro evaluate_merged`): every "
+                                f"candidate's {', '.join(t.task for t, _ in planned.local)} is paired with merged's")
+    return read_samples(path)
+
+
+def benchmark_section(planned, samples: Path, merged_samples: list[dict] | None) -> dict[str, dict]:
+    """Each local standard task: its file, the items scored, and each metric's mean, interval and
+    paired difference vs merged; or why it was skipped."""
+    section = {task: {"status": note} for task, note in planned.skipped.items()}
+    rows = read_samples(samples) if planned.local else []
+    for local, entry in planned.local:
+        metrics = sorted({k for row in rows if row.get("task") == local.task for k, v in row.items()
+                          if k not in harness.SAMPLE_FIELDS and isinstance(v, (int, float))})
+        section[local.task] = {"status": "ok", "path": entry["path"], "sha256": entry["sha256"],
+                               "items": len(entry["indices"]), "of": entry["items"],
+                               "metrics": benchmark_scores.summary(rows, local.task, metrics, merged_samples, 0.95)}
+    return section
+
+
 def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     from ftq.evaluation import general, speed, task
     from ftq.quantize.calibration import heldout
@@ -132,7 +163,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     path = candidate_path(root, name)
     examples = task_examples(root, cfg)
     sequences = heldout(root, int(cfg["perplexity_examples"]), int(cfg["perplexity_max_length"]))
-    lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"))
+    lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"), benchmark_data.load(root))
+    merged_samples = None if name == "merged" else merged_lm_eval_samples(root, lm_eval_plan)
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
         n_ctx = max(2048, int(cfg["perplexity_max_length"]) + 8, int(cfg["lm_eval"]["max_length"]) + 64)
@@ -147,6 +179,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         ppl = perplexity(runtime, sequences)
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
+        benchmarks = benchmark_section(lm_eval_plan, root / REPORT_ROOT / "lm_eval" / f"{name}.samples.jsonl",
+                                       merged_samples)
         runtime.close()  # speed opens the candidate and merged in turn: one model in memory at a time
         del runtime
         release()
@@ -165,6 +199,9 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "size_bytes": size,
             **efficiency,
             **lm_eval_scores,
+            **{k: v for task, b in benchmarks.items() if "metrics" in b
+               for k, v in benchmark_scores.flat(task, b["metrics"]).items()},
+            "benchmarks": benchmarks,
             **mt_scores,
             "load_seconds": round(load_seconds, 3),
             "answer_seconds": round(load_and_answer - load_seconds, 2),
@@ -180,7 +217,10 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
         tracked.log_metrics({f"mt_bench_{c}": v for c, v in (report.get("mt_bench_categories") or {}).items()
                              if v is not None})
-        tracked.set_tags({"evaluate.candidate": name, "evaluate.format": report["format"], "evaluate.path": str(path)})
+        tracked.set_tags({"evaluate.candidate": name, "evaluate.format": report["format"], "evaluate.path": str(path),
+                          **{f"evaluate.benchmark.{task}": (f"{b['items']} of {b['of']} items, {b['path']} sha256 "
+                                                            f"{b['sha256']}" if b["status"] == "ok" else b["status"])
+                             for task, b in benchmarks.items()}})
         tracked.log_artifact(out / f"{name}.json")
         tracked.log_artifact(answers)
         tracked.log_artifact(general_answers)

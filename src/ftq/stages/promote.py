@@ -82,8 +82,40 @@ def evaluation(root: Path, name: str) -> dict:
     """reports/eval/<name>.json and its per-example scores (None where not evaluated)."""
     eval_path = root / "reports" / "eval" / f"{name}.json"
     answers = root / "reports" / "eval" / f"{name}.answers.jsonl"
+    samples = root / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl"
     return {"metrics": json.loads(eval_path.read_text()) if eval_path.exists() else None,
-            "scores": paired.load_scores(answers) if eval_path.exists() and answers.exists() else None}
+            "scores": paired.load_scores(answers) if eval_path.exists() and answers.exists() else None,
+            "benchmark_rows": [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+            if eval_path.exists() and samples.exists() else None}
+
+
+def general_guard(candidate: dict, merged: dict | None, guard: dict, confidence: float) -> dict:
+    """The general-ability guard's verdict: a build whose paired difference from merged on a standard
+    task (HellaSwag by default) lies wholly below -tolerance has lost general ability and is rejected.
+    Skipped, and saying why, where the task was not scored (its file is absent) on both sides."""
+    from ftq.evaluation import benchmark_scores
+
+    task, metric, tolerance = guard["task"], guard["metric"], float(guard["tolerance"])
+    verdict = {"task": task, "metric": metric, "tolerance": tolerance, "confidence": confidence}
+    section = ((merged or {}).get("metrics") or {}).get("benchmarks", {}).get(task) or {}
+    mine = benchmark_scores.per_item(candidate.get("benchmark_rows") or [], task, metric)
+    theirs = benchmark_scores.per_item((merged or {}).get("benchmark_rows") or [], task, metric)
+    if not mine or not theirs:
+        why = section.get("status") if section.get("status", "ok") != "ok" else (
+            f"{task} {metric} was not scored for {'merged' if not theirs else candidate['name']} "
+            f"(evaluate.lm_eval.local_data)")
+        return {**verdict, "status": "skipped", "reason": why}
+    a, b = paired.pair({i: {"v": v} for i, v in mine.items()}, {i: {"v": v} for i, v in theirs.items()}, "v",
+                       f"{candidate['name']} vs merged on {task}")
+    d = paired.difference(a, b, confidence)
+    verdict.update(diff=d["diff"], interval=d["interval"], items=d["examples"])
+    low, high = d["interval"]
+    if high < -tolerance:
+        return {**verdict, "status": "rejected",
+                "reason": f"general ability lost: {task} {metric} {d['diff']:+.4f} vs merged [{low:+.4f}, {high:+.4f}] "
+                          f"on {d['examples']} paired items lies wholly below -{tolerance:g} at {confidence:.0%} "
+                          f"confidence (promote.policy.general_guard)"}
+    return {**verdict, "status": "pass"}
 
 
 def per_example_key(metric: str) -> str:
@@ -111,7 +143,8 @@ def retention(candidate: dict, merged: dict, policy: dict) -> dict:
 
 
 def judge(candidate: dict, merged: dict | None, policy: dict) -> list[str]:
-    """Why a candidate may not be champion; empty if it passes the policy. Sets candidate['retention']."""
+    """Why a candidate may not be champion; empty if it passes the policy. Sets candidate['retention']
+    and candidate['general_guard']."""
     manifest, metrics, metric = candidate["manifest"], candidate["metrics"], policy["metric"]
     if manifest is None:
         return ["no build (models/quantized/<name>/manifest.json missing)"]
@@ -132,6 +165,11 @@ def judge(candidate: dict, merged: dict | None, policy: dict) -> list[str]:
         if high < policy["min_retention"]:
             reasons.append(f"{metric} retention {kept['ratio']:.1%} of merged [{low:.1%}, {high:.1%}] is below "
                            f"{policy['min_retention']:.0%} at {policy['confidence']:.0%} confidence")
+    guard = policy["general_guard"]
+    if guard["task"]:
+        verdict = candidate["general_guard"] = general_guard(candidate, merged, guard, float(policy["confidence"]))
+        if verdict["status"] == "rejected":
+            reasons.append(verdict["reason"])
     cap = policy["max_size_bytes"]
     if cap is not None and manifest["size_bytes"] > cap:
         reasons.append(f"size {manifest['size_bytes']:,} bytes > max_size_bytes {int(cap):,}")
@@ -520,6 +558,8 @@ def promotion_report(model_name, policy, rows, ranked, before, decision, merged)
         for breaker in policy["tie_breakers"]:
             key = breaker.rsplit(":", 1)[0]
             entry.setdefault(key, metrics.get(key))
+        if row["candidate"].get("general_guard"):
+            entry["general_guard"] = row["candidate"]["general_guard"]
         kept = row["candidate"].get("retention")
         if kept:
             entry.update(retention=kept["ratio"], **{ci_key("retention", confidence): kept["interval"]})

@@ -4,7 +4,6 @@ lm-eval calls these through `custom_dataset` with the TaskManager's metadata as 
   ftq_root     the project root (default: the current directory)
   ftq_heldout  the held-out conversations (default: data/processed/eval.jsonl, else train.jsonl)
   ftq_text     the plain text for perplexity (default: general_text.txt beside this file)
-  ftq_choices  answers per multiple-choice question (default 4), ftq_seed (default 0)
 so the tasks also run from the lm-eval CLI in a project folder:
   lm_eval --model hf --model_args pretrained=models/merged --device cpu --include_path <this folder> \
     --tasks ftq --apply_chat_template
@@ -13,7 +12,6 @@ so the tasks also run from the lm-eval CLI in a project folder:
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -62,23 +60,6 @@ def _dataset(rows: list[dict]):
     import datasets
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
-
-def heldout_choice(**kwargs):
-    """Pick the right answer among the held-out answers to other questions (deterministic distractors)."""
-    pairs = single_turn(kwargs)
-    answers = sorted({p["answer"] for p in pairs})
-    wanted = int(kwargs.get("ftq_choices") or 4)
-    rows = []
-    for index, pair in enumerate(pairs):
-        rng = random.Random(f"{kwargs.get('ftq_seed', 0)}:{index}")
-        others = [a for a in answers if a != pair["answer"]]
-        choices = rng.sample(others, min(wanted - 1, len(others))) + [pair["answer"]]
-        rng.shuffle(choices)
-        rows.append({**pair, "choices": choices, "label": choices.index(pair["answer"])})
-    if len(answers) < 2:
-        raise ValueError(f"{_heldout_file(kwargs)}: multiple choice needs at least two different answers")
-    return _dataset(rows)
 
 
 def heldout_generate(**kwargs):

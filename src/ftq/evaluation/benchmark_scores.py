@@ -1,0 +1,46 @@
+"""A local standard task's scores for one candidate (reports/eval/<candidate>.json `benchmarks`): each
+metric's mean over the sampled items with its interval, and the paired difference against merged on
+the same items (what promote's general-ability guard decides on: far tighter than either interval,
+since what is hard for one model is hard for the other). Pure: rows in, numbers out."""
+
+from __future__ import annotations
+
+from ftq.evaluation import paired
+
+
+def per_item(rows: list[dict], task: str, metric: str) -> dict[int, float]:
+    """{doc_id: metric} of one task's rows in an lm-eval samples file."""
+    return {int(r["doc_id"]): float(r[metric]) for r in rows if r.get("task") == task and metric in r}
+
+
+def summary(rows: list[dict], task: str, metrics: list[str], merged_rows: list[dict] | None,
+            confidence: float) -> dict:
+    """{metric: {mean, interval, examples, vs_merged: {diff, interval, examples}}}; vs_merged is left out
+    when the candidate is merged itself (merged_rows None)."""
+    out = {}
+    for metric in metrics:
+        mine = per_item(rows, task, metric)
+        if not mine:
+            raise paired.PairingError(f"{task}: no per-item '{metric}' in the samples")
+        ids = sorted(mine)
+        scores = paired.mean([mine[i] for i in ids], confidence)
+        if merged_rows is not None:
+            theirs = per_item(merged_rows, task, metric)
+            a, b = paired.pair({i: {"v": mine[i]} for i in ids}, {i: {"v": v} for i, v in theirs.items()}, "v",
+                               f"{task} {metric} vs merged")
+            scores["vs_merged"] = paired.difference(a, b, confidence)
+        out[metric] = scores
+    return out
+
+
+def flat(task: str, metrics: dict) -> dict[str, float]:
+    """The numbers of `summary` as flat keys for MLflow and compare (lm_eval_<task>_<metric> itself is
+    lm-eval's own value, flattened by ftq.evaluation.harness)."""
+    values = {}
+    for metric, s in metrics.items():
+        key = f"lm_eval_{task}_{metric}"
+        values[f"{key}_low"], values[f"{key}_high"] = s["interval"]
+        if "vs_merged" in s:
+            values[f"{key}_vs_merged"] = s["vs_merged"]["diff"]
+            values[f"{key}_vs_merged_low"], values[f"{key}_vs_merged_high"] = s["vs_merged"]["interval"]
+    return values
