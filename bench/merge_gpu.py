@@ -2,7 +2,7 @@
 the merge check and the reference distribution on CUDA. A tiny LLaMA with the SmolLM2 tokenizer; a QLoRA
 adapter made on its NF4 base on the GPU (lora_B randomised so it has an effect); then the merge stage's own
 functions: base / base + adapter logits, merge, the residual against the effect, the 4-bit reference on
-CUDA, a dropped adapter; and the `reference` stage's distribution computed by the transformers runtime on
+CUDA, a merge that drops the adapter (unloaded, not merged, then saved and reloaded); and the `reference` stage's distribution computed by the transformers runtime on
 CUDA, compared with the same on CPU.
 
     # here: save the tokenizer where the GPU machine can read it (it has no gguf package)
@@ -71,7 +71,14 @@ merged_logits = merge.logits_of(merge.reload(work / "merged", "float32"), batch)
 check = merge.check_merge(base_logits, expected, merged_logits, batch["attention_mask"], 0.01)
 check.update(merge.qlora_reference(work / "adapter", work / "base", batch, base_logits, merged_logits))
 result["qlora_merge"] = {**check, "seconds": round(time.time() - started, 2)}
-dropped = merge.check_merge(base_logits, expected, base_logits, batch["attention_mask"], 0.01)
+# a real dropped-adapter merge: the adapter's LoRA layers are unloaded without being merged (PEFT's
+# `unload`, what a merge that loses the adapter writes), saved and reloaded like a merge's output, and
+# then checked by the same check on the same batch
+_, _, again = merge.trained_logits("qlora", work / "adapter", work / "base", batch, "float32")
+again.unload().save_pretrained(work / "dropped")
+tok.save_pretrained(work / "dropped")
+dropped_logits = merge.logits_of(merge.reload(work / "dropped", "float32"), batch)
+dropped = merge.check_merge(base_logits, expected, dropped_logits, batch["attention_mask"], 0.01)
 result["dropped_adapter"] = {k: dropped[k] for k in ("residual_ratio", "passed")}
 
 # the reference stage's distribution on CUDA vs CPU (transformers runtime puts the model on the GPU)

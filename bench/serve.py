@@ -4,8 +4,11 @@ the same threads and slots, driven by the same streaming client in the same run.
 Each level (default 1, 8 and 32 concurrent clients) sends at least `--requests` requests (default 24;
 each client sends ceil(requests / clients) one after another, so 1 client sends 24 and 32 clients one each), all chat
 completions streamed over SSE with `ignore_eos` and `max_tokens` 128, so every answer is exactly 128
-tokens; both sides' own `usage` counts are read and asserted equal (prompt and completion tokens) before
-anything is reported. One server is up at a time, ftq and llama-server in alternating order, and the whole
+tokens. Both servers get the same request type (/v1/chat/completions) with the same sampler: greedy,
+which llama-server runs at its best with top_k 1 and min_p 0 (what ftq's engine sends it; ftq's OpenAI
+API has no such fields). llama-server's raw /completion, the path ftq's engine itself takes, is measured
+beside them. Every side's own counts (prompt and completion tokens) and greedy text are asserted equal
+per prompt before anything is reported. One server is up at a time, ftq and llama-server in alternating order, and the whole
 comparison repeats `--repeats` times (default 5). The table gives the median of the repeats; each goal ratio
 is taken within each repeat (ftq against the llama-server measured beside it) and the median of those
 paired ratios is what the goals are judged on, since this 2-core VM's speed drifts by 10-15 % over minutes.
@@ -35,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "bench" / "serve.json"
@@ -49,12 +54,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+# llama-server's greedy at its best: top_k 1 finds the argmax in one pass and min_p 0 drops a filter that
+# cannot change it; ftq's engine sends exactly these for temperature 0 (ftq.engines.llama_server), and
+# ftq's own API (OpenAI's) has no such fields, so they go to llama-server alone
+PEER_GREEDY = {"top_k": 1, "min_p": 0.0}
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, extra: dict) -> dict:
+    """One streamed chat completion (both sides: the same endpoint type, greedy, ignore_eos)."""
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **extra}
     sent = time.perf_counter()
     first = last = None
-    usage = None
+    usage, text = None, ""
     async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -67,18 +79,48 @@ async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
                 if (choice.get("delta") or {}).get("content"):
                     last = time.perf_counter()
                     first = first or last
+                    text += choice["delta"]["content"]
     if usage is None or first is None:
         raise RuntimeError(f"{url}: no usage or no text in the stream")
-    return {"latency": last - sent, "ttft": first - sent, "decode_seconds": last - first,
+    return {"prompt": prompt, "text": text, "latency": last - sent, "ttft": first - sent, "decode_seconds": last - first,
             "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]}
 
 
-async def level(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[dict, list[dict]]:
+async def one_completion(client, url: str, prompt: str, max_tokens: int, extra: dict) -> dict:
+    """What ftq's engine sends llama-server for the same chat: the prompt rendered by llama-server's own
+    /apply-template, then /completion streamed with the same sampler (ftq's internal path, measured raw)."""
+    base = url.rsplit("/", 1)[0]
+    rendered = (await client.post(f"{base}/apply-template",
+                                  json={"messages": [{"role": "user", "content": prompt}]})).json()["prompt"]
+    body = {"prompt": rendered, "n_predict": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "cache_prompt": True, **extra}
+    sent = time.perf_counter()
+    first = last = None
+    text, counts = "", {}
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("content"):
+                last = time.perf_counter()
+                first = first or last
+                text += chunk["content"]
+            if chunk.get("stop"):
+                counts = chunk
+    if first is None or not counts:
+        raise RuntimeError(f"{url}: no text or no final chunk in the stream")
+    return {"prompt": prompt, "text": text, "latency": last - sent, "ttft": first - sent, "decode_seconds": last - first,
+            "prompt_tokens": counts["tokens_evaluated"], "completion_tokens": counts["tokens_predicted"]}
+
+
+async def level(side: "Side", url: str, clients: int, rounds: int, max_tokens: int) -> tuple[dict, list[dict]]:
     import httpx
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=clients + 8, max_keepalive_connections=0)) as client:
         async def worker(index: int) -> list[dict]:
-            return [await one_request(client, url, PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
+            return [await side.request(client, url, PROMPTS[(index + r) % len(PROMPTS)], max_tokens, side.extra)
                     for r in range(rounds)]
 
         started = time.perf_counter()
@@ -107,6 +149,19 @@ def start(command: list[str], health: str, log_dir: str, name: str) -> tuple[sub
     wait_http(health, process, 300, log)
     with urllib.request.urlopen(health, timeout=10) as response:
         return process, json.loads(response.read())
+
+
+@dataclass(frozen=True)
+class Side:
+    server: str  # which server process: ftq or llama-server
+    endpoint: str
+    request: Callable
+    extra: dict
+
+
+SIDES = {"ftq": Side("ftq", "/v1/chat/completions", one_request, {}),
+         "llama-server": Side("llama-server", "/v1/chat/completions", one_request, PEER_GREEDY),
+         "llama-server /completion": Side("llama-server", "/completion", one_completion, PEER_GREEDY)}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -152,36 +207,43 @@ def main() -> None:
                 str(args.parallel + 4), "--no-webui", "--jinja"]
 
     servers = {"ftq": ftq_command, "llama-server": peer_command} if is_gguf else {"ftq": ftq_command}
-    runs: dict[str, dict[str, list]] = {name: {str(n): [] for n in levels} for name in servers}
-    results: dict[str, dict[int, list]] = {name: {} for name in servers}
+    sides = {name: side for name, side in SIDES.items() if side.server in servers}
+    runs: dict[str, dict[str, list]] = {name: {str(n): [] for n in levels} for name in sides}
+    results: dict[str, dict[int, list]] = {name: {} for name in sides}
     health = {}
     for repeat in range(args.repeats):
         # one server up at a time (llama.cpp's OpenMP threads of an idle second server still cost the
         # other one), in alternating order
-        for name in (list(servers) if repeat % 2 == 0 else list(reversed(servers))):
+        for server in (list(servers) if repeat % 2 == 0 else list(reversed(servers))):
             port = free_port()
-            process, answer = start(servers[name](port), f"http://127.0.0.1:{port}/health", log_dir, name)
-            health = answer if name == "ftq" else health
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            process, answer = start(servers[server](port), f"http://127.0.0.1:{port}/health", log_dir, server)
+            health = answer if server == "ftq" else health
             try:
-                asyncio.run(level(url, 2, 1, 8))  # warm-up
-                for clients in levels:
-                    rounds = -(-args.requests // clients)
-                    summary, results[name][clients] = asyncio.run(level(url, clients, rounds, args.max_tokens))
-                    runs[name][str(clients)].append(summary)
-                    print(f"repeat {repeat + 1} {name:12s} x{clients:<3d} {summary}", flush=True)
+                for name, side in sides.items():
+                    if side.server != server:
+                        continue
+                    url = f"http://127.0.0.1:{port}{side.endpoint}"
+                    asyncio.run(level(side, url, 2, 1, 8))  # warm-up
+                    for clients in levels:
+                        rounds = -(-args.requests // clients)
+                        summary, results[name][clients] = asyncio.run(level(side, url, clients, rounds, args.max_tokens))
+                        runs[name][str(clients)].append(summary)
+                        print(f"repeat {repeat + 1} {name:24s} x{clients:<3d} {summary}", flush=True)
             finally:
                 stop_group(process)
         for clients in levels:
-            equal_work({name: results[name][clients] for name in servers}, args.max_tokens)
+            equal_work({name: results[name][clients] for name in sides}, args.max_tokens)
     table = {name: {n: median_of(rows) for n, rows in by_level.items()} for name, by_level in runs.items()}
     report = {"model": reference, "version": health.get("version"), "sha256": health.get("sha256"),
               "max_tokens": args.max_tokens, "ignore_eos": True, "threads": args.threads,
               "parallel": args.parallel, "ctx_size_per_slot": args.ctx_size, "min_requests_per_level": args.requests,
               "repeats": args.repeats, "median_of_repeats": table, "goals": goals(runs, table, levels),
               "runs": runs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "peer_sampler": PEER_GREEDY,
               "method": "one server up at a time, alternating order per repeat, the same asyncio+httpx streaming client; "
-                        "chat completions, greedy, ignore_eos; usage counts asserted equal per prompt"}
+                        "chat completions on both (llama-server with top_k 1 and min_p 0, ftq's engine's greedy), "
+                        "ignore_eos; token counts and greedy text asserted equal per prompt; llama-server's "
+                        "/completion (ftq's internal path) measured beside them"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report["goals"].items() if k != "per_repeat"}, indent=2))
@@ -189,12 +251,16 @@ def main() -> None:
 
 
 def equal_work(results: dict[str, list[dict]], max_tokens: int) -> None:
-    """Both servers saw the same prompts (same prompt tokens) and produced exactly max_tokens each."""
+    """Every side saw the same prompts (the same prompt tokens, by each side's own count), produced exactly
+    max_tokens each, and, greedy on the same file, the same text for the same prompt."""
     sides = list(results.values())
     for rows in sides:
         assert all(r["completion_tokens"] == max_tokens for r in rows), [r["completion_tokens"] for r in rows]
     prompts = [sorted(r["prompt_tokens"] for r in rows) for rows in sides]
     assert all(p == prompts[0] for p in prompts), prompts
+    texts = [{r["prompt"]: r["text"] for r in rows} for rows in sides]
+    for name, seen in zip(results, texts):
+        assert seen == texts[0], f"{name}: greedy text differs from {next(iter(results))}'s"
 
 
 TARGETS = {"one_client_decode_vs_llama_server": ">= 0.95", "eight_clients_aggregate_vs_one": ">= 2.2",

@@ -23,6 +23,16 @@ def peak_cuda_bytes() -> int:
     return int(max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
 
 
+def reset_cuda_peak() -> None:
+    """Start CUDA's peak over (where CUDA is in use): what follows is measured on its own, not the peak of
+    whatever ran earlier in the process (training before a merge in one test process, say)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(on_gpu: bool | None = None) -> dict[str, int]:
     """{peak_memory_bytes (the device the work ran on), peak_rss_bytes, peak_cuda_bytes}."""
     rss, cuda = peak_rss_bytes(), peak_cuda_bytes()

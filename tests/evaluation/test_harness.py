@@ -125,6 +125,25 @@ def test_endings_that_share_a_context_are_scored_after_one_evaluation_of_it(f32_
         runtime.close()
 
 
+def test_hf_endings_scored_from_the_shared_context_match_lm_evals_own_hf_model(tiny_model_dir):
+    """The context once and its endings as one batch from its KV cache (padded to the longest ending):
+    the same log-likelihoods and greedy flags as lm-eval's HFLM scoring each pair from scratch."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ftq.evaluation.transformers_lm import SharedContextHFLM
+    from ftq.runtimes import open_model
+
+    runtime = open_model(tiny_model_dir, threads=1)
+    kwargs = dict(pretrained=runtime.model, tokenizer=runtime.tokenizer, batch_size=4, max_length=512, device="cpu")
+    shared, plain = SharedContextHFLM(**kwargs), HFLM(**kwargs)
+    context = shared.tok_encode("Baking: A man mixes flour and water in a bowl. he")
+    endings = [shared.tok_encode(" " + e) for e in ITEMS[0][2]] + [shared.tok_encode(" x")]
+    requests = [(("c", "e"), context, e) for e in endings] + [(("c2", "e"), context[:6], endings[1])]
+    for (mine, my_greedy), (theirs, their_greedy) in zip(shared._loglikelihood_tokens(requests),
+                                                          plain._loglikelihood_tokens(requests)):
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-4) and my_greedy == their_greedy
+
+
 def test_no_tasks_still_writes_the_outputs_dvc_declares(tmp_path):
     """`evaluate.lm_eval.tasks: []` (e.g. a tools-only data set, which lm-eval cannot show) must not fail
     `dvc repro` on missing outputs: the results file says no tasks ran and the samples file is empty."""

@@ -46,11 +46,16 @@ def test_training_runs_on_the_gpu_in_bf16(gpu_project, method):
 
 
 def test_merge_in_bf16_on_the_gpu(gpu_project):
+    """Training ran first in this process: the merge resets CUDA's peak, so its own peak and the device
+    merge_and_unload ran on are what the report shows (a merge on the CPU reports cpu and no CUDA peak)."""
     set_params(gpu_project, train={"precision": "bf16"})
     params = load_params(gpu_project)
     train.run(params)
+    torch.cuda.reset_peak_memory_stats()
     report = merge.run(params).report
-    assert report["dtype"] == "bfloat16" and report["peak_cuda_bytes"] > 0
+    assert report["device"] == "cuda:0" and report["dtype"] == "bfloat16"
+    merged_bytes = report["num_parameters"] * 2  # bf16: the merged weights were on the GPU at once
+    assert report["peak_cuda_bytes"] >= merged_bytes and report["peak_memory_bytes"] == report["peak_cuda_bytes"]
     assert report["residual_ratio"] <= report["max_residual_ratio"]
 
 
@@ -80,12 +85,22 @@ def test_awq_and_gptq_build_on_cuda(gpu_project, build):
     for stage in (train, merge, reference):
         stage.run(params)
     params["quantize"]["builds"]["gpu_build"] = build
+    torch.cuda.reset_peak_memory_stats()
     manifest = quantize.run(params, "gpu_build").manifest
     assert manifest["check"]["passed"]
+    # calibration ran on the GPU: the build's own CUDA peak (reset before it) holds at least the model's
+    # weights; a CPU calibration leaves it 0
+    merged_bytes = json.loads((gpu_project / "reports" / "merge.json").read_text())["size_bytes"]
+    assert manifest["backend"]["build_cuda_peak_bytes"] >= merged_bytes / 2
 
 
-def test_gguf_runs_with_every_layer_on_the_gpu(gpu_project):
+def test_gguf_runs_with_every_layer_on_the_gpu(gpu_project, capfd):
+    """llama.cpp's own load log says how many layers it put on the GPU: all of them, for the build the
+    check passed (a CPU build, or a GPU build that offloads nothing, prints fewer or none)."""
+    import re
+
     from ftq.runtimes import gpu_layers
+    from ftq.runtimes.llamacpp import LlamaCppRuntime
 
     if gpu_layers() >= 0:
         pytest.skip("llama-cpp-python here is a CPU build (make install builds it with CUDA where nvcc is present)")
@@ -94,3 +109,11 @@ def test_gguf_runs_with_every_layer_on_the_gpu(gpu_project):
         stage.run(params)
     manifest = quantize.run(params, "q8_0").manifest
     assert manifest["check"]["passed"] and manifest["check"]["top1_agreement"] > 0.9
+    capfd.readouterr()
+    runtime = LlamaCppRuntime(gpu_project / "models" / "quantized" / "q8_0" / "model.gguf", verbose=True)
+    runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2)
+    runtime.close()
+    log = capfd.readouterr().err
+    offloaded = re.search(r"offloaded (\d+)/(\d+) layers to GPU", log)
+    assert offloaded, log[-3000:]
+    assert offloaded.group(1) == offloaded.group(2)

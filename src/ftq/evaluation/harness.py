@@ -5,8 +5,9 @@ e.g. HellaSwag; ftq.evaluation.local_data), and any other registered task named 
 `evaluate.lm_eval.tasks` whose data is in the local Hugging Face cache. Nothing is downloaded: datasets
 and the hub run offline.
 
-HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model, GGUF files through ftq's in-process
-llama.cpp model (ftq.evaluation.llamacpp_lm), each on the model the stage has already loaded."""
+HF folders (plain, AWQ, GPTQ) go through lm-eval's `hf` model (scoring the requests that share a context
+together: ftq.evaluation.transformers_lm), GGUF files through ftq's in-process llama.cpp model
+(ftq.evaluation.llamacpp_lm), each on the model the stage has already loaded."""
 
 from __future__ import annotations
 
@@ -92,9 +93,9 @@ def split_tasks(manager, tasks: list[str], where: str) -> tuple[list[str], list[
 
 
 def hf_model(runtime, cfg: dict):
-    from lm_eval.models.huggingface import HFLM
+    from ftq.evaluation.transformers_lm import SharedContextHFLM
 
-    return HFLM(pretrained=runtime.model, tokenizer=runtime.tokenizer, batch_size=int(cfg["batch_size"]),
+    return SharedContextHFLM(pretrained=runtime.model, tokenizer=runtime.tokenizer, batch_size=int(cfg["batch_size"]),
                 max_length=int(cfg["max_length"]), max_gen_toks=int(cfg["max_gen_toks"]),
                 device=str(runtime.model.device))
 

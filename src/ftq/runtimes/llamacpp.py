@@ -22,10 +22,11 @@ from ftq.runtimes import default_threads, gpu_layers  # noqa: E402  (after the O
 class LlamaCppRuntime:
     kind = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 2048):
+    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 2048, verbose: bool = False):
         self.path = Path(path)
         self.threads = threads or default_threads()
         self.n_ctx = n_ctx
+        self.verbose = verbose  # llama.cpp's own load log on stderr (e.g. how many layers it offloaded)
         self._chat_model = None
         self._scoring_model = None
 
@@ -33,7 +34,7 @@ class LlamaCppRuntime:
         from llama_cpp import Llama
 
         return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                     n_gpu_layers=gpu_layers(), verbose=False)
+                     n_gpu_layers=gpu_layers(), verbose=self.verbose)
 
     @property
     def llama(self):

@@ -300,7 +300,7 @@ tokenizer = AutoTokenizer.from_pretrained("models/merged")
 
 def run(params: dict[str, Any]) -> MergeResult:
     from ftq.hf import load_kwargs
-    from ftq.memory import peak_memory
+    from ftq.memory import peak_memory, reset_cuda_peak
     from ftq.tracking import stage_run
 
     settings = MergeSettings.from_params(params)
@@ -312,6 +312,7 @@ def run(params: dict[str, Any]) -> MergeResult:
     max_ratio = settings.max_residual_ratio or DEFAULT_MAX_RESIDUAL_RATIO[dtype]
     with stage_run("merge", params) as tracked:
         started = time.time()
+        reset_cuda_peak()  # the merge's own CUDA peak, not that of what ran before in this process
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(trained, **load_kwargs())
@@ -322,6 +323,7 @@ def run(params: dict[str, Any]) -> MergeResult:
         if work_dtype != dtype:
             merged = merged.to(DTYPES[dtype])  # parameter by parameter: one extra tensor at a time
         num_parameters = sum(p.numel() for p in merged.parameters())
+        device = str(merged.device)  # where merge_and_unload ran
         on_gpu = merged.device.type == "cuda"
         with atomic_dir(out_dir) as tmp:
             save_sharded(merged, tokenizer, tmp, settings.max_shard_size)
@@ -352,10 +354,11 @@ def run(params: dict[str, Any]) -> MergeResult:
             "size_bytes": dir_size(out_dir),
             **{k: v for k, v in check.items() if k not in ("passed", "finite", "qlora_closer_than_dropped")},
             "wall_seconds": round(time.time() - started, 2),
+            "device": device,
             **peak_memory(on_gpu),
         }
         atomic_write_json(root / REPORT, report)
-        tracked.log_metrics({k: float(v) for k, v in report.items() if k not in ("method", "dtype")})
+        tracked.log_metrics({k: float(v) for k, v in report.items() if k not in ("method", "dtype", "device")})
         tracked.set_tags({"merge.method": method, "merge.dtype": dtype,
                           "lineage.train_run_id": info["lineage"]["train_mlflow_run_id"]})
         tracked.log_artifact(root / REPORT)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftq.memory import peak_memory
+from ftq.memory import peak_memory, reset_cuda_peak
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256, tree_md5
 from ftq import schema
 from ftq.params import ParamsError, repo_root
@@ -139,9 +139,12 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
     with stage_run("quantize", params, run_name=f"quantize@{name}", block_values=build_block) as tracked:
         with atomic_dir(out_dir) as tmp:
             started = time.time()
+            reset_cuda_peak()  # the build's own CUDA peak: > 0 only where it ran (calibrated) on a GPU
             built = method.build(merged, tmp, spec.options, calibration)
             build_seconds = time.time() - started
-            build_peak = peak_memory()["peak_memory_bytes"]  # the build's device (RAM or CUDA)
+            memory = peak_memory()
+            build_peak = memory["peak_memory_bytes"]  # the build's device (RAM or CUDA)
+            built["build_cuda_peak_bytes"] = memory["peak_cuda_bytes"]
             same_prompt = (reference.meta.get("prompt"), reference.meta.get("max_new_tokens")) == (
                 spec.check["prompt"], spec.check["max_new_tokens"])
             answer = reference.meta["reply"] if same_prompt else merged_reply(root, spec.check)
