@@ -235,7 +235,7 @@ HELLASWAG = SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt"
 SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4, "perplexity_max_length": 96,
               "speed_prompts": ["Who are you?", "Hello"], "speed_max_new_tokens": 8,
               # HellaSwag from ../shared/data when it is there (8 items), else absent: skipped, saying so
-              "lm_eval": {"limit": 3, "max_gen_toks": 8, "batch_size": 4, "max_length": 512,
+              "lm_eval": {"tasks": ["ftq"], "limit": 3, "max_gen_toks": 8, "batch_size": 4, "max_length": 512,
                           "local_data": {"hellaswag": {"path": str(HELLASWAG), "format": "llama.cpp-hellaswag",
                                                        "sample": 8}}}}
 

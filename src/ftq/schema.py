@@ -211,7 +211,7 @@ SCHEMA: dict[str, dict] = {
             "questions": Setting([], _questions, "a list of {prompt: <text>, expect: [<word>, ...]}"),
         },
         "lm_eval": {
-            "tasks": Texts(["ftq"], single_ok=True),
+            "tasks": Texts([], single_ok=True),
             "include_path": Texts([], single_ok=True),
             "limit": Int(12, minimum=0),
             "num_fewshot": Int(None, minimum=0, nullable=True),

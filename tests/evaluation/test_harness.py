@@ -32,7 +32,7 @@ def test_project_tasks_build_their_documents_from_local_files(root):
     assert len(pairs) == 5  # the multi-turn conversation is left out
     text = utils.text_documents()["test"]
     assert len(text) == 10 and text[0]["text"].startswith("A river begins as rain.")
-    planned = harness.plan(harness.settings({"local_data": {}}, "params.yaml"), root, "params.yaml")
+    planned = harness.plan(harness.settings({"tasks": ["ftq"], "local_data": {}}, "params.yaml"), root, "params.yaml")
     assert planned.own == ["ftq"] and planned.others == [] and planned.local == []
 
 
@@ -111,16 +111,22 @@ def test_endings_that_share_a_context_are_scored_after_one_evaluation_of_it(f32_
         context = lm.tok_encode("Baking: A man mixes flour and water in a bowl. he")
         endings = [lm.tok_encode(" " + e) for e in ITEMS[0][2]]
         requests = [(None, context, e) for e in endings] + [(None, context[:5], endings[0])]
-        calls = []
-        decode = runtime._decode
-        runtime._decode = lambda ids, n_past: (calls.append((len(ids), n_past)), decode(ids, n_past))[1]
-        shared = lm._loglikelihood_tokens(requests)
-        runtime._decode = decode
-        assert [n_past for _, n_past in calls].count(0) == 2  # two distinct contexts
-        assert sum(1 for _, n_past in calls if n_past == len(context)) == sum(len(e) > 1 for e in endings)
+        tokens = []
+        from ftq.evaluation import llamacpp_lm
+
+        score = llamacpp_lm.SharedPrefixBatch.score
+        llamacpp_lm.SharedPrefixBatch.score = lambda self, items: (
+            tokens.append(sum(self.tokens(c, cs) for c, cs in items)), score(self, items))[1]
+        try:
+            shared = lm._loglikelihood_tokens(requests)
+        finally:
+            llamacpp_lm.SharedPrefixBatch.score = score
+            lm.close()
+        # both items in one decode: each context once, each ending's tokens once
+        assert tokens == [len(context) + 5 + sum(len(e) - 1 for e in endings) + len(endings[0]) - 1]
         for (_, ctx, ending), (logprob, _) in zip(requests, shared):
             nll, _ = runtime.sequence_nll(ctx + ending, [False] * len(ctx) + [True] * len(ending))
-            assert logprob == pytest.approx(-nll, rel=1e-5, abs=1e-4)
+            assert logprob == pytest.approx(-nll, rel=1e-4, abs=1e-3)
     finally:
         runtime.close()
 

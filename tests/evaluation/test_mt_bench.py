@@ -45,7 +45,7 @@ def test_evaluate_runs_mt_bench_with_a_real_judge_endpoint(evaluated, judge_serv
     set_params(project, evaluate={"mt_bench": {"path": str(folder), "limit": 3, "max_new_tokens": 8,
                                                 "judge": {"base_url": judge_server, "model": "rating-judge",
                                                           "api_key_env": "NO_SUCH_KEY"}},
-                                  "lm_eval": {"tasks": []}})  # measured by the fixture already
+                                  "lm_eval": {"tasks": [], "local_data": {}}})  # measured by the fixture already
     outputs = [project / "reports" / "eval" / f"q8_0{suffix}" for suffix in (".json", ".answers.jsonl")]
     outputs += [project / "reports" / "eval" / "lm_eval" / f"q8_0{suffix}" for suffix in (".json", ".samples.jsonl")]
     saved = [p.read_bytes() for p in outputs]  # the shared fixture's other tests read the originals

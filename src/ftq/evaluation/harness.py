@@ -121,10 +121,13 @@ def evaluate(lm, planned: "Plan") -> list[dict]:
             runs.append(lm_eval.simple_evaluate(tasks=tasks, task_manager=planned.manager, apply_chat_template=chat,
                                                 limit=int(cfg["limit"]) or None, **common))
     if planned.local:
-        runs.append(lm_eval.simple_evaluate(
-            tasks=[local_data.task_config(planned.catalogue[t.task], t) for t, _ in planned.local],
-            task_manager=planned.manager, apply_chat_template=bool(cfg["apply_chat_template"]),
-            samples={t.task: entry["indices"] for t, entry in planned.local}, **common))
+        run = lm_eval.simple_evaluate(
+            tasks=[local_data.task_config(planned.catalogue[t.task], t, entry["indices"]) for t, entry in planned.local],
+            task_manager=planned.manager, apply_chat_template=bool(cfg["apply_chat_template"]), limit=None, **common)
+        for task, entry in planned.local:  # the task's document i is the file's item indices[i]
+            for sample in (run.get("samples") or {}).get(task.task, []):
+                sample["doc_id"] = entry["indices"][int(sample["doc_id"])]
+        runs.append(run)
     return runs
 
 
@@ -239,7 +242,11 @@ def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
         return {}
     started = time.time()
     lm = gguf_model(runtime, cfg) if runtime.kind == "llama.cpp" else hf_model(runtime, cfg)
-    runs = evaluate(lm, planned)
+    try:
+        runs = evaluate(lm, planned)
+    finally:
+        if hasattr(lm, "close"):
+            lm.close()  # llama.cpp's scoring context
     results = {task: metrics for r in runs for task, metrics in r["results"].items()}
     report = {"candidate": name, "lm_eval_version": lm_eval_version, "settings": cfg,
               "model": "ftq llama.cpp (in process)" if runtime.kind == "llama.cpp" else "hf",

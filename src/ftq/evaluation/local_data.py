@@ -136,10 +136,12 @@ def manifest_entry(local: LocalTask) -> dict:
             "items": len(records), "indices": sample_indices(len(records), local.sample, local.seed)}
 
 
-def task_config(manager, local: LocalTask) -> dict:
+def task_config(manager, local: LocalTask, indices: list[int] | None = None) -> dict:
     """lm-eval's own config of the task (its YAML, functions resolved), with its documents read from the
-    local file: the split the task evaluates on (or `split`) is the file; the task's other splits
-    (few-shot examples) are taken from the same file only when no split of their own is given."""
+    local file: the split the task evaluates on (or `split`) is the file's items at `indices` (all when
+    None), in file order, so lm-eval prepares only the items it scores (HellaSwag's process_docs over all
+    10,042 items costs seconds each of the several times lm-eval asks for its documents); document i of
+    the task is the file's item indices[i]. The task's training split is dropped."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = manager.task_index.get(local.task)
@@ -155,7 +157,9 @@ def task_config(manager, local: LocalTask) -> dict:
     def documents(**_):
         import datasets
 
-        return datasets.DatasetDict({split: datasets.Dataset.from_list(read_records(local))})
+        records = read_records(local)
+        chosen = records if indices is None else [records[i] for i in indices]
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(chosen)})
 
     config.update({"custom_dataset": documents, "dataset_path": str(local.path), "dataset_name": None,
                    "dataset_kwargs": None, "training_split": None,
