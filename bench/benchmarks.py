@@ -124,6 +124,32 @@ def llama_cpp_scores(gguf: Path, indices: list[int], items: list[dict], threads:
     return correct, seconds
 
 
+GUARD_ITEMS = 300  # evaluate's default HellaSwag sample
+BAD_BUILD = {"type": "q4_0", "output_type": "q4_0"}  # the build the demo's quantize check rejects
+
+
+def guard_check(base: Path, reference: Path, work: Path, seed: int, threads: int) -> dict:
+    """promote's general-ability guard, at its default tolerance, on a realistic bad build: q4_0 with its
+    output matrix in Q4_0 too, and the F16 GGUF (the reference here, as merged is in the pipeline), both
+    on evaluate's default sample (the same items): the verdict that build would get."""
+    from ftq import schema
+    from ftq.quantize import gguf
+    from ftq.runtimes import open_model
+    from ftq.stages.promote import general_guard
+
+    gguf.build(base, work / "bad", gguf.validate(dict(BAD_BUILD), "bench"))
+    rows = {}
+    for name, path in (("reference", reference), ("bad", work / "bad" / "model.gguf")):
+        runtime = open_model(path, threads=threads, n_ctx=2048)
+        rows[name], _ = ftq_scores(runtime, name, GUARD_ITEMS, seed, work)
+        runtime.close()
+    policy = schema.defaults("promote")["policy"]
+    verdict = general_guard({"name": "q4_0 (output Q4_0)", "benchmark_rows": rows["bad"]},
+                            {"metrics": {}, "benchmark_rows": rows["reference"]},
+                            policy["general_guard"], float(policy["confidence"]))
+    return {"build": BAD_BUILD, "reference": "F16 GGUF of models/base", **verdict}
+
+
 def measure(items: int, seed: int, threads: int) -> dict:
     from ftq.evaluation import local_data
     from ftq.evaluation.llamacpp_lm import LlamaCppLM
@@ -143,6 +169,7 @@ def measure(items: int, seed: int, threads: int) -> dict:
         counts = token_counts(LlamaCppLM(runtime, 2048, 8), gguf_rows)
         runtime.close()
         llama, llama_seconds = llama_cpp_scores(gguf, indices, all_items, threads, work)
+        guard = guard_check(base, gguf, work, seed, threads)
     assert [r["doc_id"] for r in hf_rows] == [r["doc_id"] for r in gguf_rows] == indices == sorted(llama)
     gold = {i: int(all_items[i]["label"]) for i in indices}
     per_token = {r["doc_id"]: float(per_token_pick(r, counts[r["doc_id"]]) == gold[r["doc_id"]]) for r in gguf_rows}
@@ -174,6 +201,7 @@ def measure(items: int, seed: int, threads: int) -> dict:
              "seconds": round(llama_seconds, 1), "seconds_per_item": round(llama_seconds / len(indices), 4)},
         ],
         "model_card": MODEL_CARD,
+        "guard": guard,
         "agreement": {
             # the same rule, two runtimes of the same weights (float32 vs F16)
             "transformers vs llama.cpp runtime, acc_norm": agreement({i: hf[i]["acc_norm"] for i in indices},
@@ -202,6 +230,12 @@ def table(report: dict) -> str:
     lines += ["", "| item by item | same answer | different | points apart |", "|---|---|---|---|"]
     for name, a in report["agreement"].items():
         lines.append(f"| {name} | {a['same_items']:,} | {a['different_items']:,} | {a['points']:+.2f} |")
+    guard = report.get("guard")
+    if guard:
+        lines += ["", f"The general-ability guard at its default tolerance ({guard['tolerance']:g}) on a realistic bad build, "
+                      f"{guard['build']['type']} with its output matrix in {guard['build']['output_type'].upper()} too, paired "
+                      f"with the {guard['reference']} on {guard.get('items', '?')} items: difference {guard['diff']:+.4f} "
+                      f"[{guard['interval'][0]:+.4f}, {guard['interval'][1]:+.4f}], **{guard['status']}**."]
     return "\n".join(lines)
 
 

@@ -30,3 +30,41 @@ def test_a_generated_block_equals_what_its_script_prints_from_reports(page, comm
     result = subprocess.run([sys.executable, *command.split()], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert body.strip() == result.stdout.strip(), f"{page.name}: rerun `python {command}` and paste its output"
+
+
+# A measured figure: a number with a unit of time, size, speed, ratio or share, or a decimal. Outside a
+# generated block it must not appear in prose: code (settings, commands, cited published figures in
+# backticks) and fenced examples are exempt, as are versions named after their package and the
+# confidence level of an interval.
+FIGURE = re.compile(r"(?<![\w.\-/])\d[\d,]*(?:\.\d+)?\s?(?:%|x(?![\w])|s(?![\w])|ms\b|min\b|minutes\b|seconds\b|MB\b|MiB\b"
+                    r"|GB\b|GiB\b|KB\b|tok/s|tokens/s)|(?<![\w.\-/])\d+\.\d+(?![\w.])")
+VERSIONED = re.compile(r"\b(Python|transformers|DVC|MLflow|llm-compressor|xdist|Llama|GPTQModel|torch|pytest|lm-eval|TRL"
+                       r"|Qwen|PostgreSQL) \d+\.\d+")
+METHOD = re.compile(r"95 % (?:interval|confidence|bootstrap)|\[95 %\]")
+
+
+def hand_typed_figures(text: str) -> list[str]:
+    text = BLOCK.sub("", text)
+    found, fenced = [], False
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        prose = METHOD.sub("", VERSIONED.sub("", re.sub(r"`[^`\n]*`", "", line)))
+        found += [f"line {number} (outside generated blocks): {m.group(0)!r} in {line.strip()[:90]!r}"
+                  for m in FIGURE.finditer(prose)]
+    return found
+
+
+@pytest.mark.parametrize("page", [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))], ids=lambda p: p.name)
+def test_no_measured_figure_is_typed_by_hand(page):
+    """Every measured number a reader sees comes from reports/ through a generated block (or the text
+    points at the report): a figure typed into prose goes stale the next time the demo runs."""
+    assert hand_typed_figures(page.read_text()) == []
+
+
+def test_the_figure_check_finds_a_typed_figure():
+    assert hand_typed_figures("the pipeline took 811 s and q8_0 scored 0.76\n") != []
+    assert hand_typed_figures("`max_kld_mean: 0.05` with a 95 % interval, Python 3.11\n") == []
