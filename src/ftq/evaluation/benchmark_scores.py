@@ -13,6 +13,13 @@ def per_item(rows: list[dict], task: str, metric: str) -> dict[int, float]:
     return {int(r["doc_id"]): float(r[metric]) for r in rows if r.get("task") == task and metric in r}
 
 
+def vs_merged(mine: dict[int, float], theirs: dict[int, float], confidence: float, where: str) -> dict:
+    """The paired difference mine - merged over the same items ({diff, interval, examples}); the item sets
+    must be equal (paired.pair says which differ)."""
+    a, b = paired.pair({i: {"v": v} for i, v in mine.items()}, {i: {"v": v} for i, v in theirs.items()}, "v", where)
+    return paired.difference(a, b, confidence)
+
+
 def summary(rows: list[dict], task: str, metrics: list[str], merged_rows: list[dict] | None,
             confidence: float) -> dict:
     """{metric: {mean, interval, examples, vs_merged: {diff, interval, examples}}}; vs_merged is left out
@@ -25,10 +32,8 @@ def summary(rows: list[dict], task: str, metrics: list[str], merged_rows: list[d
         ids = sorted(mine)
         scores = paired.mean([mine[i] for i in ids], confidence)
         if merged_rows is not None:
-            theirs = per_item(merged_rows, task, metric)
-            a, b = paired.pair({i: {"v": mine[i]} for i in ids}, {i: {"v": v} for i, v in theirs.items()}, "v",
-                               f"{task} {metric} vs merged")
-            scores["vs_merged"] = paired.difference(a, b, confidence)
+            scores["vs_merged"] = vs_merged(mine, per_item(merged_rows, task, metric), confidence,
+                                            f"{task} {metric} vs merged")
         out[metric] = scores
     return out
 

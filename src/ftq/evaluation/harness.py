@@ -233,7 +233,7 @@ def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
     from lm_eval import __version__ as lm_eval_version
 
     cfg = planned.cfg
-    skipped = {task: note for task, note in planned.skipped.items()}
+    skipped = dict(planned.skipped)
     if planned.empty:  # the stage's outputs still exist (DVC declares them), empty
         atomic_write_json(out_dir / f"{name}.json", {"candidate": name, "lm_eval_version": lm_eval_version,
                                                      "settings": cfg, "results": {}, "skipped": skipped,

@@ -105,9 +105,7 @@ def general_guard(candidate: dict, merged: dict | None, guard: dict, confidence:
             f"{task} {metric} was not scored for {'merged' if not theirs else candidate['name']} "
             f"(evaluate.lm_eval.local_data)")
         return {**verdict, "status": "skipped", "reason": why}
-    a, b = paired.pair({i: {"v": v} for i, v in mine.items()}, {i: {"v": v} for i, v in theirs.items()}, "v",
-                       f"{candidate['name']} vs merged on {task}")
-    d = paired.difference(a, b, confidence)
+    d = benchmark_scores.vs_merged(mine, theirs, confidence, f"{candidate['name']} vs merged on {task}")
     verdict.update(diff=d["diff"], interval=d["interval"], items=d["examples"])
     low, high = d["interval"]
     if high < -tolerance:
