@@ -131,9 +131,11 @@ def test_endings_that_share_a_context_are_scored_after_one_evaluation_of_it(f32_
         runtime.close()
 
 
-def test_hf_endings_scored_from_the_shared_context_match_lm_evals_own_hf_model(tiny_model_dir):
-    """The context once and its endings as one batch from its KV cache (padded to the longest ending):
-    the same log-likelihoods and greedy flags as lm-eval's HFLM scoring each pair from scratch."""
+@pytest.mark.parametrize("row_tokens", [1, 384])
+def test_hf_endings_scored_from_the_shared_context_match_lm_evals_own_hf_model(tiny_model_dir, row_tokens):
+    """Each context once and its endings after it, several items packed in one row under a mask that
+    keeps endings and items apart (row_tokens 384), or one item per row (1): the same log-likelihoods
+    and greedy flags as lm-eval's HFLM scoring each pair from scratch."""
     from lm_eval.models.huggingface import HFLM
 
     from ftq.evaluation.transformers_lm import SharedContextHFLM
@@ -142,11 +144,14 @@ def test_hf_endings_scored_from_the_shared_context_match_lm_evals_own_hf_model(t
     runtime = open_model(tiny_model_dir, threads=1)
     kwargs = dict(pretrained=runtime.model, tokenizer=runtime.tokenizer, batch_size=4, max_length=512, device="cpu")
     shared, plain = SharedContextHFLM(**kwargs), HFLM(**kwargs)
+    shared.row_tokens = row_tokens
     context = shared.tok_encode("Baking: A man mixes flour and water in a bowl. he")
+    other = shared.tok_encode("Sailing: The boat leaves the harbour and the crew")
     endings = [shared.tok_encode(" " + e) for e in ITEMS[0][2]] + [shared.tok_encode(" x")]
-    requests = [(("c", "e"), context, e) for e in endings] + [(("c2", "e"), context[:6], endings[1])]
+    requests = ([(("c", "e"), context, e) for e in endings] + [(("c2", "e"), context[:6], endings[1])]
+                + [(("c3", "e"), other, e) for e in endings[:3]])
     for (mine, my_greedy), (theirs, their_greedy) in zip(shared._loglikelihood_tokens(requests),
-                                                          plain._loglikelihood_tokens(requests)):
+                                                          plain._loglikelihood_tokens(requests), strict=True):
         assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-4) and my_greedy == their_greedy
 
 
