@@ -125,29 +125,40 @@ def llama_cpp_scores(gguf: Path, indices: list[int], items: list[dict], threads:
 
 
 GUARD_ITEMS = 300  # evaluate's default HellaSwag sample
-BAD_BUILD = {"type": "q4_0", "output_type": "q4_0"}  # the build the demo's quantize check rejects
+# realistic bad builds: q4_0 with its output matrix in Q4_0 too (the build the demo's quantize check rejects
+# on the task), and q2_k (llama.cpp's smallest k-quant; on SmolLM2's 576-wide rows only down_proj takes Q2_K
+# and the rest falls back to a 4-bit type)
+BAD_BUILDS = [{"type": "q4_0", "output_type": "q4_0"}, {"type": "q2_k"}]
 
 
-def guard_check(base: Path, reference: Path, work: Path, seed: int, threads: int) -> dict:
-    """promote's general-ability guard, at its default tolerance, on a realistic bad build: q4_0 with its
-    output matrix in Q4_0 too, and the F16 GGUF (the reference here, as merged is in the pipeline), both
-    on evaluate's default sample (the same items): the verdict that build would get."""
+def guard_checks(base: Path, reference: Path, work: Path, seed: int, threads: int) -> list[dict]:
+    """promote's general-ability guard, at its default tolerance, on each realistic bad build against the
+    F16 GGUF (the reference here, as merged is in the pipeline), all on evaluate's default sample (the
+    same items): the verdict each build would get."""
     from ftq import schema
     from ftq.quantize import gguf
     from ftq.runtimes import open_model
     from ftq.stages.promote import general_guard
 
-    gguf.build(base, work / "bad", gguf.validate(dict(BAD_BUILD), "bench"))
-    rows = {}
-    for name, path in (("reference", reference), ("bad", work / "bad" / "model.gguf")):
+    def scored(name: str, path: Path) -> list[dict]:
         runtime = open_model(path, threads=threads, n_ctx=2048)
-        rows[name], _ = ftq_scores(runtime, name, GUARD_ITEMS, seed, work)
+        rows, _ = ftq_scores(runtime, name, GUARD_ITEMS, seed, work)
         runtime.close()
+        return rows
+
     policy = schema.defaults("promote")["policy"]
-    verdict = general_guard({"name": "q4_0 (output Q4_0)", "benchmark_rows": rows["bad"]},
-                            {"metrics": {}, "benchmark_rows": rows["reference"]},
-                            policy["general_guard"], float(policy["confidence"]))
-    return {"build": BAD_BUILD, "reference": "F16 GGUF of models/base", **verdict}
+    reference_rows = scored("reference", reference)
+    verdicts = []
+    for build in BAD_BUILDS:
+        folder = work / f"bad_{build['type']}"
+        gguf.build(base, folder, gguf.validate(dict(build), "bench"))
+        label = build["type"] + (f" (output {build['output_type'].upper()})" if "output_type" in build else "")
+        verdict = general_guard({"name": label, "benchmark_rows": scored(folder.name, folder / "model.gguf")},
+                                {"metrics": {}, "benchmark_rows": reference_rows},
+                                policy["general_guard"], float(policy["confidence"]))
+        verdicts.append({"build": build, "label": label, "size_bytes": (folder / "model.gguf").stat().st_size,
+                         "reference": "F16 GGUF of models/base", **verdict})
+    return verdicts
 
 
 def measure(items: int, seed: int, threads: int) -> dict:
@@ -169,7 +180,7 @@ def measure(items: int, seed: int, threads: int) -> dict:
         counts = token_counts(LlamaCppLM(runtime, 2048, 8), gguf_rows)
         runtime.close()
         llama, llama_seconds = llama_cpp_scores(gguf, indices, all_items, threads, work)
-        guard = guard_check(base, gguf, work, seed, threads)
+        guards = guard_checks(base, gguf, work, seed, threads)
     assert [r["doc_id"] for r in hf_rows] == [r["doc_id"] for r in gguf_rows] == indices == sorted(llama)
     gold = {i: int(all_items[i]["label"]) for i in indices}
     per_token = {r["doc_id"]: float(per_token_pick(r, counts[r["doc_id"]]) == gold[r["doc_id"]]) for r in gguf_rows}
@@ -201,7 +212,7 @@ def measure(items: int, seed: int, threads: int) -> dict:
              "seconds": round(llama_seconds, 1), "seconds_per_item": round(llama_seconds / len(indices), 4)},
         ],
         "model_card": MODEL_CARD,
-        "guard": guard,
+        "guards": guards,
         "agreement": {
             # the same rule, two runtimes of the same weights (float32 vs F16)
             "transformers vs llama.cpp runtime, acc_norm": agreement({i: hf[i]["acc_norm"] for i in indices},
@@ -230,12 +241,15 @@ def table(report: dict) -> str:
     lines += ["", "| item by item | same answer | different | points apart |", "|---|---|---|---|"]
     for name, a in report["agreement"].items():
         lines.append(f"| {name} | {a['same_items']:,} | {a['different_items']:,} | {a['points']:+.2f} |")
-    guard = report.get("guard")
-    if guard:
-        lines += ["", f"The general-ability guard at its default tolerance ({guard['tolerance']:g}) on a realistic bad build, "
-                      f"{guard['build']['type']} with its output matrix in {guard['build']['output_type'].upper()} too, paired "
-                      f"with the {guard['reference']} on {guard.get('items', '?')} items: difference {guard['diff']:+.4f} "
-                      f"[{guard['interval'][0]:+.4f}, {guard['interval'][1]:+.4f}], **{guard['status']}**."]
+    guards = report.get("guards") or []
+    if guards:
+        lines += ["", f"The general-ability guard at its default tolerance ({guards[0]['tolerance']:g}), each build paired with "
+                      f"the {guards[0]['reference']} on the same {guards[0].get('items', '?')} items:", "",
+                  "| build | size | acc_norm difference | 95 % interval | verdict |", "|---|---|---|---|---|"]
+        for guard in guards:
+            size = f"{guard['size_bytes'] / 2**20:.0f} MiB" if guard.get("size_bytes") else "–"
+            lines.append(f"| {guard['label']} | {size} | {guard['diff']:+.4f} | "
+                         f"[{guard['interval'][0]:+.4f}, {guard['interval'][1]:+.4f}] | **{guard['status']}** |")
     return "\n".join(lines)
 
 

@@ -88,6 +88,8 @@ def stages() -> str:
     lines = ["| stage | seconds |", "|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']:.1f} |" for s in times["stages"]]
     lines.append(f"| whole run (wall) | {times['wall_seconds']:.1f} |")
+    lines += ["", f"Started {times['started']}; {len(times['stages'])} stages ran. A stage that DVC found up to date "
+                  "(nothing it depends on changed) did not run and is not listed."]
     return "\n".join(lines)
 
 

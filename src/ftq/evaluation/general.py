@@ -15,12 +15,14 @@ def correct(answer: str, expect: list[str]) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", answer, re.IGNORECASE) for word in expect)
 
 
-def run(runtime, questions: list[dict], max_new_tokens: int) -> tuple[dict, list[dict]]:
-    rows = []
-    for question in questions:
-        answer = runtime.chat([{"role": "user", "content": question["prompt"]}], max_new_tokens=max_new_tokens)
-        rows.append({"prompt": question["prompt"], "expect": list(question["expect"]), "answer": answer,
-                     "correct": float(correct(answer, question["expect"]))})
+def conversations(questions: list[dict]) -> list[list[dict]]:
+    return [[{"role": "user", "content": q["prompt"]}] for q in questions]
+
+
+def score(questions: list[dict], answers: list[str]) -> tuple[dict, list[dict]]:
+    """Each question's answer (to conversations(questions), in order) scored: accuracy with its interval."""
+    rows = [{"prompt": q["prompt"], "expect": list(q["expect"]), "answer": answer,
+             "correct": float(correct(answer, q["expect"]))} for q, answer in zip(questions, answers, strict=True)]
     if not rows:
         return {}, rows
     values = [r["correct"] for r in rows]

@@ -174,8 +174,10 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         runtime_kind = runtime.kind
         rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
         load_and_answer = time.time() - started
-        general_scores, general_rows = general.run(runtime, cfg["general"]["questions"],
-                                                   int(cfg["general"]["max_new_tokens"]))
+        questions = cfg["general"]["questions"]
+        general_scores, general_rows = general.score(questions, list(answers(
+            runtime, general.conversations(questions), int(cfg["general"]["max_new_tokens"]),
+            int(cfg["answer_batch_size"]))))
         ppl = perplexity(runtime, sequences)
         mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
@@ -209,8 +211,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "wall_seconds": round(time.time() - started, 2),
         }
         out = root / REPORT_ROOT
-        answers = out / f"{name}.answers.jsonl"
-        atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        answers_file = out / f"{name}.answers.jsonl"
+        atomic_write_text(answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         general_answers = out / f"{name}.general.jsonl"
         atomic_write_text(general_answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general_rows))
         atomic_write_json(out / f"{name}.json", report)
@@ -222,7 +224,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
                                                             f"{b['sha256']}" if b["status"] == "ok" else b["status"])
                              for task, b in benchmarks.items()}})
         tracked.log_artifact(out / f"{name}.json")
-        tracked.log_artifact(answers)
+        tracked.log_artifact(answers_file)
         tracked.log_artifact(general_answers)
         tracked.log_artifact(out / f"{name}.mt_bench.jsonl")
         for suffix in (".json", ".samples.jsonl"):

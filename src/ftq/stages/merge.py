@@ -182,7 +182,10 @@ def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, 
         return base_logits, logits_of(model, batch), model
     from peft import PeftModel
 
-    reference = PeftModel.from_pretrained(base, trained)
+    from ftq.training.model import no_gptqmodel_probe
+
+    with no_gptqmodel_probe():
+        reference = PeftModel.from_pretrained(base, trained)
     with reference.disable_adapter():
         base_logits = logits_of(reference, batch)
     return base_logits, logits_of(reference, batch), reference
@@ -195,7 +198,7 @@ def qlora_reference(trained: Path, base_dir: Path, batch: dict[str, torch.Tensor
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftq.training.model import check_bitsandbytes, keep_cpu_4bit_trainable
+    from ftq.training.model import check_bitsandbytes, keep_cpu_4bit_trainable, no_gptqmodel_probe
 
     check_bitsandbytes()
     # training's 4-bit settings (training/model.py), computing in float32 for the most exact reference
@@ -207,7 +210,9 @@ def qlora_reference(trained: Path, base_dir: Path, batch: dict[str, torch.Tensor
     if not torch.cuda.is_available():
         keep_cpu_4bit_trainable(quantized)
     on_device = {k: v.to(quantized.device) for k, v in batch.items()}  # 4-bit layers run where bitsandbytes put them
-    reference = logits_of(PeftModel.from_pretrained(quantized, trained), on_device).cpu()
+    with no_gptqmodel_probe():
+        adapted = PeftModel.from_pretrained(quantized, trained)
+    reference = logits_of(adapted, on_device).cpu()
     keep = batch["attention_mask"].bool()
     merged_mean = distance(merged_logits, reference, keep)[1]
     dropped_mean = distance(base_logits, reference, keep)[1]
