@@ -241,14 +241,13 @@ def table(report: dict) -> str:
     lines += ["", "| item by item | same answer | different | points apart |", "|---|---|---|---|"]
     for name, a in report["agreement"].items():
         lines.append(f"| {name} | {a['same_items']:,} | {a['different_items']:,} | {a['points']:+.2f} |")
-    guards = report.get("guards") or []
+    guards = report["guards"]
     if guards:
         lines += ["", f"The general-ability guard at its default tolerance ({guards[0]['tolerance']:g}), each build paired with "
                       f"the {guards[0]['reference']} on the same {guards[0].get('items', '?')} items:", "",
                   "| build | size | acc_norm difference | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for guard in guards:
-            size = f"{guard['size_bytes'] / 2**20:.0f} MiB" if guard.get("size_bytes") else "–"
-            lines.append(f"| {guard['label']} | {size} | {guard['diff']:+.4f} | "
+            lines.append(f"| {guard['label']} | {guard['size_bytes'] / 2**20:.0f} MiB | {guard['diff']:+.4f} | "
                          f"[{guard['interval'][0]:+.4f}, {guard['interval'][1]:+.4f}] | **{guard['status']}** |")
     return "\n".join(lines)
 
