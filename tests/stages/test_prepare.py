@@ -138,6 +138,13 @@ def test_unknown_dataset_and_bad_params(based):
         prepare.run(load_params(based))
 
 
+def test_a_preference_dataset_is_not_taken_as_sft_data(based):
+    register(based, "pairs", shared_file("preference", "dpo_zh_demo.json"), format="sharegpt", ranking=True)
+    set_params(based, data={"datasets": ["ftq_default", "pairs"]})
+    with pytest.raises(Exception, match="dataset 'pairs' holds preference records"):
+        prepare.run(load_params(based))
+
+
 def test_too_long_examples_are_truncated_or_dropped(based):
     set_params(based, data={"max_length": 80})
     report = prepare.run(load_params(based)).report

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ftq.data.errors import RecordError
+from ftq.data import preference
 from ftq.data.formats import FormatSpec, normalize
 from ftq.data.readers import read_records
 
@@ -38,6 +39,8 @@ class FileCheck:
 
 
 def conversation_key(conversation: dict[str, Any]) -> str:
+    if "messages" not in conversation:  # a preference record: the whole of it
+        return json.dumps(conversation, sort_keys=True, ensure_ascii=False)
     return json.dumps([conversation["messages"], conversation.get("tools")], sort_keys=True, ensure_ascii=False)
 
 
@@ -45,13 +48,14 @@ def check_file(path: str | Path, spec: FormatSpec, seen: set[str] | None = None)
     """Read and normalize every record. Duplicates (against `seen`, shared across files) are dropped."""
     result = FileCheck(str(path))
     seen = set() if seen is None else seen
+    parse = preference.normalize if preference.kind(spec) else normalize
     for index, record in read_records(path):
         result.records += 1
         if isinstance(record, RecordError):
             result.errors.append(record)
             continue
         try:
-            conversation = normalize(record, spec, str(path), index)
+            conversation = parse(record, spec, str(path), index)
         except RecordError as error:
             result.errors.append(error)
             continue

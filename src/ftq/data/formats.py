@@ -16,12 +16,19 @@ from typing import Any
 from ftq.data.errors import RecordError
 from ftq.data.tools import CallLedger, ToolDataError, normalize_tools, parse_call_turn
 
-FORMATS = ("alpaca", "sharegpt", "openai")
+FORMATS = ("alpaca", "sharegpt", "openai", "openai_preference")
 
+# preference columns (ftq.data.preference): chosen and rejected for `ranking: true` pairs, kto_tag (and for
+# TRL's unpaired layout completion) for KTO's labelled answers; LLaMA-Factory's names
+PREFERENCE_COLUMNS = {"chosen": "chosen", "rejected": "rejected", "kto_tag": None, "completion": None}
 DEFAULT_COLUMNS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"},
-    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
-    "openai": {"messages": "messages", "system": "system", "tools": "tools"},
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history",
+               **PREFERENCE_COLUMNS},
+    "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools", **PREFERENCE_COLUMNS},
+    "openai": {"messages": "messages", "system": "system", "tools": "tools", **PREFERENCE_COLUMNS},
+    # OpenAI's preference fine-tuning JSONL: always pairs
+    "openai_preference": {"messages": "input.messages", "system": None, "tools": "input.tools",
+                          **PREFERENCE_COLUMNS, "chosen": "preferred_output", "rejected": "non_preferred_output"},
 }
 DEFAULT_TAGS = {
     "sharegpt": {
@@ -43,6 +50,7 @@ DEFAULT_TAGS = {
         "system_tag": "system",
     },
 }
+DEFAULT_TAGS["openai_preference"] = DEFAULT_TAGS["openai"]
 
 
 @dataclass
@@ -50,9 +58,11 @@ class FormatSpec:
     format: str
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    ranking: bool = False  # LLaMA-Factory's `ranking: true`: preference pairs (chosen, rejected)
 
     @classmethod
-    def build(cls, fmt: str, columns: dict | None = None, tags: dict | None = None, where: str = "") -> "FormatSpec":
+    def build(cls, fmt: str, columns: dict | None = None, tags: dict | None = None, where: str = "",
+              ranking: bool = False) -> "FormatSpec":
         if fmt not in FORMATS:
             raise ValueError(f"{where}format '{fmt}': expected one of {', '.join(FORMATS)}")
         merged_columns = dict(DEFAULT_COLUMNS[fmt])
@@ -65,7 +75,11 @@ class FormatSpec:
             if key not in merged_tags:
                 raise ValueError(f"{where}tags.{key}: unknown for {fmt} (known: {', '.join(merged_tags) or 'none'})")
             merged_tags[key] = value
-        return cls(fmt, merged_columns, merged_tags)
+        ranking = bool(ranking) or fmt == "openai_preference"
+        if ranking and merged_columns["kto_tag"]:
+            raise ValueError(f"{where}columns.kto_tag: a `ranking: true` dataset holds pairs; KTO's labelled "
+                             "answers are a dataset of their own (no ranking)")
+        return cls(fmt, merged_columns, merged_tags, ranking)
 
 
 def normalize(record: Any, spec: FormatSpec, file: str, index: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@
       tags: {role_tag: from, content_tag: value, user_tag: human, assistant_tag: gpt}
       num_samples: 500          # optional: seeded subsample (or repeat) to this many records
       split: auto               # auto (seeded train/eval split) | train | eval
+      ranking: true             # preference pairs: columns {messages, chosen, rejected} (ftq.data.preference);
+                                # KTO's labelled answers name columns.kto_tag instead
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import yaml
 from ftq.data.formats import FormatSpec
 
 SPLITS = ("auto", "train", "eval")
-KEYS = {"file", "format", "columns", "tags", "num_samples", "split", "description"}
+KEYS = {"file", "format", "columns", "tags", "num_samples", "split", "description", "ranking"}
 
 
 class RegistryError(ValueError):
@@ -59,7 +61,10 @@ def _entry(path: Path, name: str, entry: Any) -> DatasetSpec:
     if not entry.get("file"):
         raise RegistryError(f"{where}field 'file': missing")
     try:
-        fmt = FormatSpec.build(entry.get("format", "alpaca"), entry.get("columns"), entry.get("tags"), where)
+        ranking = entry.get("ranking", False)
+        if not isinstance(ranking, bool):
+            raise RegistryError(f"{where}field 'ranking': expected true or false, got {ranking!r}")
+        fmt = FormatSpec.build(entry.get("format", "alpaca"), entry.get("columns"), entry.get("tags"), where, ranking)
     except ValueError as exc:
         raise RegistryError(str(exc)) from exc
     num_samples = entry.get("num_samples")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftq.data import preference
 from ftq.data.check import FileCheck, check_file
 from ftq.data.errors import DataError, RecordError
 from ftq.data.registry import DatasetSpec, load_registry, select
@@ -194,6 +195,11 @@ def run(params: dict[str, Any]) -> PrepareResult:
     settings = PrepareSettings.from_params(params, root)
     with stage_run("prepare", params, block_name="data") as tracked:
         specs = select(load_registry(settings.registry), settings.datasets, settings.registry)
+        for spec in specs:
+            if preference.kind(spec.format):
+                raise ParamsError(f"{settings.registry}: dataset '{spec.name}' holds preference records "
+                                  "(`ranking: true` or columns.kto_tag), and data.datasets are supervised "
+                                  "conversations for SFT: remove it from data.datasets")
         checks = validate(specs, settings.on_error)
         rng = random.Random(settings.seed)
         pools = {}
