@@ -111,3 +111,15 @@ def test_llama_factorys_kto_demo_file_parses_whole():
     assert checked.records == 300 and not checked.errors, checked.errors[:3]
     labels = [r["label"] for r in checked.conversations]
     assert True in labels and False in labels
+
+
+def test_the_shared_pairs_tokenize_with_one_prompt_for_both_answers(tokenizer):
+    from ftq.data.tokenize import tokenize_conversation, tokenize_preference
+
+    records = check_file(shared_file("preference", "dpo_zh_demo.json"), SHAREGPT).conversations[:40]
+    for record in records:
+        tokens = tokenize_preference(tokenizer, record, max_length=100_000)
+        for side in ("chosen", "rejected"):
+            whole = tokenize_conversation(tokenizer, {"messages": [*record["prompt"], record[side]], "tools": None},
+                                          100_000)
+            assert tokens.prompt_ids + tokens.answers[side] == whole.input_ids

@@ -70,3 +70,31 @@ def test_non_prefix_stable_template_is_refused(tokenizer):
     tokenizer.chat_template = "{% for m in messages|reverse %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(TemplateError):
         assistant_spans(tokenizer, conversation("a", "b", "c", "d")["messages"])
+
+
+def test_both_answers_of_a_pair_follow_the_same_prompt_tokens(tokenizer):
+    from ftq.data.tokenize import tokenize_preference
+
+    record = {"prompt": [{"role": "user", "content": "Order: 2 lamps for Ana in Lima."}],
+              "chosen": {"role": "assistant", "content": '{"customer": "Ana", "city": "Lima"}'},
+              "rejected": {"role": "assistant", "content": '{"customer": "Lima", "city": "Lima"}'}, "tools": None}
+    tokens = tokenize_preference(tokenizer, record, max_length=512)
+    for side in ("chosen", "rejected"):
+        whole = tokenize_conversation(tokenizer, {"messages": [*record["prompt"], record[side]], "tools": None}, 512)
+        assert tokens.prompt_ids + tokens.answers[side] == whole.input_ids  # the SFT tokenization, split
+        assert tokenizer.decode(tokens.answers[side]).endswith("<|im_end|>\n")
+    assert tokens.truncated == []
+
+
+def test_a_pair_too_long_is_cut_and_says_which_answer_or_dropped(tokenizer):
+    from ftq.data.tokenize import tokenize_preference
+
+    record = {"prompt": [{"role": "user", "content": "Say something."}],
+              "chosen": {"role": "assistant", "content": "short"},
+              "rejected": {"role": "assistant", "content": "long " * 200}, "tools": None}
+    prompt_length = len(tokenize_preference(tokenizer, record, 4096).prompt_ids)
+    tokens = tokenize_preference(tokenizer, record, max_length=prompt_length + 20)
+    assert tokens.truncated == ["rejected"] and len(tokens.answers["rejected"]) == 20
+    assert tokenizer.decode(tokens.answers["chosen"]).endswith("<|im_end|>\n")  # the short side kept whole
+    assert tokenize_preference(tokenizer, record, prompt_length + 20, truncation="drop") is None
+    assert tokenize_preference(tokenizer, record, prompt_length) is None  # no room for an answer

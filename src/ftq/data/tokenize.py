@@ -92,3 +92,49 @@ def tokenize_conversation(tokenizer, conversation: dict[str, Any], max_length: i
         shown = tokenizer.decode(input_ids, skip_special_tokens=False)
         example.missing_tools = [name for name in tool_format.tool_names(tools) if name not in shown]
     return example if example.target_tokens else None
+
+
+@dataclass
+class PreferenceTokens:
+    """A preference record in tokens: the prompt once (every answer follows exactly these ids) and each
+    answer's own ids, `truncated` naming the answers cut to fit max_length."""
+    prompt_ids: list[int]
+    answers: dict[str, list[int]]  # chosen and rejected (a pair), or completion (KTO)
+    truncated: list[str] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(ids) for ids in self.answers.values())
+
+
+def answer_sides(record: dict[str, Any]) -> tuple[str, ...]:
+    return ("chosen", "rejected") if "chosen" in record else ("completion",)
+
+
+def tokenize_preference(tokenizer, record: dict[str, Any], max_length: int, truncation: str = "right",
+                        rendering: str | None = None) -> PreferenceTokens | None:
+    """Prompt and answers tokenized apart from one rendering, so both answers of a pair share the prompt's
+    tokens exactly; an answer holds the template's end-of-turn. Where prompt + the longer answer exceed
+    max_length, `right` cuts each answer that does not fit to the room left (and says which) and `drop`
+    drops the record; a prompt that leaves no room is dropped either way (None)."""
+    tools = record.get("tools") or None
+    if rendering is None and tools:
+        rendering = tool_rendering(tokenizer)
+    prompt_text, texts = None, {}
+    for side in answer_sides(record):
+        messages, shown_tools = tool_format.for_template([*record["prompt"], record[side]], tools, rendering)
+        prompt = _render(tokenizer, messages[:-1], shown_tools, True)
+        full = _render(tokenizer, messages, shown_tools, False)
+        if not full.startswith(prompt) or (prompt_text is not None and prompt != prompt_text):
+            raise TemplateError("the chat template does not render the prompt as a prefix of prompt + answer, "
+                                "so the answers of a preference record cannot share its prompt tokens")
+        prompt_text, texts[side] = prompt, full[len(prompt):]
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    answers = {side: list(tokenizer(text, add_special_tokens=False)["input_ids"]) for side, text in texts.items()}
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    cut = [side for side, ids in answers.items() if len(ids) > room]
+    if cut and truncation == "drop":
+        return None
+    return PreferenceTokens(prompt_ids, {side: ids[:room] for side, ids in answers.items()}, cut)
