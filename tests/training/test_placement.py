@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ftq.training import launch
-from ftq.training.model import load_kwargs, precision_flags
+from ftq.training.model import cpu_multiplies_bf16, load_kwargs, precision_flags
 from ftq.training.settings import TrainSettings
 
 
@@ -62,9 +62,24 @@ def test_trust_remote_code_follows_the_base_stage(tmp_path):
     assert kwargs["trust_remote_code"] is True and "device_map" not in kwargs
 
 
-def test_cpu_precision_follows_the_base(monkeypatch):
+def test_cpu_precision_follows_the_base_and_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert precision_flags("auto", "bfloat16") == {"bf16": True, "fp16": False}  # not doubled into float32
-    assert precision_flags("auto", "float32") == {"bf16": False, "fp16": False}
+    assert precision_flags("auto", "bfloat16", cpu_bf16=False) == {"bf16": True, "fp16": False}  # not doubled
+    assert precision_flags("auto", "float32", cpu_bf16=False) == {"bf16": False, "fp16": False}  # AVX2: emulated
+    assert precision_flags("auto", "float32", cpu_bf16=True) == {"bf16": True, "fp16": False}
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         precision_flags("fp16")
+
+
+def test_bf16_matrix_instructions_are_read_from_cpuinfo():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert not cpu_multiplies_bf16(avx2)
+    assert cpu_multiplies_bf16(avx2.replace("fma", "fma avx512f avx512_bf16"))
+    assert cpu_multiplies_bf16(avx2.replace("fma", "fma amx_bf16 amx_tile"))
+    assert not cpu_multiplies_bf16(avx2.replace("fma", "fma avx512f avx512bw"))  # AVX-512 alone emulates bf16
+
+
+def test_older_gpus_train_in_fp16_not_emulated_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision_flags("auto") == {"bf16": False, "fp16": True}  # a T4 says True only with emulation

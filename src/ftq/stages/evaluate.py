@@ -16,6 +16,7 @@ candidates are compared on, since absolute tokens/s moves 2-4x with machine load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -150,6 +151,21 @@ def benchmark_section(planned, samples: Path, merged_samples: list[dict] | None)
     return section
 
 
+class Phases:
+    """Seconds spent in each named part of the stage, for the report (where does an evaluation's time go)."""
+
+    def __init__(self, **seconds: float):
+        self.seconds = {k: round(v, 2) for k, v in seconds.items()}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 2)
+
+
 def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     from ftq.evaluation import general, speed, task
     from ftq.quantize.calibration import heldout
@@ -172,23 +188,29 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
         load_seconds = time.time() - started
         runtime_kind = runtime.kind
-        rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
-        load_and_answer = time.time() - started
+        phases = Phases(load=load_seconds)
+        with phases("task"):
+            rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
         questions = cfg["general"]["questions"]
-        general_scores, general_rows = general.score(questions, list(answers(
-            runtime, general.conversations(questions), int(cfg["general"]["max_new_tokens"]),
-            int(cfg["answer_batch_size"]))))
-        ppl = perplexity(runtime, sequences)
-        mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
-        lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
+        with phases("general"):
+            general_scores, general_rows = general.score(questions, list(answers(
+                runtime, general.conversations(questions), int(cfg["general"]["max_new_tokens"]),
+                int(cfg["answer_batch_size"]))))
+        with phases("perplexity"):
+            ppl = perplexity(runtime, sequences)
+        with phases("mt_bench"):
+            mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
+        with phases("lm_eval"):
+            lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
         benchmarks = benchmark_section(lm_eval_plan, root / REPORT_ROOT / "lm_eval" / f"{name}.samples.jsonl",
                                        merged_samples)
         runtime.close()  # speed opens the candidate and merged in turn: one model in memory at a time
         del runtime
         release()
-        efficiency = speed.measure_relative(lambda: open_model(path, n_ctx=n_ctx), speed_reference(root, name),
-                                            list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
-                                            int(cfg["speed_repeats"]))
+        with phases("speed"):
+            efficiency = speed.measure_relative(lambda: open_model(path, n_ctx=n_ctx), speed_reference(root, name),
+                                                list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
+                                                int(cfg["speed_repeats"]))
         size = path.stat().st_size if path.is_file() else dir_size(path)
         report = {
             "candidate": name,
@@ -206,7 +228,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "benchmarks": benchmarks,
             **mt_scores,
             "load_seconds": round(load_seconds, 3),
-            "answer_seconds": round(load_and_answer - load_seconds, 2),
+            "answer_seconds": phases.seconds["task"],
+            "phase_seconds": phases.seconds,  # where the stage's time went
             **peak_memory(),
             "wall_seconds": round(time.time() - started, 2),
         }

@@ -52,11 +52,16 @@ class TrainResult:
 
 
 def fingerprint(settings: TrainSettings, params: dict[str, Any], root: Path) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: the train params, the data and the base weights."""
+    """What a checkpoint must match to be resumed: the train params, the precision `auto` resolves to on
+    this machine (a bf16 run is not continued in fp32), the data and the base weights."""
+    from ftq.hf import stored_dtype
+    from ftq.training.model import precision_flags
+
     base_info = json.loads((root / "models" / "base" / "base.json").read_text())
     manifest = json.loads((root / "data" / "processed" / "manifest.json").read_text())
     return {
         "train": params_hash(asdict(settings)),
+        "precision": params_hash(precision_flags(settings.precision, stored_dtype(root / "models" / "base"))),
         "data_md5": manifest.get("md5", ""),
         "base": params_hash({k: v["sha256"] for k, v in base_info["files"].items()}),
     }
@@ -307,6 +312,8 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         "world_size": settings.world_size,
         "packing": packing,
         "optim": settings.optim,
+        # what `auto` chose here, as the Trainer ran it
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
         "load": load_facts,
         "resumed_from_step": _step_of(resume),
     }

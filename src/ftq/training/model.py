@@ -18,14 +18,29 @@ class QLoRAUnavailable(RuntimeError):
     """bitsandbytes cannot run 4-bit layers on this machine."""
 
 
-def precision_flags(precision: str, base_dtype: str = "float32") -> dict[str, bool]:
-    """auto: bf16 where the GPU supports it, fp16 on older GPUs; on CPU the base's own precision (a bf16
-    base stays bf16, under CPU autocast, rather than doubling in float32)."""
+def cpu_multiplies_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16). Measured on 2 cores: a
+    bf16 GEMM ran 3x the fp32 rate on an AVX512-BF16 EPYC (LoRA training 1.6x faster), while an AVX2 CPU,
+    which emulates bf16, ran it 8x slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, so no bf16
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_flags(precision: str, base_dtype: str = "float32", cpu_bf16: bool | None = None) -> dict[str, bool]:
+    """auto: bf16 on GPUs that compute in it natively, fp16 on older GPUs (whose bf16 is emulated: T4,
+    V100); on CPU bf16 where the base is bf16 (rather than doubling it into float32) or the CPU has bf16
+    matrix instructions, else fp32. bf16 is mixed precision (autocast): LoRA and full weights stay float32."""
     if precision == "auto":
         if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
-            precision = "bf16" if base_dtype == "bfloat16" else "fp32"
+            native = cpu_multiplies_bf16() if cpu_bf16 is None else cpu_bf16
+            precision = "bf16" if base_dtype == "bfloat16" or native else "fp32"
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision fp16 needs a GPU; use auto, bf16 or fp32 on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
