@@ -19,6 +19,7 @@ answer as the assistant turn that follows it; every error names file, record and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ftq.data.errors import RecordError
@@ -61,11 +62,14 @@ def normalize(record: Any, spec: FormatSpec, file: str, index: int) -> dict[str,
     return _unpaired(record, spec, file, index)
 
 
+@dataclass
 class Prompt:
-    """The prompt as normalized messages, and the record in the file's layout to validate an answer against."""
-
-    def __init__(self, messages: list[dict], tools, source: dict | None = None, turns: list | None = None):
-        self.messages, self.tools, self.source, self.turns = messages, tools, source, turns
+    """The prompt as normalized messages, and the record in the file's layout to validate an answer against
+    (None for alpaca, whose answers are strings)."""
+    messages: list[dict]
+    tools: list | None
+    source: dict | None = None
+    turns: list | None = None
 
 
 def _flat(record: dict, spec: FormatSpec) -> dict:
