@@ -3,6 +3,7 @@ and the figure the model's publisher gives.
 
     .venv/bin/python bench/benchmarks.py [--items 2000] [--seed 0] [--threads 2]
     .venv/bin/python bench/benchmarks.py --table      # README's table, from the committed report
+    .venv/bin/python bench/benchmarks.py --precision  # only the float32-vs-bfloat16 section, into the report
 
 On one seeded sample of the official validation set (../shared/data/hellaswag/hellaswag_val_full.txt,
 the same items for every implementation), zero-shot:
@@ -13,6 +14,8 @@ the same items for every implementation), zero-shot:
 - llama.cpp: `llama-perplexity --hellaswag` (built from the vendored sources by make install) on that
   same GGUF file, over a file holding exactly the sampled items;
 - the SmolLM2-135M-Instruct model card's HellaSwag (lighteval, zero-shot, published; not measured here).
+A `precision` section scores models/base through transformers in float32 and in bfloat16 (what
+`evaluate.dtype: auto` picks on a CPU or GPU that multiplies bf16 natively) on the same items, item by item.
 
 Scoring rules differ, so agreement is checked item by item under each rule: lm-eval's acc_norm picks
 the ending with the highest log-likelihood per byte; llama.cpp picks the highest mean log-probability
@@ -172,7 +175,7 @@ def measure(items: int, seed: int, threads: int) -> dict:
         work = Path(folder)
         base = base_folder(work)
         gguf = f16_gguf(base, work)
-        runtime = open_model(base, threads=threads)
+        runtime = open_model(base, threads=threads, dtype="float32")
         hf_rows, hf_seconds = ftq_scores(runtime, "transformers", items, seed, work)
         runtime.close()
         runtime = open_model(gguf, threads=threads, n_ctx=2048)
@@ -226,6 +229,55 @@ def measure(items: int, seed: int, threads: int) -> dict:
     }
 
 
+def precision(items: int, seed: int, threads: int) -> dict:
+    """models/base in float32 and in bfloat16 through the transformers runtime, on the same items: each
+    score and time, and how many items' answers the dtype changes (acc and acc_norm)."""
+    import torch
+
+    from ftq.runtimes import open_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        base = base_folder(work)
+        scored = {}
+        for dtype in ("float32", "bfloat16"):
+            runtime = open_model(base, threads=threads, dtype=dtype)
+            assert runtime.model.dtype == getattr(torch, dtype)
+            scored[dtype] = ftq_scores(runtime, dtype, items, seed, work)
+            runtime.close()
+    (fp32, fp32_seconds), (bf16, bf16_seconds) = scored["float32"], scored["bfloat16"]
+    assert [r["doc_id"] for r in fp32] == [r["doc_id"] for r in bf16]
+
+    def mean(rows, metric) -> float:
+        return round(100 * sum(r[metric] for r in rows) / len(rows), 2)
+
+    return {
+        "items": len(fp32), "seed": seed, "threads": threads, "cpu_multiplies_bf16": cpu_bf16(),
+        "rows": [{"dtype": dtype, "acc": mean(rows, "acc"), "acc_norm": mean(rows, "acc_norm"),
+                  "seconds": round(seconds, 1), "seconds_per_item": round(seconds / len(rows), 4)}
+                 for dtype, (rows, seconds) in scored.items()],
+        "changed_items": {metric: sum(a[metric] != b[metric] for a, b in zip(fp32, bf16)) for metric in ("acc", "acc_norm")},
+    }
+
+
+def cpu_bf16() -> bool:
+    from ftq.hf import cpu_multiplies_bf16
+
+    return cpu_multiplies_bf16()
+
+
+def precision_table(section: dict) -> str:
+    lines = [f"models/base through transformers in each dtype, on {section['items']:,} items (seed {section['seed']}, "
+             f"{section['threads']} threads):", "",
+             "| dtype | acc | acc_norm | s/item |", "|---|---|---|---|"]
+    for row in section["rows"]:
+        lines.append(f"| {row['dtype']} | {row['acc']:.2f} | {row['acc_norm']:.2f} | {row['seconds_per_item']:.3f} |")
+    changed = section["changed_items"]
+    lines += ["", f"bfloat16 changes the answer on {changed['acc']:,} items by acc and {changed['acc_norm']:,} "
+                  f"by acc_norm, of {section['items']:,}."]
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     """README's table (README.md holds it between generated-by markers; tests/test_readme.py compares)."""
     data = report["data"]
@@ -249,6 +301,8 @@ def table(report: dict) -> str:
         for guard in guards:
             lines.append(f"| {guard['label']} | {guard['size_bytes'] / 2**20:.0f} MiB | {guard['diff']:+.4f} | "
                          f"[{guard['interval'][0]:+.4f}, {guard['interval'][1]:+.4f}] | **{guard['status']}** |")
+    if report.get("precision"):
+        lines += ["", precision_table(report["precision"])]
     return "\n".join(lines)
 
 
@@ -258,13 +312,19 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", action="store_true",
+                        help="measure only the float32-vs-bfloat16 section and write it into the committed report")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(OUT.read_text())))
         return 0
     if not HELLASWAG.exists():
         parser.error(f"{HELLASWAG} is absent: get hellaswag_val_full.txt (see README, 'Standard benchmarks')")
-    report = measure(args.items, args.seed, args.threads)
+    if args.precision:
+        report = json.loads(OUT.read_text())
+        report["precision"] = precision(args.items, args.seed, args.threads)
+    else:
+        report = {**measure(args.items, args.seed, args.threads), "precision": precision(args.items, args.seed, args.threads)}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))

@@ -27,3 +27,35 @@ def stored_dtype(folder: Path) -> str:
 
 def load_kwargs(root: Path | None = None) -> dict[str, Any]:
     return {"trust_remote_code": trust_remote_code(root)}
+
+
+def cpu_multiplies_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16). Measured on 2 cores: a
+    bf16 GEMM ran 3x the fp32 rate on an AVX512-BF16 EPYC (LoRA training 1.6x faster), while an AVX2 CPU,
+    which emulates bf16, ran it 8x slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, so no bf16
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 natively: a GPU with native bf16 (not T4/V100's emulation),
+    else a CPU with bf16 matrix instructions."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_multiplies_bf16()
+
+
+def compute_dtype(setting: str, stored: str) -> str:
+    """The dtype a plain HF model runs in for `setting` (auto | float32 | bfloat16 | float16): auto keeps
+    what is stored, except that float32 runs in bfloat16 where the hardware multiplies bf16 natively (half
+    the memory traffic, ~1.9x the scoring throughput of float32 on 2 AVX512-BF16 cores)."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if stored == "float32" and native_bf16() else stored

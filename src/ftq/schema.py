@@ -198,13 +198,14 @@ SCHEMA: dict[str, dict] = {
         },
     },
     "evaluate": {
+        "dtype": Choice("auto", *DTYPES),
         "task_examples": Int(48, minimum=0),
         "max_new_tokens": Int(40, minimum=1),
         "answer_batch_size": Int(8, minimum=1),
         "perplexity_examples": Int(16, minimum=0),
         "perplexity_max_length": Int(512, minimum=8),
         "speed_prompts": Texts(["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"]),
-        "speed_max_new_tokens": Int(32, minimum=1),
+        "speed_max_new_tokens": Int(16, minimum=2),
         "speed_repeats": Int(3, minimum=1),
         "general": {
             "max_new_tokens": Int(48, minimum=1),

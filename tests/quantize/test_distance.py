@@ -108,3 +108,10 @@ def test_q8_0_passes_and_a_damaged_build_is_rejected_at_the_default_limits(smoll
     report = json.loads((smollm2 / "reports" / "quantize" / "q8_0.json").read_text())
     assert report["kld_mean"] == round(good["kld_mean"], 6) and report["top1_agreement"] > 0.95
     assert report["kld_p99"] >= report["kld_median"] and report["positions"] == good["positions"]
+
+
+def test_top_k_indices_are_a_stable_descending_argsort_ties_included():
+    rng = np.random.default_rng(0)
+    values = np.round(rng.normal(size=(64, 2000)), 1)  # one decimal: many ties, some across the k-th value
+    for k in (1, 7, 256, 2000):
+        assert np.array_equal(distance.top_k_indices(values, k), np.argsort(-values, axis=-1, kind="stable")[:, :k])

@@ -104,3 +104,19 @@ def test_embedded_smollm2_materializes_and_answers(project):
     assert list(answers(runtime, conversations, 16, batch_size=4)) == one_by_one  # a batch of 4, then 1
     assert len(set(one_by_one)) == len(prompts) and all(one_by_one)
     runtime.close()
+
+
+def test_a_gguf_is_parsed_once_per_load_and_gguf_is_restored_after():
+    """transformers reads a GGUF's fields for its config, tokenizer and weights: inside the block one
+    reader serves them all (the load's result is unchanged: test_embedded_smollm2_materializes_and_answers),
+    and outside it gguf's own names are back."""
+    import gguf
+
+    original = gguf.GGUFReader, gguf.get_tensor_name_map
+    path = base.embedded_gguf()
+    with base.gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.fields
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == original
+    assert gguf.GGUFReader(path) is not first

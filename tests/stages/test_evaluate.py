@@ -9,6 +9,11 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
     project, reports = evaluated
     assert reports["base"]["runtime"] == "transformers" and reports["q8_0"]["runtime"] == "llama.cpp"
     assert reports["q8_0"]["format"] == "gguf" and reports["merged"]["format"] == "hf"
+    # evaluate.dtype auto: the float32 HF candidates compute in bf16 where this machine multiplies it natively
+    from ftq.hf import compute_dtype
+
+    assert reports["base"]["dtype"] == reports["merged"]["dtype"] == compute_dtype("auto", "float32")
+    assert reports["q8_0"]["dtype"] is None  # a GGUF computes as llama.cpp does for its types
     for name, report in reports.items():
         assert json.loads((project / "reports" / "eval" / f"{name}.json").read_text()) == report
         for key in ("task_exact_match", "task_rouge_l", "task_json_valid", "perplexity", "size_bytes", "load_seconds",

@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 
 from ftq.training import launch
-from ftq.training.model import cpu_multiplies_bf16, load_kwargs, precision_flags
+from ftq.hf import cpu_multiplies_bf16
+from ftq.training.model import load_kwargs, precision_flags
 from ftq.training.settings import TrainSettings
 
 

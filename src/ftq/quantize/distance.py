@@ -68,10 +68,25 @@ def distributions(runtime, sequences: Sequences):
             yield np.asarray(ids)[rows + 1], logprobs
 
 
+def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k largest entries' indices, largest first, ties by lower index: exactly
+    `np.argsort(-values, kind="stable")[:, :k]`, without sorting whole vocabulary rows (a quarter of the
+    reference stage's time at 49,152 entries a row)."""
+    k = min(k, values.shape[-1])
+    part = np.argpartition(-values, k - 1, axis=-1)[:, :k]
+    kth = np.take_along_axis(values, part, axis=-1).min(axis=1)
+    rows = []
+    for row, bound in zip(values, kth):
+        above = np.flatnonzero(row > bound)
+        chosen = np.concatenate([above, np.flatnonzero(row == bound)[:k - len(above)]])
+        rows.append(chosen[np.lexsort((chosen, -row[chosen]))])
+    return np.stack(rows) if rows else np.empty((0, k), dtype=np.int64)
+
+
 def compute(runtime, sequences: Sequences, top_k: int, meta: dict) -> Reference:
     ids_parts, lp_parts, target_parts = [], [], []
     for next_tokens, logprobs in distributions(runtime, sequences):
-        top = np.argsort(-logprobs, axis=-1, kind="stable")[:, :top_k]
+        top = top_k_indices(logprobs, top_k)
         ids_parts.append(top.astype(np.int32))
         lp_parts.append(np.take_along_axis(logprobs, top, axis=-1).astype(np.float32))
         target_parts.append(logprobs[np.arange(len(next_tokens)), next_tokens].astype(np.float32))

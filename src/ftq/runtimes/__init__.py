@@ -73,12 +73,15 @@ def gpu_layers() -> int:
         return 0
 
 
-def open_model(path: str | Path, threads: int | None = None, n_ctx: int = 2048) -> Runtime:
+def open_model(path: str | Path, threads: int | None = None, n_ctx: int = 2048, dtype: str = "auto") -> Runtime:
+    """`dtype` (auto: as stored) is the dtype a plain HF folder runs in; GGUF and the quantized HF
+    formats run as they are stored."""
     path = Path(path)
-    if artifact_format(path) == "gguf":
+    fmt = artifact_format(path)
+    if fmt == "gguf":
         from ftq.runtimes.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime(gguf_file(path), threads=threads, n_ctx=n_ctx)
     from ftq.runtimes.transformers import TransformersRuntime
 
-    return TransformersRuntime(path, threads=threads)
+    return TransformersRuntime(path, threads=threads, dtype=dtype if fmt == "hf" else "auto")

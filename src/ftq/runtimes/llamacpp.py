@@ -33,8 +33,10 @@ class LlamaCppRuntime:
     def _load(self):
         from llama_cpp import Llama
 
+        # flash attention, as llama.cpp's own tools and llama-server pick it (auto) where llama-cpp-python
+        # turns it off: HellaSwag scoring 1.34x faster on 2 cores, decode a little faster
         return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                     n_gpu_layers=gpu_layers(), verbose=self.verbose)
+                     n_gpu_layers=gpu_layers(), flash_attn=True, verbose=self.verbose)
 
     @property
     def llama(self):

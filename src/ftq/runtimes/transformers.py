@@ -13,7 +13,9 @@ import torch
 class TransformersRuntime:
     kind = "transformers"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, dtype: str = "auto"):
+        """`dtype` auto loads the weights as stored; a named dtype casts a plain HF folder's weights
+        (quantized formats keep the dtype their kernels take)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from ftq.hf import load_kwargs
 
@@ -22,8 +24,9 @@ class TransformersRuntime:
         self.path = Path(path)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, **load_kwargs())
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", device_map=self.device,
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, device_map=self.device,
                                                           **load_kwargs())
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.model.eval()
 
     def _inputs(self, messages: list[dict], tools: list[dict] | None = None) -> dict:

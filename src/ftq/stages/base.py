@@ -10,6 +10,7 @@ Sources (params.yaml `base.source`):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -18,7 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256
 from ftq import schema
@@ -142,8 +143,37 @@ def torch_dtype(name: str):
     return table[name]
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file afresh for its config, its tokenizer and its weights (four
+    GGUFReader passes over 590,000 fields) and rebuilds gguf's tensor-name table for each of its ~400
+    tensors: 28 of the embedded base's 47 s load. Within this block each file is read once and each
+    table built once; both are only read from (transformers imports the two names from `gguf` at call
+    time, so rebinding them here is what it sees)."""
+    import functools
+
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader = functools.lru_cache(maxsize=4)(lambda path, mode="r": saved[0](path, mode))
+    gguf.GGUFReader = lambda path, mode="r": reader(str(path), mode)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+        reader.cache_clear()
+
+
 def load_source(source: Source, dtype: str = "auto", revision: str | None = None, trust_remote_code=False):
     """Load (model, tokenizer) from a resolved source, on CPU."""
+    if source.gguf_file:
+        with gguf_parsed_once():
+            return _load_source(source, dtype, revision, trust_remote_code)
+    return _load_source(source, dtype, revision, trust_remote_code)
+
+
+def _load_source(source: Source, dtype: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = fetch_hub(source.location, revision) if source.kind == "hub" else source.location

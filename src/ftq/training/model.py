@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ftq.hf import cpu_multiplies_bf16
 from ftq.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -16,19 +17,6 @@ log = logging.getLogger(__name__)
 
 class QLoRAUnavailable(RuntimeError):
     """bitsandbytes cannot run 4-bit layers on this machine."""
-
-
-def cpu_multiplies_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16). Measured on 2 cores: a
-    bf16 GEMM ran 3x the fp32 rate on an AVX512-BF16 EPYC (LoRA training 1.6x faster), while an AVX2 CPU,
-    which emulates bf16, ran it 8x slower than fp32."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no way to tell, so no bf16
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def precision_flags(precision: str, base_dtype: str = "float32", cpu_bf16: bool | None = None) -> dict[str, bool]:
