@@ -216,9 +216,11 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_make_default(args) -> int:
-    from ftq.data import default_set, tool_set
+    from ftq.data import default_set, preference_set, tool_set
 
     for path in default_set.write(args.out, args.seed):
+        print(path)
+    for path in preference_set.write(args.out, args.seed):
         print(path)
     for path in tool_set.write(args.tools_out, args.seed):
         print(path)

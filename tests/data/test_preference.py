@@ -123,3 +123,24 @@ def test_the_shared_pairs_tokenize_with_one_prompt_for_both_answers(tokenizer):
             whole = tokenize_conversation(tokenizer, {"messages": [*record["prompt"], record[side]], "tools": None},
                                           100_000)
             assert tokens.prompt_ids + tokens.answers[side] == whole.input_ids
+
+
+def test_the_default_pairs_are_what_the_generator_writes_and_each_rejects_a_measured_mistake(tmp_path):
+    from pathlib import Path
+
+    from ftq.data import preference_set
+
+    committed = Path(__file__).resolve().parents[2] / "data" / "raw" / "ftq_default"
+    for written in preference_set.write(tmp_path):
+        assert written.read_text() == (committed / written.name).read_text(), written.name
+    registry = load_registry(committed.parents[1] / "datasets.yaml")
+    for name, count in (("ftq_default_pairs", 240), ("ftq_default_pairs_heldout", 60)):
+        spec = registry[name]
+        checked = check_file(spec.file, spec.format)
+        assert checked.records == count and not checked.errors, checked.errors[:3]
+    train, heldout = preference_set.generate()
+    assert not {p["input"] for p in train} & {p["input"] for p in heldout}
+    for pair in train + heldout:
+        chosen, rejected = json.loads(pair["chosen"]), json.loads(pair["rejected"])
+        wrong = [k for k in chosen if chosen[k] != rejected[k]]
+        assert len(wrong) == 1 and wrong[0] != "quantity"  # one mistake, of a kind merged makes

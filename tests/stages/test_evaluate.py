@@ -9,11 +9,12 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
     project, reports = evaluated
     assert reports["base"]["runtime"] == "transformers" and reports["q8_0"]["runtime"] == "llama.cpp"
     assert reports["q8_0"]["format"] == "gguf" and reports["merged"]["format"] == "hf"
-    # evaluate.dtype auto: the float32 HF candidates compute in bf16 where this machine multiplies it natively
+    # evaluate.lm_eval.dtype auto: the float32 HF candidates are scored in bf16 where this machine multiplies
+    # it natively; a GGUF computes as llama.cpp does for its types
     from ftq.hf import compute_dtype
 
-    assert reports["base"]["dtype"] == reports["merged"]["dtype"] == compute_dtype("auto", "float32")
-    assert reports["q8_0"]["dtype"] is None  # a GGUF computes as llama.cpp does for its types
+    assert reports["base"]["lm_eval_dtype"] == reports["merged"]["lm_eval_dtype"] == compute_dtype("auto", "float32")
+    assert reports["q8_0"]["lm_eval_dtype"] is None
     for name, report in reports.items():
         assert json.loads((project / "reports" / "eval" / f"{name}.json").read_text()) == report
         for key in ("task_exact_match", "task_rouge_l", "task_json_valid", "perplexity", "size_bytes", "load_seconds",

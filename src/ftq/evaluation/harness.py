@@ -241,6 +241,7 @@ def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
         atomic_write_text(out_dir / f"{name}.samples.jsonl", "")
         return {}
     started = time.time()
+    dtype = scoring_dtype(runtime, cfg["dtype"])
     lm = gguf_model(runtime, cfg) if runtime.kind == "llama.cpp" else hf_model(runtime, cfg)
     try:
         runs = evaluate(lm, planned)
@@ -250,11 +251,30 @@ def run(runtime, name: str, planned: Plan, out_dir: Path) -> dict[str, Any]:
     results = {task: metrics for r in runs for task, metrics in r["results"].items()}
     report = {"candidate": name, "lm_eval_version": lm_eval_version, "settings": cfg,
               "model": "ftq llama.cpp (in process)" if runtime.kind == "llama.cpp" else "hf",
-              "results": results, "n_samples": {k: v for r in runs for k, v in (r.get("n-samples") or {}).items()},
+              "dtype": dtype, "results": results, "n_samples": {k: v for r in runs for k, v in (r.get("n-samples") or {}).items()},
               "versions": {k: v for r in runs for k, v in (r.get("versions") or {}).items()},
               "local_data": {t.task: {k: v for k, v in entry.items() if k != "indices"} for t, entry in planned.local},
               "skipped": skipped, "seconds": round(time.time() - started, 2)}
     atomic_write_json(out_dir / f"{name}.json", json.loads(json.dumps(report, default=str)))
     atomic_write_text(out_dir / f"{name}.samples.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in sample_rows(runs)))
-    return {**flatten(results), "lm_eval_seconds": report["seconds"]}
+    return {**flatten(results), "lm_eval_seconds": report["seconds"], "lm_eval_dtype": dtype}
+
+
+def scoring_dtype(runtime, setting: str) -> str | None:
+    """What lm-eval scores a candidate in (`evaluate.lm_eval.dtype`; None for GGUF, AWQ and GPTQ, which
+    compute as their kernels do). A plain HF model is cast in place when the setting asks for another
+    dtype than it was loaded in: the evaluate stage scores last and closes the runtime after, so task
+    answers, speed and perplexity keep the stored dtype (greedy answers in bf16 change with how they
+    are batched; log-likelihood scoring moves only a handful of HellaSwag items, bench/benchmarks.py)."""
+    from ftq.hf import compute_dtype
+
+    if runtime.kind != "transformers" or getattr(runtime.model.config, "quantization_config", None):
+        return None
+    wanted = compute_dtype(setting, runtime.dtype)
+    if wanted != runtime.dtype:
+        import torch
+
+        runtime.model.to(getattr(torch, wanted))
+        runtime.dtype = wanted
+    return wanted

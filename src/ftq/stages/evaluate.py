@@ -80,25 +80,15 @@ def task_examples(root: Path, cfg: dict) -> list[dict]:
     return task.load_examples(examples_file, int(cfg["task_examples"]) or -1, rendering or tools.FALLBACK)
 
 
-def run_dtype(path: Path, setting: str) -> str:
-    """The dtype a candidate runs in (evaluate.dtype): plain HF folders as ftq.hf.compute_dtype decides,
-    everything else (GGUF, AWQ, GPTQ) as stored ("auto")."""
-    from ftq.hf import compute_dtype, stored_dtype
-    from ftq.runtimes import artifact_format
-
-    return compute_dtype(setting, stored_dtype(path)) if artifact_format(path) == "hf" else "auto"
-
-
-def speed_reference(root: Path, name: str, dtype_setting: str = "auto"):
+def speed_reference(root: Path, name: str):
     """Opens the model every candidate's speed is measured against, in the same run: merged in
-    transformers, in the dtype it is evaluated in (None when the candidate is merged itself)."""
+    transformers (None when the candidate is merged itself)."""
     from ftq.runtimes import open_model
 
     if name == "merged":
         return None
     path = candidate_path(root, "merged")
-    dtype = run_dtype(path, dtype_setting)
-    return lambda: open_model(path, dtype=dtype)
+    return lambda: open_model(path)
 
 
 def answers(runtime, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
@@ -194,12 +184,10 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
         n_ctx = max(2048, int(cfg["perplexity_max_length"]) + 8, int(cfg["lm_eval"]["max_length"]) + 64)
-        dtype = run_dtype(path, cfg["dtype"])
-        runtime = open_model(path, n_ctx=n_ctx, dtype=dtype)
+        runtime = open_model(path, n_ctx=n_ctx)
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
         load_seconds = time.time() - started
         runtime_kind = runtime.kind
-        runtime_dtype = getattr(runtime, "dtype", None)  # transformers: what the weights compute in
         phases = Phases(load=load_seconds)
         with phases("task"):
             rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
@@ -220,8 +208,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         del runtime
         release()
         with phases("speed"):
-            efficiency = speed.measure_relative(lambda: open_model(path, n_ctx=n_ctx, dtype=dtype),
-                                                speed_reference(root, name, cfg["dtype"]),
+            efficiency = speed.measure_relative(lambda: open_model(path, n_ctx=n_ctx), speed_reference(root, name),
                                                 list(cfg["speed_prompts"]), int(cfg["speed_max_new_tokens"]),
                                                 int(cfg["speed_repeats"]))
         size = path.stat().st_size if path.is_file() else dir_size(path)
@@ -229,7 +216,6 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             "candidate": name,
             "format": artifact_format(path),
             "runtime": runtime_kind,
-            "dtype": runtime_dtype,
             **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
             **general_scores,
             "perplexity": round(ppl, 4),
