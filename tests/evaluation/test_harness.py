@@ -75,8 +75,8 @@ def test_gguf_in_process_scores_like_transformers(root, tiny_model_dir, f32_gguf
     hellaswag.write_text(six_lines(ITEMS * 3))
     local = {"path": str(hellaswag), "format": "llama.cpp-hellaswag", "sample": 4, "seed": 0}
     cfg = harness.settings({"tasks": ["ftq", "my_capitals"], "include_path": [str(tasks_dir)], "limit": 3,
-                            "max_gen_toks": 6, "batch_size": 4, "max_length": 512,
-                            "local_data": {"hellaswag": local}}, "params.yaml")
+                            "max_gen_toks": 6, "batch_size": 4, "max_length": 512, "dtype": "float32",
+                            "local_data": {"hellaswag": local}}, "params.yaml")  # the same float32 weights
     manifest = {"hellaswag": local_data.manifest_entry(local_data.LocalTask.from_settings("hellaswag", cfg["local_data"]["hellaswag"], root))}
     planned = harness.plan(cfg, root, "params.yaml", manifest)
     assert planned.own == ["ftq"] and planned.others == ["my_capitals"] and [t.task for t, _ in planned.local] == ["hellaswag"]
@@ -88,7 +88,7 @@ def test_gguf_in_process_scores_like_transformers(root, tiny_model_dir, f32_gguf
         samples[name] = [json.loads(line) for line in (tmp_path / "out" / f"{name}.samples.jsonl").read_text().splitlines()]
     assert json.loads((tmp_path / "out" / "gguf.json").read_text())["model"] == "ftq llama.cpp (in process)"
     for key, value in scores["hf"].items():
-        if key != "lm_eval_seconds":
+        if key not in ("lm_eval_seconds", "lm_eval_dtype"):
             assert scores["gguf"][key] == pytest.approx(value, rel=1e-3), key
     assert "lm_eval_my_capitals_acc" in scores["gguf"] and "lm_eval_hellaswag_acc_norm" in scores["gguf"]
     for hf_row, gguf_row in zip(samples["hf"], samples["gguf"]):

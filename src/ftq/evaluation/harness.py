@@ -266,7 +266,8 @@ def scoring_dtype(runtime, setting: str) -> str | None:
     compute as their kernels do). A plain HF model is cast in place when the setting asks for another
     dtype than it was loaded in: the evaluate stage scores last and closes the runtime after, so task
     answers, speed and perplexity keep the stored dtype (greedy answers in bf16 change with how they
-    are batched; log-likelihood scoring moves only a handful of HellaSwag items, bench/benchmarks.py)."""
+    are batched; log-likelihood scoring moves only a handful of HellaSwag items, bench/benchmarks.py).
+    Generate-until tasks named in evaluate.lm_eval.tasks run in this dtype too (set float32 for them)."""
     from ftq.hf import compute_dtype
 
     if runtime.kind != "transformers" or getattr(runtime.model.config, "quantization_config", None):
