@@ -15,7 +15,7 @@ the same items for every implementation), zero-shot:
   same GGUF file, over a file holding exactly the sampled items;
 - the SmolLM2-135M-Instruct model card's HellaSwag (lighteval, zero-shot, published; not measured here).
 A `precision` section scores models/base through transformers in float32 and in bfloat16 (what
-`evaluate.dtype: auto` picks on a CPU or GPU that multiplies bf16 natively) on the same items, item by item.
+`evaluate.lm_eval.dtype: auto` picks on a CPU or GPU that multiplies bf16 natively) on the same items, item by item.
 
 Scoring rules differ, so agreement is checked item by item under each rule: lm-eval's acc_norm picks
 the ending with the highest log-likelihood per byte; llama.cpp picks the highest mean log-probability
@@ -234,6 +234,7 @@ def precision(items: int, seed: int, threads: int) -> dict:
     score and time, and how many items' answers the dtype changes (acc and acc_norm)."""
     import torch
 
+    from ftq.hf import cpu_multiplies_bf16
     from ftq.runtimes import open_model
 
     with tempfile.TemporaryDirectory() as folder:
@@ -252,18 +253,12 @@ def precision(items: int, seed: int, threads: int) -> dict:
         return round(100 * sum(r[metric] for r in rows) / len(rows), 2)
 
     return {
-        "items": len(fp32), "seed": seed, "threads": threads, "cpu_multiplies_bf16": cpu_bf16(),
+        "items": len(fp32), "seed": seed, "threads": threads, "cpu_multiplies_bf16": cpu_multiplies_bf16(),
         "rows": [{"dtype": dtype, "acc": mean(rows, "acc"), "acc_norm": mean(rows, "acc_norm"),
                   "seconds": round(seconds, 1), "seconds_per_item": round(seconds / len(rows), 4)}
                  for dtype, (rows, seconds) in scored.items()],
         "changed_items": {metric: sum(a[metric] != b[metric] for a, b in zip(fp32, bf16)) for metric in ("acc", "acc_norm")},
     }
-
-
-def cpu_bf16() -> bool:
-    from ftq.hf import cpu_multiplies_bf16
-
-    return cpu_multiplies_bf16()
 
 
 def precision_table(section: dict) -> str:
