@@ -9,13 +9,21 @@ from ftq.stages.base import SourceError
 from ftq.quantize.check import BuildCheckError
 from ftq.registry.lock import RegistryBusy
 from ftq.registry.package import ChangedBuildError
-from ftq.stages.merge import MergeCheckError
 from ftq.tracking_server import Unavailable as TrackingServerUnavailable
-from ftq.training.model import QLoRAUnavailable
 
 
 class UsageError(ValueError):
     """A command-line argument that cannot be used."""
+
+
+# defined here rather than in the modules that raise them (ftq.stages.merge, ftq.training.model), which
+# import torch: every command imports this module, and torch costs a stage that never uses it ~1.5 s
+class MergeCheckError(RuntimeError):
+    """The merged model does not reproduce base + adapter (or produced NaN/Inf)."""
+
+
+class QLoRAUnavailable(RuntimeError):
+    """bitsandbytes cannot run 4-bit layers on this machine."""
 
 
 USER_ERRORS = (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable, FileNotFoundError,

@@ -129,7 +129,7 @@ SCHEMA: dict[str, dict] = {
         "lora": {
             "rank": Int(16, minimum=1),
             "alpha": Num(32, above=0),
-            "dropout": Num(0.05, minimum=0, below=1),
+            "dropout": Num(0.0, minimum=0, below=1),
             "target_modules": Setting("all-linear", _targets, "all-linear or a list of module names"),
         },
         "optim": Choice("adamw_torch", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"),
@@ -200,7 +200,7 @@ SCHEMA: dict[str, dict] = {
     "evaluate": {
         "task_examples": Int(48, minimum=0),
         "max_new_tokens": Int(40, minimum=1),
-        "answer_batch_size": Int(8, minimum=1),
+        "answer_batch_size": Int(48, minimum=1),
         "perplexity_examples": Int(16, minimum=0),
         "perplexity_max_length": Int(512, minimum=8),
         "speed_prompts": Texts(["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"]),

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ftq.errors import MergeCheckError
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, dir_size
 from ftq.memory import release
 from ftq import schema
@@ -46,10 +47,6 @@ INFO_FILE = "ftq_merge.json"
 # summation order; half precisions round every merged weight once more (measured: see README, Merge)
 DEFAULT_MAX_RESIDUAL_RATIO = {"float32": 0.01, "float16": 0.02, "bfloat16": 0.05}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class MergeCheckError(RuntimeError):
-    """The merged model does not reproduce base + adapter (or produced NaN/Inf)."""
 
 
 @dataclass

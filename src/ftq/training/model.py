@@ -9,14 +9,11 @@ from pathlib import Path
 
 import torch
 
+from ftq.errors import QLoRAUnavailable
 from ftq.hf import cpu_multiplies_bf16
 from ftq.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
-
-
-class QLoRAUnavailable(RuntimeError):
-    """bitsandbytes cannot run 4-bit layers on this machine."""
 
 
 def precision_flags(precision: str, base_dtype: str = "float32", cpu_bf16: bool | None = None) -> dict[str, bool]:
