@@ -56,3 +56,26 @@ def test_dpo_continues_the_sft_adapter_against_a_frozen_copy_of_it(tokenizer, ti
     assert ref and all(not p.requires_grad for p in ref.values())
     assert all(torch.equal(ref[n], before[n]) for n in before)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_kto_trains_on_labelled_single_answers(tokenizer, tiny_model, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+
+    records, labels = [], []
+    for pair in pairs(tokenizer):
+        for side, label in (("chosen", True), ("rejected", False)):
+            records.append(type(pair)(pair.prompt_ids, {"completion": pair.answers[side]}))
+            labels.append(label)
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    args = preference.kto_config({"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "max_length": 256},
+                                 {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none", "max_steps": 2,
+                                  "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
+                                  "save_strategy": "no"})
+    trainer = preference.kto_trainer_class()(model=model, args=args, processing_class=tokenizer,
+                                             train_dataset=Dataset.from_dict(preference.kto_rows(records, labels)))
+    assert trainer.train_dataset["KL_completion_ids"][:4] == [records[3].answers["completion"],
+                                                             *[r.answers["completion"] for r in records[:3]]]
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert logged and all(torch.isfinite(torch.tensor(row["loss"])) for row in logged)

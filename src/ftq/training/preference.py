@@ -85,3 +85,12 @@ def dpo_config(objective: str, cfg: dict[str, Any], common: dict[str, Any]):
     return DPOConfig(**common, beta=float(cfg["beta"]), loss_type=[cfg["loss_type"]],
                      label_smoothing=float(cfg["label_smoothing"]), max_length=int(cfg["max_length"]),
                      precompute_ref_log_probs=False, remove_unused_columns=False)
+
+
+def kto_config(cfg: dict[str, Any], common: dict[str, Any]):
+    """TRL's KTOConfig (cfg: beta, desirable_weight, undesirable_weight) with the shared arguments."""
+    from trl import KTOConfig
+
+    return KTOConfig(**common, beta=float(cfg["beta"]), desirable_weight=float(cfg["desirable_weight"]),
+                     undesirable_weight=float(cfg["undesirable_weight"]), max_length=int(cfg["max_length"]),
+                     remove_unused_columns=False)
