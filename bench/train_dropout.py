@@ -13,6 +13,7 @@ reaches is reported beside its time. Writes reports/bench/train_dropout.json.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import statistics
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "LoRA dropout's cost per training step (the demo's model, data and train block)",
         "command": "python bench/train_dropout.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": len(__import__("os").sched_getaffinity(0))},
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0))},
         "steps": steps.pop(), "tokens": tokens.pop(), "repeats": args.repeats,
         "results": results,
         # paired per repeat: dropout 0.05's time over dropout 0.0's, median

@@ -27,7 +27,7 @@ def test_pretokenized_dataset_without_ids_is_refused(tokenizer, tiny_model, tmp_
     from datasets import Dataset
 
     trainer_class = preference.dpo_trainer_class()
-    args = preference.dpo_config("dpo", {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 256},
+    args = preference.dpo_config({"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 256},
                                  {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none", "max_steps": 1})
     with pytest.raises(ValueError, match=r"train preference dataset lacks \['prompt_ids'"):
         trainer_class(model=tiny_model, args=args, train_dataset=Dataset.from_dict({"prompt": ["x"]}),
@@ -41,7 +41,7 @@ def test_dpo_continues_the_sft_adapter_against_a_frozen_copy_of_it(tokenizer, ti
     torch.manual_seed(0)
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
-    args = preference.dpo_config("dpo", {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 256},
+    args = preference.dpo_config({"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_length": 256},
                                  {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none", "max_steps": 2,
                                   "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
                                   "save_strategy": "no"})

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-PAIRED = ("dpo", "orpo", "simpo")
-OBJECTIVES = ("none", *PAIRED, "kto")
-
-
 def pair_rows(records: list) -> dict[str, list]:
     """Columns for a paired objective from PreferenceTokens."""
     return {"prompt_ids": [r.prompt_ids for r in records], "chosen_ids": [r.answers["chosen"] for r in records],
@@ -77,8 +73,8 @@ def _require(dataset, columns: tuple[str, ...], name: str) -> None:
         raise ValueError(f"{name} preference dataset lacks {missing}: ftq hands TRL pretokenized records only")
 
 
-def dpo_config(objective: str, cfg: dict[str, Any], common: dict[str, Any]):
-    """TRL's DPOConfig for `dpo` (cfg: beta, loss_type, label_smoothing) with the shared training
+def dpo_config(cfg: dict[str, Any], common: dict[str, Any]):
+    """TRL's DPOConfig (cfg: beta, loss_type, label_smoothing) with the shared training
     arguments `common` (TrainingArguments' names)."""
     from trl import DPOConfig
 
