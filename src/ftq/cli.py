@@ -87,6 +87,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_preference(args) -> int:
+    from ftq.stages import preference
+
+    result = preference.run(_params(args))
+    report = result.report
+    if report["objective"] == "none":
+        print("preference.objective none: nothing to tune; merge takes train's output")
+        return 0
+    held = report["held_out"] or {}
+    accuracy = held.get("pref_accuracy", {})
+    print(f"{report['objective']} ({report['method']}, from {report['start_from']}): {report['steps']} steps, loss "
+          f"{report['first_loss']} -> {report['final_loss']}; held-out pref_accuracy {accuracy.get('mean')} "
+          f"{accuracy.get('interval')} on {held.get('pairs', 0)} pairs -> {result.output_dir}")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from ftq.stages import merge
 
@@ -306,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     params_option(train)
     train.set_defaults(func=cmd_train)
 
+    tune = commands.add_parser(
+        "preference", help="stage preference: DPO, ORPO, SimPO or KTO (TRL) after SFT or on the base "
+                           "(preference.objective; none passes train's output on)", formatter_class=FORMATTER)
+    params_option(tune)
+    tune.set_defaults(func=cmd_preference)
+
     merge = commands.add_parser(
         "merge", help="stage merge: adapter + base -> models/merged (checked against base + adapter logits)",
         formatter_class=FORMATTER,
@@ -437,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the pipeline's stages (dvc.yaml's commands)
-STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_merge, cmd_reference, cmd_quantize, cmd_evaluate,
+STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_preference, cmd_merge, cmd_reference, cmd_quantize, cmd_evaluate,
                   cmd_compare, cmd_promote}
 
 

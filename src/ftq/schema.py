@@ -97,6 +97,9 @@ def _tie_breakers(value) -> bool:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# TRL 1.16's DPO loss variants (DPOConfig.loss_type)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 # one standard lm-eval task over a local file (evaluate.lm_eval.local_data.<task>; ftq.evaluation.local_data)
 LOCAL_TASK = {
@@ -161,6 +164,36 @@ SCHEMA: dict[str, dict] = {
         "master_addr": Str("127.0.0.1"),
         "master_port": Int(29500, minimum=1),
         "deepspeed": Str(None, nullable=True),
+    },
+    # preference tuning after SFT (or on the base): its own stage between train and merge (ftq.stages.preference)
+    "preference": {
+        "objective": Choice("none", "none", "dpo", "orpo", "simpo", "kto"),
+        "start_from": Choice("sft", "sft", "base"),  # sft: train's output (train.method's weights); base: models/base
+        "datasets": Texts(["ftq_default_pairs"], single_ok=True),  # data/datasets.yaml entries with ranking or kto_tag
+        "eval_datasets": Texts(["ftq_default_pairs_heldout"], single_ok=True),  # held-out pairs: pref_accuracy
+        "eval_examples": Int(0, minimum=0),  # the first N held-out pairs (0: all)
+        "max_length": Int(512, minimum=8),  # prompt + the longer answer, in tokens
+        "truncation": Choice("right", *TRUNCATION),
+        "beta": Num(0.1, above=0),  # DPO/KTO: the KL weight; ORPO: the odds-ratio weight (lambda); SimPO: reward scale
+        "loss_type": Choice("sigmoid", *DPO_LOSSES),  # DPO's loss variant (TRL's names)
+        "label_smoothing": Num(0.0, minimum=0, below=0.5),  # DPO/SimPO: conservative (noisy-label) loss
+        "simpo_gamma": Num(0.5, minimum=0),  # SimPO's target reward margin
+        "desirable_weight": Num(1.0, above=0),  # KTO: weights of desirable and undesirable answers
+        "undesirable_weight": Num(1.0, above=0),
+        "learning_rate": Num(5e-5, above=0),
+        "lr_scheduler": Choice("cosine", "cosine", "linear", "constant"),
+        "warmup": Num(0.1, minimum=0),
+        "epochs": Num(1.0, minimum=0),
+        "max_steps": Int(-1),
+        "per_device_batch_size": Int(4, minimum=1),
+        "gradient_accumulation": Int(1, minimum=1),
+        "seed": Int(42, minimum=0),
+        "logging_steps": Int(1, minimum=1),
+        "save_steps": Int(15, minimum=1),
+        "save_total_limit": Int(2, minimum=1),
+        "keep_checkpoints": Bool(False),
+        "output_dir": Str("models/preference"),
+        "checkpoint_dir": Str("models/checkpoints/preference"),
     },
     "merge": {
         "max_shard_size": Str("2GB"),

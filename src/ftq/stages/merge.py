@@ -75,10 +75,12 @@ def trained_output(params: dict[str, Any], root: Path) -> tuple[str, Path]:
     from ftq.training.settings import TrainSettings
 
     train = TrainSettings.from_params(params)
-    method, folder = train.method, root / train.output_dir
+    tuned = schema.settings(params, "preference")
+    stage = "train" if tuned["objective"] == "none" else "preference"
+    method, folder = train.method, root / (train.output_dir if stage == "train" else tuned["output_dir"])
     marker = "config.json" if method == "full" else "adapter_config.json"
     if not (folder / marker).exists():
-        raise FileNotFoundError(f"{folder}: no trained {method} output ({marker}); run `dvc repro train` first")
+        raise FileNotFoundError(f"{folder}: no trained {method} output ({marker}); run `dvc repro {stage}` first")
     return method, folder
 
 
@@ -244,8 +246,24 @@ def lineage(params: dict[str, Any], root: Path, method: str, trained: Path) -> d
         "train_params_hash": params_hash(block(params, "train")),
         "train_report": {k: train_info.get("report", {}).get(k) for k in ("steps", "eval_loss", "initial_eval_loss")},
         "train_mlflow_run_id": latest_run_id("train", params),
+        **preference_lineage(params, trained),
         "git_rev": git_rev(root),
     }
+
+
+def preference_lineage(params: dict[str, Any], trained: Path) -> dict[str, Any]:
+    """The preference stage's objective, settings and held-out scores, where it tuned what is merged."""
+    from ftq.tracking import latest_run_id
+
+    info_path = trained / "ftq_preference.json"
+    if not info_path.exists():
+        return {}
+    info = json.loads(info_path.read_text())
+    held = info.get("report", {}).get("held_out") or {}
+    return {"preference_objective": info["settings"]["objective"],
+            "preference_params_hash": params_hash(info["settings"]),
+            "preference_report": {k: held.get(k, {}).get("mean") for k in ("pref_accuracy", "reward_margin")},
+            "preference_mlflow_run_id": latest_run_id("preference", params)}
 
 
 def model_card(info: dict[str, Any], check: dict[str, Any]) -> str:

@@ -245,7 +245,7 @@ def version_tags(candidate: dict, params: dict, ids: dict[str, str]) -> dict[str
         "size_bytes": manifest["size_bytes"],
         "lineage.data_md5": lineage.get("data_md5", ""),
         "lineage.base_sha256": lineage.get("base_sha256", ""),
-        "lineage.params_hash": params_hash({k: params.get(k) for k in ("base", "data", "train", "merge", "quantize")}),
+        "lineage.params_hash": params_hash({k: params.get(k) for k in ("base", "data", "train", "preference", "merge", "quantize")}),
         "lineage.git_rev": git_rev(),
         "lineage.dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
         **{f"run_id.{stage}": run_id for stage, run_id in ids.items()},

@@ -13,8 +13,9 @@ class History(TrainerCallback):
     """Collects every logged value by step, with real-token throughput between logs. Throughput counts
     only time spent in training steps, so evaluations and checkpoint saves do not dilute it."""
 
-    def __init__(self, on_log=None):
+    def __init__(self, on_log=None, extra_prefixes: tuple[str, ...] = ()):
         self.train: list[dict[str, float]] = []
+        self.extra_prefixes = extra_prefixes  # more logged values to keep (TRL's rewards/..., logps/...)
         self.eval: list[dict[str, float]] = []
         self.on_log_hook = on_log
         self._last_time: float | None = None
@@ -53,6 +54,9 @@ class History(TrainerCallback):
             for key in ("learning_rate", "grad_norm"):
                 if key in logs and logs[key] is not None:
                     row[key] = float(logs[key])
+            for key, value in logs.items():
+                if key.startswith(self.extra_prefixes) and self.extra_prefixes and isinstance(value, (int, float)):
+                    row[key] = float(value)
             row["tokens_seen"] = tokens
             self.train.append(row)
             # log_history is saved in every checkpoint: keeping throughput there survives a resume

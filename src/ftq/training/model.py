@@ -97,9 +97,11 @@ def zero3_partitioned(model) -> bool | None:
     return all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
 
 
-def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, bool], device=None):
+def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, bool], device=None,
+                      adapter: Path | None = None):
     """(model, tokenizer, facts about the load). Under ZeRO-3 the caller must have built the
-    TrainingArguments (which carry the DeepSpeed config) before this, or every rank loads every weight."""
+    TrainingArguments (which carry the DeepSpeed config) before this, or every rank loads every weight.
+    `adapter`: continue training that LoRA adapter (preference tuning after SFT) instead of a new one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftq.training.launch import local_device
@@ -119,7 +121,22 @@ def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, 
     model.config.use_cache = False
     if settings.method == "full":
         return model, tokenizer, facts
+    if adapter is not None:
+        return continue_lora(model, settings, adapter), tokenizer, facts
     return add_lora(model, settings), tokenizer, facts
+
+
+def continue_lora(model, settings: TrainSettings, adapter: Path):
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if settings.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    with no_gptqmodel_probe():
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    log.info("continuing the LoRA adapter %s", adapter)
+    return model
 
 
 def add_lora(model, settings: TrainSettings):
