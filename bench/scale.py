@@ -2,7 +2,7 @@
 
 A random-initialised model of a real architecture (TinyLlama-1.1B's Llama shape, bf16, with the
 embedded SmolLM2 tokenizer; built from a config, nothing downloaded) runs base -> prepare (small data)
--> train (LoRA, a few steps) -> merge -> reference -> quantize (q4_k_m) -> evaluate (merged and q4_k_m,
+-> train (LoRA, a few steps) -> preference (DPO on the SFT adapter, two steps) -> merge -> reference -> quantize (q4_k_m) -> evaluate (merged and q4_k_m,
 small) in a temporary project, each stage as its own process, as `dvc repro` runs it (`bin/ftq STAGE`).
 The 135M embedded model (float32) runs the same chain, so the growth is visible.
 
@@ -42,7 +42,8 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers":
 # A Qwen2 shape stops at quantize: llama.cpp's Qwen2 converter recognises a BPE pre-tokenizer only by a
 # hash of its output, which SmolLM2's tokenizer (rebuilt from GGUF) does not match; Llama's has a fallback
 MODELS = {"llama-1.1b": ("llama", LLAMA_1B)}
-STAGES = [("base", ["base", "run"]), ("prepare", ["prepare"]), ("train", ["train"]), ("merge", ["merge"]),
+STAGES = [("base", ["base", "run"]), ("prepare", ["prepare"]), ("train", ["train"]), ("preference", ["preference"]),
+          ("merge", ["merge"]),
           ("reference", ["reference"]), ("quantize", ["quantize", "q4_k_m"]), ("evaluate_merged", ["evaluate", "merged"]),
           ("evaluate_q4_k_m", ["evaluate", "q4_k_m"])]
 # small work, the same code paths as the demo
@@ -52,6 +53,10 @@ PARAMS = {
     "train": {"max_steps": 3, "per_device_batch_size": 1, "gradient_accumulation": 2, "eval_steps": 0, "save_steps": 100, "warmup": 0,
               "gradient_checkpointing": True,
               "logging_steps": 1},
+    # DPO on the SFT adapter (TRL's frozen `ref` copy of it is the reference), then merged like SFT
+    "preference": {"objective": "dpo", "datasets": ["scale_pairs"], "eval_datasets": ["scale_pairs_heldout"],
+                   "max_steps": 2, "per_device_batch_size": 1, "gradient_accumulation": 2, "max_length": 256,
+                   "save_steps": 100, "warmup": 0},
     "merge": {"check": {"examples": 2, "max_length": 128}},
     "quantize": {"enabled": ["q4_k_m"], "reference": {"examples": 4, "max_length": 128},
                  "check": {"max_new_tokens": 8}},
@@ -64,6 +69,11 @@ PARAMS = {
 DATASETS = {
     "scale_train": {"file": "raw/ftq_default/train.json", "format": "alpaca", "num_samples": 16, "split": "train"},
     "scale_heldout": {"file": "raw/ftq_default/heldout.json", "format": "alpaca", "num_samples": 8, "split": "eval"},
+    "scale_pairs": {"file": "raw/ftq_default/preference.json", "format": "alpaca", "ranking": True, "num_samples": 8,
+                    "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+    "scale_pairs_heldout": {"file": "raw/ftq_default/preference_heldout.json", "format": "alpaca", "ranking": True,
+                            "num_samples": 4, "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                                          "rejected": "rejected"}},
 }
 
 

@@ -184,19 +184,8 @@ def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dic
     (folder / "data" / "dataset_info.json").write_text(json.dumps(
         {"bench": {"file_name": "bench.json", "columns": {"prompt": "instruction", "query": "input",
                                                           "response": "output", "system": "system"}}}))
-    config = {
-        "model_name_or_path": str(base), "trust_remote_code": False,
-        "stage": "sft", "do_train": True, "finetuning_type": method,
-        "dataset": "bench", "dataset_dir": str(folder / "data"), "template": "smollm2",
-        "cutoff_len": cfg["max_length"], "overwrite_cache": True, "preprocessing_num_workers": 1,
-        "tokenized_path": str(folder / "tokenized"),
-        "output_dir": str(folder / "out"), "logging_steps": 1, "save_strategy": "no", "overwrite_output_dir": True,
-        "report_to": "none", "plot_loss": False,
-        "per_device_train_batch_size": cfg["batch_size"], "gradient_accumulation_steps": 1,
-        "learning_rate": cfg["learning_rate"], "lr_scheduler_type": "cosine", "warmup_steps": 0,
-        "num_train_epochs": 1, "seed": cfg["seed"], "bf16": False, "fp16": False, "use_cpu": True,
-        "include_num_input_tokens_seen": False, "dataloader_num_workers": 0,
-    }
+    config = {**lf_config(base, folder, "bench", cfg), "stage": "sft", "finetuning_type": method,
+              "include_num_input_tokens_seen": False}
     if method == "lora":
         config.update(lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0, lora_target="all")
     if mode == "packing":  # its own packing, examples isolated (block-diagonal attention), as ftq's packing
@@ -221,6 +210,23 @@ def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dic
         "steps": state["global_step"],
         "wall_seconds": round(wall, 2),
         "losses": losses,
+    }
+
+
+def lf_config(base: Path, folder: Path, dataset: str, cfg: dict) -> dict:
+    """LLaMA-Factory's settings every bench here shares: one epoch on CPU in float32 from `base` over
+    `dataset` (folder/data), the smollm2 template, the tokenized data kept (to count its tokens)."""
+    return {
+        "model_name_or_path": str(base), "trust_remote_code": False, "do_train": True,
+        "dataset": dataset, "dataset_dir": str(folder / "data"), "template": "smollm2",
+        "cutoff_len": cfg["max_length"], "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "tokenized_path": str(folder / "tokenized"),
+        "output_dir": str(folder / "out"), "logging_steps": 1, "save_strategy": "no", "overwrite_output_dir": True,
+        "report_to": "none", "plot_loss": False,
+        "per_device_train_batch_size": cfg["batch_size"], "gradient_accumulation_steps": 1,
+        "learning_rate": cfg["learning_rate"], "lr_scheduler_type": "cosine", "warmup_steps": 0,
+        "num_train_epochs": 1, "seed": cfg["seed"], "bf16": False, "fp16": False, "use_cpu": True,
+        "dataloader_num_workers": 0,
     }
 
 

@@ -120,17 +120,19 @@ def test_dpo_after_sft_learns_the_pairs_it_is_scored_on_and_merges(trained):
     assert lineage["preference_objective"] == "dpo" and lineage["preference_mlflow_run_id"] == tuned.info.run_id
 
 
-@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
-def test_every_objective_trains_after_sft(trained, objective):
-    set_params(trained, preference={**TUNE, "objective": objective, "max_steps": 2, "eval_examples": 4,
-                                    **({"beta": 2.0} if objective == "simpo" else {})})
-    report = preference.run(load_params(trained)).report
-    assert report["objective"] == objective and report["steps"] == 2
-    assert report["held_out"]["pairs"] == 4
-    curve = (trained / "reports/preference_log.csv").read_text().splitlines()
-    assert len(curve) == 3 and all(row.split(",")[1] for row in curve[1:])
-    if objective == "kto":
-        assert report["train_records"] == 2 * 240  # each pair: a desirable and an undesirable answer
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_dpo_straight_on_the_base_with_each_method(project, method):
+    """start_from base: a new adapter whose disabled self is the reference (LoRA, QLoRA), or the whole
+    model against a frozen copy (full); no SFT output is read."""
+    base.run(load_params(project))
+    set_params(project, train={"method": method, "output_dir": "models/full" if method == "full" else "models/adapter"},
+               preference={**TUNE, "objective": "dpo", "start_from": "base", "max_steps": 2, "eval_examples": 4})
+    report = preference.run(load_params(project)).report
+    assert report["method"] == method and report["steps"] == 2 and report["held_out"]["pairs"] == 4
+    out = project / "models/preference"
+    assert (out / ("model.safetensors" if method == "full" else "adapter_model.safetensors")).exists()
+    assert not (project / "models/adapter").exists() and not (project / "models/full").exists()
+    assert merge.trained_output(load_params(project), project) == (method, out)
 
 
 def test_killed_run_resumes_to_the_same_adapter(trained):
@@ -162,7 +164,7 @@ def test_killed_run_resumes_to_the_same_adapter(trained):
     assert len((trained / "reports/preference_log.csv").read_text().splitlines()) == 9
 
 
-def test_dvc_repro_runs_sft_then_dpo_and_a_beta_change_reruns_only_preference(project):
+def test_dvc_repro_runs_sft_then_each_objective_and_preference_changes_rerun_only_preference(project):
     set_params(project, train=SFT, preference={**TUNE, "objective": "dpo", "max_steps": 2, "eval_examples": 4})
     env = project_env(project)
     run([sys.executable, "-m", "dvc", "repro", "merge"], project, env)
@@ -173,3 +175,13 @@ def test_dvc_repro_runs_sft_then_dpo_and_a_beta_change_reruns_only_preference(pr
     again = run([sys.executable, "-m", "dvc", "repro", "merge"], project, env).stdout
     assert "Stage 'train' didn't change, skipping" in again
     assert "Running stage 'preference'" in again and "Running stage 'merge'" in again
+    for objective, settings in (("orpo", {}), ("simpo", {"beta": 2.0}), ("kto", {})):
+        set_params(project, preference={"objective": objective, **settings})
+        log = run([sys.executable, "-m", "dvc", "repro", "preference"], project, env).stdout
+        assert "Stage 'train' didn't change, skipping" in log and "Running stage 'preference'" in log
+        report = json.loads((project / "reports/preference.json").read_text())
+        assert report["objective"] == objective and report["steps"] == 2 and report["held_out"]["pairs"] == 4
+        curve = (project / "reports/preference_log.csv").read_text().splitlines()
+        assert len(curve) == 3 and all(row.split(",")[1] for row in curve[1:])
+        if objective == "kto":
+            assert report["train_records"] == 2 * 240  # each pair: a desirable and an undesirable answer

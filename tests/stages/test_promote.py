@@ -187,3 +187,26 @@ def test_policy_is_validated(evaluated_copy):
     set_params(project, promote={"model_name": "x", "policy": {"metric": "perplexity"}})
     with pytest.raises(ParamsError, match="scored per example"):
         promote.policy_of(load_params(project))
+
+
+def set_preference_scores(project, name, ranked: list[float]):
+    """Per-pair rows as evaluate writes them (reports/eval/<name>.preference.jsonl) and the mean."""
+    rows = [{"id": f"ftq_default_pairs_heldout:{i}", "pref_accuracy": v, "logp_accuracy": v,
+             "reward_margin": v - 0.5} for i, v in enumerate(ranked)]
+    folder = project / "reports" / "eval"
+    (folder / f"{name}.preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = json.loads((folder / f"{name}.json").read_text())
+    report["pref_accuracy"] = sum(ranked) / len(ranked)
+    (folder / f"{name}.json").write_text(json.dumps(report))
+
+
+def test_pref_accuracy_promotes_on_the_held_out_pairs(evaluated_copy):
+    project = evaluated_copy
+    set_preference_scores(project, "merged", ones(50, total=60))
+    set_preference_scores(project, "q8_0", ones(50, total=60))
+    set_preference_scores(project, "q4_0", ones(30, total=60))  # half the pairs lost: retention 60 %
+    report = promote_as(project, "pref", metric="pref_accuracy")
+    rows = by_name(report)
+    assert champion_build(project, "pref") == "q8_0"
+    assert rows["q4_0"]["status"] == "rejected" and "pref_accuracy retention" in " ".join(rows["q4_0"]["reasons"])
+    assert report["paired_examples"] == 60

@@ -34,6 +34,35 @@ def pair_rows(ids: list[str], reference: list[tuple[float, float]], tuned: list[
     return rows
 
 
+def candidate_logps(runtime, pair: dict) -> tuple[float, float]:
+    """A candidate's summed log-probabilities of a pair's chosen and rejected answer after its prompt, from
+    the runtime's own scoring (transformers or llama.cpp: Runtime.sequence_nll over the answer tokens)."""
+    prompt = list(pair["prompt_ids"])
+    sums = []
+    for side in ("chosen_ids", "rejected_ids"):
+        answer = list(pair[side])
+        nll, _ = runtime.sequence_nll(prompt + answer, [False] * len(prompt) + [True] * len(answer))
+        sums.append(-nll)
+    return sums[0], sums[1]
+
+
+def candidate_rows(runtime, pairs: list[dict], beta: float) -> list[dict]:
+    """Per-pair scores of a candidate against the starting model's log-probs stored with the pairs."""
+    reference = [(p["logp_chosen"], p["logp_rejected"]) for p in pairs]
+    return pair_rows([p["id"] for p in pairs], reference, [candidate_logps(runtime, p) for p in pairs], beta)
+
+
+def flat(summary: dict) -> dict[str, float]:
+    """The summary's numbers as flat report keys: pref_accuracy, pref_reward_margin, pref_logp_accuracy,
+    each with its 95 % interval."""
+    values = {}
+    for key, name in (("pref_accuracy", "pref_accuracy"), ("reward_margin", "pref_reward_margin"),
+                      ("logp_accuracy", "pref_logp_accuracy")):
+        values[name] = summary[key]["mean"]
+        values[f"{name}_ci95"] = summary[key]["interval"]  # as task metrics carry theirs
+    return values
+
+
 def summary(rows: list[dict], seed: int = 0) -> dict:
     """pref_accuracy and reward_margin with 95 % intervals; logp_accuracy of both models and the paired
     difference, tuned minus reference."""

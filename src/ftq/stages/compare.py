@@ -35,6 +35,9 @@ METRICS = [
     ("task_tool_call_exact", "tool call: name and arguments", True),
     ("task_tool_call_abstained", "tool call: none where none is needed", True),
     ("general_accuracy", "general questions", True),
+    ("pref_accuracy", "preference pairs: reward ranks chosen", True),
+    ("pref_logp_accuracy", "preference pairs: chosen more likely", True),
+    ("pref_reward_margin", "preference pairs: reward margin", True),
     ("mt_bench_score", "MT-Bench (1-10)", True),
     ("perplexity", "held-out perplexity", False),
     ("size_bytes", "size (MB)", False),
@@ -50,7 +53,8 @@ LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # lm-eval metric names ending
 INTERVAL_SUFFIXES = ("_low", "_high", "_vs_merged")
 GROUPS = {
     "quality": ["task_exact_match", "task_json_valid", "task_json_field_accuracy", "task_rouge_l",
-                "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained", "general_accuracy"],
+                "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained", "general_accuracy",
+                "pref_accuracy", "pref_logp_accuracy"],
     "lm_eval": [],  # every lm_eval_* metric found in the reports
     "perplexity": ["perplexity"],
     "size": ["size_bytes", "peak_memory_bytes"],

@@ -6,9 +6,11 @@ evaluation and a changed build reevaluates only itself. Outputs:
   reports/eval/<candidate>.json           metrics (DVC metrics: `dvc metrics diff`, `dvc exp show`)
   reports/eval/<candidate>.answers.jsonl  the candidate's answers to the held-out prompts
   reports/eval/lm_eval/<candidate>.json   lm-eval results (+ .samples.jsonl: every scored document)
+  reports/eval/<candidate>.preference.jsonl  per held-out preference pair, where preference tuning ran
 Metrics: task accuracy on the held-out split (exact match, JSON validity and field accuracy, ROUGE-L),
 held-out perplexity, lm-eval (ftq's own tasks and any standard task with local data; see
-ftq.evaluation.harness), MT-Bench when a judge is configured, and efficiency (size, load time, time to
+ftq.evaluation.harness), preference pairs (pref_accuracy, reward margin, logp accuracy against the model
+preference tuning started from; ftq.evaluation.preference), MT-Bench when a judge is configured, and efficiency (size, load time, time to
 first token, tokens/s, peak memory). Speed is measured `speed_repeats` times, each beside merged (in
 transformers) on the same prompts: `relative_tokens_per_second`, the median paired ratio, is what
 candidates are compared on, since absolute tokens/s moves 2-4x with machine load.
@@ -25,6 +27,7 @@ from typing import Any, Iterator
 
 from ftq.data import tools
 from ftq.evaluation import benchmark_scores, harness
+from ftq.evaluation import preference as preference_scoring
 from ftq.stages import benchmark_data
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
 from ftq import schema
@@ -121,6 +124,18 @@ def answer_all(runtime, examples: list[dict], max_new_tokens: int, batch_size: i
     return rows
 
 
+def preference_rows(runtime, params: dict[str, Any], root: Path) -> list[dict]:
+    """This candidate's scores on the held-out preference pairs, against the model preference tuning
+    started from (ftq.evaluation.preference); none where no preference tuning ran."""
+    from ftq.stages.preference import held_out_reference
+
+    found = held_out_reference(params, root)
+    if found is None:
+        return []
+    pairs, beta = found
+    return preference_scoring.candidate_rows(runtime, pairs, beta)
+
+
 def read_samples(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -202,6 +217,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
         with phases("lm_eval"):
             lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
+        with phases("preference"):
+            pref_rows = preference_rows(runtime, params, root)
         benchmarks = benchmark_section(lm_eval_plan, root / REPORT_ROOT / "lm_eval" / f"{name}.samples.jsonl",
                                        merged_samples)
         runtime.close()  # speed opens the candidate and merged in turn: one model in memory at a time
@@ -226,6 +243,9 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             **{k: v for task, b in benchmarks.items() if "metrics" in b
                for k, v in benchmark_scores.flat(task, b["metrics"]).items()},
             "benchmarks": benchmarks,
+            **(preference_scoring.flat(preference_scoring.summary(pref_rows)) if pref_rows else {}),
+            "preference": preference_scoring.summary(pref_rows) if pref_rows else {
+                "status": "no preference tuning made merged (preference.objective none)"},
             **mt_scores,
             "load_seconds": round(load_seconds, 3),
             "answer_seconds": phases.seconds["task"],
@@ -236,6 +256,8 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         out = root / REPORT_ROOT
         answers_file = out / f"{name}.answers.jsonl"
         atomic_write_text(answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        pref_file = out / f"{name}.preference.jsonl"
+        atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in pref_rows))
         general_answers = out / f"{name}.general.jsonl"
         atomic_write_text(general_answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general_rows))
         atomic_write_json(out / f"{name}.json", report)
@@ -248,6 +270,7 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
                              for task, b in benchmarks.items()}})
         tracked.log_artifact(out / f"{name}.json")
         tracked.log_artifact(answers_file)
+        tracked.log_artifact(pref_file)
         tracked.log_artifact(general_answers)
         tracked.log_artifact(out / f"{name}.mt_bench.jsonl")
         for suffix in (".json", ".samples.jsonl"):

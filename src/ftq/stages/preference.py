@@ -250,14 +250,16 @@ def _tune(cfg, train, root, records, tracked, resume, expected) -> PreferenceRes
         "first_loss": curve[0]["loss"] if curve else None,
         "final_loss": curve[-1]["loss"] if curve else None,
         "mean_loss": outcome.training_loss,
-        "train_step_seconds": round(history.train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
+        "train_step_seconds": round(history.train_seconds, 2),
+        "train_runtime_seconds": round(outcome.metrics.get("train_runtime", 0.0), 2),  # the Trainer's own clock
+        "wall_seconds": round(time.time() - started, 2),
         "precision": "bf16" if args.bf16 else "fp32", "load": load_facts,
         "resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else None,
         "held_out": scoring.summary(pair_scores) if pair_scores else None,
         **peak_memory(on_gpu=torch.cuda.is_available()),
     }
     target = _save(trainer, tokenizer, cfg, root, {"settings": cfg, "fingerprint": expected, "report": report},
-                   zip(held_out_ids, reference))
+                   zip(held_out_ids, held_out, reference))
     del trainer, model
     release()
     _write_reports(root, report, pair_scores, curve)
@@ -285,6 +287,18 @@ class CheckpointsWithoutReference:
         if name.startswith("on_"):
             return lambda *args, **kwargs: None
         raise AttributeError(name)
+
+
+def held_out_reference(params: dict[str, Any], root: Path) -> tuple[list[dict], float] | None:
+    """The held-out pairs as this stage tokenized and scored them with the starting model
+    (reference_logps.jsonl: ids, token ids, log-probs) and the beta they were tuned with; None where no
+    preference tuning made the output. Evaluate scores every candidate on exactly these ids."""
+    folder = root / schema.settings(params, "preference")["output_dir"]
+    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).exists() else {}
+    if info.get("settings", {}).get("objective", "none") == "none":
+        return None
+    rows = [json.loads(line) for line in (folder / REFERENCE_LOGPS).read_text().splitlines() if line.strip()]
+    return rows, float(info["settings"]["beta"])
 
 
 def curve_rows(log_history: list[dict]) -> list[dict]:
@@ -343,8 +357,9 @@ def _save(trainer, tokenizer, cfg, root: Path, info: dict, reference) -> Path:
             (tmp / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / INFO_FILE, info)
-        atomic_write_text(tmp / REFERENCE_LOGPS, "".join(
-            json.dumps({"id": i, "logp_chosen": c, "logp_rejected": r}) + "\n" for i, (c, r) in reference))
+        atomic_write_text(tmp / REFERENCE_LOGPS, "".join(json.dumps(
+            {"id": i, "prompt_ids": t.prompt_ids, "chosen_ids": t.answers["chosen"], "rejected_ids": t.answers["rejected"],
+             "logp_chosen": c, "logp_rejected": r}) + "\n" for i, t, (c, r) in reference))
     return target
 
 

@@ -52,7 +52,11 @@ DECIDE_DELAY_ENV = "FTQ_PROMOTE_DECIDE_DELAY"
 CAS_ATTEMPTS = 5
 # task metrics are scored per example (reports/eval/<name>.answers.jsonl): the ones a paired comparison can use
 PAIRED_METRICS = ("task_exact_match", "task_rouge_l", "task_json_valid", "task_json_field_accuracy",
-                  "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained")
+                  "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained",
+                  # scored per held-out preference pair (reports/eval/<name>.preference.jsonl), where
+                  # preference tuning ran: ftq.evaluation.preference
+                  "pref_accuracy", "pref_logp_accuracy")
+PREFERENCE_KEYS = {"pref_accuracy": "pref_accuracy", "pref_logp_accuracy": "logp_accuracy"}
 
 
 class PromotionError(ValueError):
@@ -68,20 +72,22 @@ def policy_of(params: dict[str, Any]) -> dict[str, Any]:
     return policy
 
 
-def candidates(root: Path, names: list[str]) -> list[dict]:
+def candidates(root: Path, names: list[str], metric: str) -> list[dict]:
     found = []
     for name in names:
         manifest_path = root / "models" / "quantized" / name / "manifest.json"
         found.append({"name": name,
                       "manifest": json.loads(manifest_path.read_text()) if manifest_path.exists() else None,
-                      **evaluation(root, name)})
+                      **evaluation(root, name, metric)})
     return found
 
 
-def evaluation(root: Path, name: str) -> dict:
-    """reports/eval/<name>.json and its per-example scores (None where not evaluated)."""
+def evaluation(root: Path, name: str, metric: str) -> dict:
+    """reports/eval/<name>.json and the per-example scores of `metric` (None where not evaluated): the
+    answers' for a task metric, the held-out pairs' for a preference metric."""
     eval_path = root / "reports" / "eval" / f"{name}.json"
-    answers = root / "reports" / "eval" / f"{name}.answers.jsonl"
+    suffix = "preference" if metric in PREFERENCE_KEYS else "answers"
+    answers = root / "reports" / "eval" / f"{name}.{suffix}.jsonl"
     samples = root / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl"
     return {"metrics": json.loads(eval_path.read_text()) if eval_path.exists() else None,
             "scores": paired.load_scores(answers) if eval_path.exists() and answers.exists() else None,
@@ -117,7 +123,7 @@ def general_guard(candidate: dict, merged: dict | None, guard: dict, confidence:
 
 
 def per_example_key(metric: str) -> str:
-    return metric[len("task_"):]
+    return PREFERENCE_KEYS.get(metric) or metric[len("task_"):]
 
 
 def ci_key(name: str, confidence: float) -> str:
@@ -341,7 +347,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     policy = policy_of(params)
     root = repo_root()
     names = schema.settings(params, "quantize")["enabled"]
-    merged = {"name": "merged", **evaluation(root, "merged")}
+    merged = {"name": "merged", **evaluation(root, "merged", policy["metric"])}
     if merged["metrics"] is None:
         merged = None
     client = mlflow_client(params)
@@ -349,7 +355,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         ensure_registered_model(client, model_name)
         exp_id = experiment_id(client, params)
         rows = []
-        for candidate in candidates(root, names):
+        for candidate in candidates(root, names, policy["metric"]):
             reasons = judge(candidate, merged, policy)
             version, created = (None, False)
             if candidate["manifest"] is not None and candidate["manifest"].get("check", {}).get("passed"):
@@ -393,7 +399,7 @@ class ChampionScorer:
 
     def _reevaluate(self, before: dict) -> dict:
         from ftq.registry.resolve import fetch, lookup
-        from ftq.stages.evaluate import answer_all, task_examples
+        from ftq.stages.evaluate import answer_all, preference_rows, task_examples
         from ftq.runtimes import open_model
 
         version, tags = before["version"], before["tags"]
@@ -405,7 +411,10 @@ class ChampionScorer:
                  version, len(examples))
         runtime = open_model(resolved.path)
         try:
-            answers = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
+            if self.policy["metric"] in PREFERENCE_KEYS:  # the champion on this run's held-out pairs
+                answers = preference_rows(runtime, self.params, self.root)
+            else:
+                answers = answer_all(runtime, examples, int(cfg["max_new_tokens"]))
         finally:
             runtime.close()
         self.answers_file = self.root / CHAMPION_ANSWERS

@@ -35,3 +35,26 @@ def test_tuned_model_that_learned_the_preference_beats_the_reference_with_an_int
 def test_unequal_lengths_are_refused():
     with pytest.raises(ValueError, match="2 pairs, 1 reference"):
         preference.pair_rows(["a", "b"], [(-1.0, -2.0)], [(-1.0, -2.0), (-1.0, -2.0)], beta=0.1)
+
+
+def test_a_candidate_runtime_scores_the_pairs_as_the_stage_does(tiny_model_dir, tokenizer):
+    """The evaluate path (Runtime.sequence_nll over the answer tokens, one sequence at a time) and the
+    stage's batched, padded scoring agree on the same model and ids."""
+    from ftq.data.tokenize import tokenize_preference
+    from ftq.runtimes import open_model
+    from ftq.stages.preference import answer_logps
+
+    records = [tokenize_preference(tokenizer, {
+        "prompt": [{"role": "user", "content": f"Order {i}: {i + 2} lamps for Ana, ship to Lima."}],
+        "chosen": {"role": "assistant", "content": '{"customer": "Ana", "city": "Lima"}'},
+        "rejected": {"role": "assistant", "content": "Lima" * (i + 1)}}, 256) for i in range(3)]
+    runtime = open_model(tiny_model_dir, dtype="float32")
+    pairs = [{"id": str(i), "prompt_ids": r.prompt_ids, "chosen_ids": r.answers["chosen"],
+              "rejected_ids": r.answers["rejected"], "logp_chosen": 0.0, "logp_rejected": 0.0}
+             for i, r in enumerate(records)]
+    by_runtime = [preference.candidate_logps(runtime, p) for p in pairs]
+    by_stage = answer_logps(runtime.model, records, batch_size=6)  # padded: the rejected answers differ in length
+    flat = [v for pair in by_stage for v in pair]
+    assert [v for pair in by_runtime for v in pair] == pytest.approx(flat, rel=1e-5)
+    rows = preference.candidate_rows(runtime, pairs, beta=0.1)
+    assert [r["logp_chosen"] for r in rows] == [round(c, 4) for c, _ in by_runtime]
