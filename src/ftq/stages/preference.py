@@ -239,6 +239,11 @@ def _tune(cfg, train, root, records, tracked, resume, expected) -> PreferenceRes
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_dict(rows),
                             callbacks=[history, Progress(history)])
     _quiet(trainer)
+    if cfg["start_from"] == "base" and "ref" in getattr(trainer.model, "peft_config", {}):
+        # TRL copies any adapter it is given as the frozen reference; a fresh one's copy is the base itself,
+        # so the reference is the policy with its adapter disabled (TRL's path without a "ref" adapter):
+        # no second adapter, one LoRA forward less per step
+        trainer.model.delete_adapter("ref")
     trainer.add_callback(CheckpointsWithoutReference())
     outcome = trainer.train(resume_from_checkpoint=resume)
     tuned = answer_logps(trainer.model, held_out)
