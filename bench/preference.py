@@ -4,9 +4,10 @@
     .venv/bin/python bench/preference.py --table    # README's table, from the committed report
 
 A git clone of this project in a temporary folder shares the project's DVC cache, so `dvc repro` there
-finds base, prepare and train up to date (the demo's SFT adapter, byte for byte) and runs only
-`preference` (DPO on data/raw/ftq_default/preference.json, the stage's defaults but for the objective,
-the learning rate and the steps given here), `merge`, `benchmark_data` and `evaluate_merged`. The DPO model
+finds base, prepare and train up to date (the demo's SFT adapter, byte for byte), and README's documented
+run, `ftq run --exp -S preference.objective=dpo -S preference.learning_rate=1e-4 --name dpo`, with the
+target evaluate_merged runs only `preference` (DPO on data/raw/ftq_default/preference.json, the stage's
+defaults but for what -S sets), `merge`, `benchmark_data` and `evaluate_merged`. The DPO model
 is then set beside the demo's own merged SFT model, both as the evaluate stage scored them, on the same
 held-out task examples and the same HellaSwag items (pairs by example id: ftq.evaluation.paired and
 ftq.evaluation.benchmark_scores). Writes reports/bench/preference.json.
@@ -50,20 +51,18 @@ def run(command: list[str], cwd: Path) -> str:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def tune(project: Path, settings: dict) -> tuple[str, float]:
-    import yaml
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["preference"].update(settings)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """README's documented run, up to evaluate_merged: `ftq run --exp -S preference.<key>=<value> ...`."""
+    overrides = [arg for key, value in settings.items() for arg in ("-S", f"preference.{key}={value}")]
     started = time.time()
-    log = run([sys.executable, "-m", "dvc", "repro", "evaluate_merged"], project)
+    log = run([sys.executable, "-m", "ftq", "run", "--exp", *overrides, "--name", "dpo", "evaluate_merged"], project)
     for stage in ("base", "prepare", "train"):
         if f"Stage '{stage}' didn't change, skipping" not in log:
-            raise SystemExit(f"stage {stage} ran again in the clone: the DPO run would not start from the demo's SFT")
+            raise SystemExit(f"stage {stage} ran again in the clone: the DPO run would not start from the demo's SFT"
+                             f"\n{log[-3000:]}")
     return log, time.time() - started
 
 
