@@ -10,7 +10,8 @@ target evaluate_merged runs only `preference` (DPO on data/raw/ftq_default/prefe
 defaults but for what -S sets), `merge`, `benchmark_data` and `evaluate_merged`. The DPO model
 is then set beside the demo's own merged SFT model, both as the evaluate stage scored them, on the same
 held-out task examples and the same HellaSwag items (pairs by example id: ftq.evaluation.paired and
-ftq.evaluation.benchmark_scores). Writes reports/bench/preference.json.
+ftq.evaluation.benchmark_scores). Writes reports/bench/preference.json, and the DPO model's answers to
+reports/bench/preference.answers.jsonl.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def task_comparison(sft: Path, dpo: Path) -> dict:
     a, b = paired.load_scores(dpo), paired.load_scores(sft)
     out = {}
     for metric in TASK_METRICS:
-        if not all(metric in row for row in a.values()):
+        if not any(metric in row for row in a.values()):
             continue
+        # the examples that carry the metric (json_* only on the orders whose reference is JSON)
         mine, theirs = paired.pair(a, b, metric, f"{dpo} vs {sft}")
         out[metric] = {"dpo": round(sum(mine) / len(mine), 4), "sft": round(sum(theirs) / len(theirs), 4),
                        "dpo_minus_sft": paired.difference(mine, theirs)}
@@ -122,6 +124,8 @@ def measure(settings: dict) -> dict:
             "sft_adapter_sha": _sha(ROOT / "models/adapter/adapter_model.safetensors"),
             "dpo_run_sft_adapter_sha": _sha(project / "models/adapter/adapter_model.safetensors"),
         }
+        # the DPO model's answers beside the report, for a reader to pair with reports/eval/merged.answers.jsonl
+        shutil.copy(project / "reports/eval/merged.answers.jsonl", OUT.with_suffix(".answers.jsonl"))
         if result["sft_adapter_sha"] != result["dpo_run_sft_adapter_sha"]:
             raise SystemExit("the clone's SFT adapter differs from the demo's: the comparison would not be paired")
         shutil.rmtree(project / ".venv", ignore_errors=True)

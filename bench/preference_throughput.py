@@ -13,7 +13,7 @@ best LLaMA-Factory setting of that repeat. Real tokens are the non-padding token
 sequences (prompt + answer, each pair's two), over the Trainer's own train_runtime. `--repeats` (default
 3), interleaved; medians, spreads and the median paired ratio go to reports/bench/preference_train.json.
 
-    .venv/bin/python bench/preference_throughput.py            # ~20 min on 2 CPU cores
+    .venv/bin/python bench/preference_throughput.py            # ~15 min on 2 CPU cores
     .venv/bin/python bench/preference_throughput.py --table    # README's table, from the committed report
 """
 
@@ -152,13 +152,13 @@ def summarize(runs: dict[str, list[dict]], tokens: dict[str, int]) -> dict:
 
 def table(report: dict) -> str:
     rows = report["systems"]
-    lines = ["| system | precision | real tokens/s (median of {n}) | spread | steps | speed vs best LLaMA-Factory |".format(
-        n=report["repeats"]), "|---|---|---|---|---|---|"]
+    lines = ["| system | precision | real tokens/s (median of {n}) | spread | steps | last loss | speed vs best LLaMA-Factory |".format(
+        n=report["repeats"]), "|---|---|---|---|---|---|---|"]
     for system, r in rows.items():
         tool, precision = system.rsplit("_", 1)
         ratio = r.get("speedup_vs_best_llamafactory")
         lines.append(f"| {'ftq' if tool == 'ftq' else 'LLaMA-Factory ' + report['llamafactory_version']} | {precision} | "
-                     f"{r['real_tokens_per_second']:.0f} | {r['spread']:.0%} | {r['steps']} | "
+                     f"{r['real_tokens_per_second']:.0f} | {r['spread']:.0%} | {r['steps']} | {r['last_loss']:.5f} | "
                      f"{f'{ratio:.2f}x (median paired)' if ratio else '–'} |")
     lines += ["", f"DPO, LoRA r=16 on SmolLM2-135M-Instruct, {report['pairs']} pairs, batch {report['settings']['batch_size']}, "
               f"{report['settings']['threads']} thread(s); {report['machine']}. Real tokens per epoch: "
@@ -170,7 +170,7 @@ def table(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", action="store_true")
-    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.table:
