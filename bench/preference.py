@@ -160,8 +160,9 @@ def table(report: dict) -> str:
     s = report["stage"]
     lines += ["", f"DPO ({s['method']}, from {s['start_from']}): {s['steps']} steps on {s['train_records']} pairs, "
               f"learning rate {report['settings'].get('learning_rate')}, beta {report['settings'].get('beta', 0.1)}; "
-              f"{s['train_step_seconds']:.0f} s of training steps, {report['pipeline_seconds']:.0f} s for "
-              f"preference, merge and evaluate_merged."]
+              f"{s['train_step_seconds']:.0f} s of training steps"
+              + (f", {report['pipeline_seconds']:.0f} s for preference, merge and evaluate_merged."
+                 if report.get("pipeline_seconds") else ".")]
     return "\n".join(lines)
 
 
