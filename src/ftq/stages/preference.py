@@ -92,11 +92,14 @@ def _pass_through(cfg: dict[str, Any], root: Path) -> PreferenceResult:
 
 
 def fingerprint(cfg: dict[str, Any], train, root: Path) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: these settings, train's, the starting weights, the data."""
-    start = root / (train.output_dir if cfg["start_from"] == "sft" else "models/base")
-    weights = sorted(p for p in start.iterdir() if p.suffix in (".safetensors", ".json") and p.name != INFO_FILE)
-    return {"preference": params_hash(cfg), "train": params_hash(asdict(train)),
-            "start": params_hash({p.name: p.stat().st_size for p in weights} | {"sha": _digest(weights)}),
+    """What a checkpoint must match to be resumed: these settings, train's, the starting weights (the base's
+    sha256s from base.json, and the SFT output's files where it starts from them), the data files."""
+    base_info = json.loads((root / "models" / "base" / "base.json").read_text())
+    start = {k: v["sha256"] for k, v in base_info["files"].items()}
+    if cfg["start_from"] == "sft":
+        folder = root / train.output_dir
+        start["sft"] = _digest(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json")))
+    return {"preference": params_hash(cfg), "train": params_hash(asdict(train)), "start": params_hash(start),
             "data": params_hash([_digest([f]) for f in _data_files(cfg, root)])}
 
 
@@ -244,7 +247,7 @@ def _tune(cfg, train, root, records, tracked, resume, expected) -> PreferenceRes
         # so the reference is the policy with its adapter disabled (TRL's path without a "ref" adapter):
         # no second adapter, one LoRA forward less per step
         trainer.model.delete_adapter("ref")
-    trainer.add_callback(CheckpointsWithoutReference())
+    trainer.add_callback(checkpoints_without_reference())
     outcome = trainer.train(resume_from_checkpoint=resume)
     tuned = answer_logps(trainer.model, held_out)
     pair_scores = scoring.pair_rows(held_out_ids, reference, tuned, cfg["beta"])
@@ -277,21 +280,20 @@ def _tune(cfg, train, root, records, tracked, resume, expected) -> PreferenceRes
     return PreferenceResult(target, report)
 
 
-class CheckpointsWithoutReference:
-    """Checkpoints hold the trained adapter only. PEFT saves TRL's frozen `ref` adapter in a subfolder,
-    and transformers' resume, finding adapter subfolders, loads those alone: the trained adapter stayed as
-    it was at the start, so a resumed policy was its own reference (rewards 0 from the first resumed step).
-    Without the subfolder the trained adapter is loaded, and `ref` stays the copy TRL took at init."""
+def checkpoints_without_reference():
+    """A callback: checkpoints hold the trained adapter only. PEFT saves TRL's frozen `ref` adapter in a
+    subfolder, and transformers' resume, finding adapter subfolders, loads those alone: the trained adapter
+    stayed as it was at the start, so a resumed policy was its own reference (rewards 0 from the first
+    resumed step). Without the subfolder the trained adapter is loaded, and `ref` stays TRL's copy from init."""
+    from transformers import TrainerCallback
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        for config in folder.glob("*/adapter_config.json"):
-            shutil.rmtree(config.parent)
+    class CheckpointsWithoutReference(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            for config in folder.glob("*/adapter_config.json"):
+                shutil.rmtree(config.parent)
 
-    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
+    return CheckpointsWithoutReference()
 
 
 def held_out_reference(params: dict[str, Any], root: Path) -> tuple[list[dict], float] | None:
