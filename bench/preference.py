@@ -5,7 +5,8 @@
 
 A git clone of this project in a temporary folder shares the project's DVC cache, so `dvc repro` there
 finds base, prepare and train up to date (the demo's SFT adapter, byte for byte), and README's documented
-run, `ftq run --exp -S preference.objective=dpo -S preference.learning_rate=1e-4 --name dpo`, with the
+run, `ftq run --exp -S preference.objective=dpo -S 'preference.loss_type=[sigmoid,sft]'
+-S preference.learning_rate=1e-4 --name dpo`, with the
 target evaluate_merged runs only `preference` (DPO on data/raw/ftq_default/preference.json, the stage's
 defaults but for what -S sets), `merge`, `benchmark_data` and `evaluate_merged`. The DPO model
 is then set beside the demo's own merged SFT model, both as the evaluate stage scored them, on the same
@@ -159,7 +160,8 @@ def table(report: dict) -> str:
                      f"{d['diff']:+.4f} [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] |")
     s = report["stage"]
     lines += ["", f"DPO ({s['method']}, from {s['start_from']}): {s['steps']} steps on {s['train_records']} pairs, "
-              f"learning rate {report['settings'].get('learning_rate')}, beta {report['settings'].get('beta', 0.1)}; "
+              f"loss {report['settings'].get('loss_type', 'sigmoid')}, learning rate {report['settings'].get('learning_rate')}, "
+              f"beta {report['settings'].get('beta', 0.1)}; "
               f"{s['train_step_seconds']:.0f} s of training steps"
               + (f", {report['pipeline_seconds']:.0f} s for preference, merge and evaluate_merged."
                  if report.get("pipeline_seconds") else ".")]
@@ -171,13 +173,14 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="print README's table from the committed report")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--loss-type", default="[sigmoid,sft]", help="preference.loss_type, as -S takes it")
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: one epoch over the pairs")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(OUT.read_text())))
         return 0
-    report = measure({"objective": "dpo", "learning_rate": args.learning_rate, "beta": args.beta,
-                      "max_steps": args.max_steps})
+    report = measure({"objective": "dpo", "loss_type": args.loss_type, "learning_rate": args.learning_rate,
+                      "beta": args.beta, "max_steps": args.max_steps})
     from ftq.io import atomic_write_json
 
     atomic_write_json(OUT, report)

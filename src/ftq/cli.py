@@ -236,7 +236,11 @@ def cmd_data_make_default(args) -> int:
 
     for path in default_set.write(args.out, args.seed):
         print(path)
-    for path in preference_set.write(args.out, args.seed):
+    if args.pairs_from and not (Path(args.pairs_from) / "config.json").exists():
+        from ftq.errors import UsageError
+
+        raise UsageError(f"--pairs-from {args.pairs_from}: no model folder there (run `dvc repro merge` first)")
+    for path in preference_set.write(args.out, args.seed, args.pairs_from):
         print(path)
     for path in tool_set.write(args.tools_out, args.seed):
         print(path)
@@ -438,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     make_default.add_argument("--replay", action="store_true",
                               help="also write replay.json: the base model's own answers to the general prompts "
                                    "(ftq.data.replay; several minutes on CPU)")
+    make_default.add_argument("--pairs-from", metavar="MODEL", default=None,
+                              help="the training preference pairs reject this model's own wrong answers (the "
+                                   "demo's SFT model: models/merged; ~2 min on CPU); without it, synthetic mistakes")
     make_default.add_argument("--base", default="models/base", help="the base model folder that answers (--replay)")
     make_default.set_defaults(func=cmd_data_make_default)
 

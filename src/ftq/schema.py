@@ -91,6 +91,15 @@ def _targets(value) -> bool:
     return value == "all-linear" or (isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value))
 
 
+def _dpo_losses(value) -> bool:
+    return value in DPO_LOSSES or (isinstance(value, list) and bool(value) and all(v in DPO_LOSSES for v in value)
+                                   and len(set(value)) == len(value))
+
+
+def _loss_weights(value) -> bool:
+    return value is None or (isinstance(value, list) and bool(value) and all(_number(v) and v > 0 for v in value))
+
+
 def _tie_breakers(value) -> bool:
     return isinstance(value, list) and all(isinstance(b, str) and b.rsplit(":", 1)[-1] in ("min", "max") and ":" in b
                                            for b in value)
@@ -175,7 +184,10 @@ SCHEMA: dict[str, dict] = {
         "max_length": Int(512, minimum=8),  # prompt + the longer answer, in tokens
         "truncation": Choice("right", *TRUNCATION),
         "beta": Num(0.1, above=0),  # DPO/KTO: the KL weight; ORPO: the odds-ratio weight (lambda); SimPO: reward scale
-        "loss_type": Choice("sigmoid", *DPO_LOSSES),  # DPO's loss variant (TRL's names)
+        # DPO's loss variant (TRL's names), or several summed (e.g. [sigmoid, sft]: DPO plus the chosen
+        # answers' NLL, RPO), weighted by loss_weights (null: 1 each)
+        "loss_type": Setting("sigmoid", _dpo_losses, f"one of {', '.join(DPO_LOSSES)} or a list of them"),
+        "loss_weights": Setting(None, _loss_weights, "null or a list of numbers > 0, one per loss_type"),
         "label_smoothing": Num(0.0, minimum=0, below=0.5),  # DPO/SimPO: conservative (noisy-label) loss
         "simpo_gamma": Num(0.5, minimum=0),  # SimPO's target reward margin
         "desirable_weight": Num(1.0, above=0),  # KTO: weights of desirable and undesirable answers

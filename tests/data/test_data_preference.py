@@ -125,22 +125,56 @@ def test_the_shared_pairs_tokenize_with_one_prompt_for_both_answers(tokenizer):
             assert tokens.prompt_ids + tokens.answers[side] == whole.input_ids
 
 
-def test_the_default_pairs_are_what_the_generator_writes_and_each_rejects_a_measured_mistake(tmp_path):
+def test_the_default_pairs_are_what_the_generator_writes_and_each_rejects_a_mistake(tmp_path):
+    """Held-out pairs: exactly the generator's (synthetic mistakes on held-out words). Training pairs: the
+    generator's orders and right answers; each rejected answer is its synthetic mistake or, where the demo's
+    SFT model answered the order wrong (`make-default --pairs-from models/merged`), that answer."""
     from pathlib import Path
 
     from ftq.data import preference_set
 
     committed = Path(__file__).resolve().parents[2] / "data" / "raw" / "ftq_default"
-    for written in preference_set.write(tmp_path):
-        assert written.read_text() == (committed / written.name).read_text(), written.name
+    written = preference_set.write(tmp_path)
+    assert written[1].read_text() == (committed / written[1].name).read_text()
     registry = load_registry(committed.parents[1] / "datasets.yaml")
     for name, count in (("ftq_default_pairs", 240), ("ftq_default_pairs_heldout", 60)):
         spec = registry[name]
         checked = check_file(spec.file, spec.format)
         assert checked.records == count and not checked.errors, checked.errors[:3]
     train, heldout = preference_set.generate()
+    on_disk = json.loads((committed / "preference.json").read_text())
+    taken = 0
+    for synthetic, pair in zip(train, on_disk, strict=True):
+        assert {k: pair[k] for k in ("instruction", "input", "chosen")} == \
+            {k: synthetic[k] for k in ("instruction", "input", "chosen")}
+        assert pair["rejected"] != pair["chosen"]
+        taken += pair["rejected"] != synthetic["rejected"]
+    assert 0 < taken < len(train)  # the model's own mistakes where it made one, synthetic ones elsewhere
     assert not {p["input"] for p in train} & {p["input"] for p in heldout}
+    # the training pairs' words are new to the SFT model (as the held-out ones are) and never held-out words
+    from ftq.data import default_set
+
+    sft_text, heldout_text = json.dumps(default_set.generate()), json.dumps(heldout)
+    for word in preference_set.PAIR_NAMES + preference_set.PAIR_ITEMS + preference_set.PAIR_CITIES:
+        assert word not in sft_text and word not in heldout_text, word
+    for word in default_set.HELDOUT_NAMES + default_set.HELDOUT_ITEMS + default_set.HELDOUT_CITIES:
+        assert word not in json.dumps(train), word
     for pair in train + heldout:
         chosen, rejected = json.loads(pair["chosen"]), json.loads(pair["rejected"])
         wrong = [k for k in chosen if chosen[k] != rejected[k]]
         assert len(wrong) == 1 and wrong[0] != "quantity"  # one mistake, of a kind merged makes
+
+
+def test_training_pairs_reject_the_models_own_wrong_answers(tiny_model_dir):
+    """with_model_mistakes keeps a right answer's synthetic mistake and takes a wrong answer as rejected;
+    model_answers asks the model through the chat template, one answer per pair (the tiny model: the
+    mechanism, not the text)."""
+    from ftq.data import preference_set
+
+    pairs = preference_set.generate(train_pairs=3, heldout_pairs=1)[0]
+    right, wrong = pairs[0]["chosen"], '{"customer": "Otilie"}'
+    mixed, taken = preference_set.with_model_mistakes(pairs, [right, f"  {wrong} ", ""])
+    assert taken == 1 and mixed[0] == pairs[0] and mixed[1]["rejected"] == wrong and mixed[2] == pairs[2]
+    assert preference_set.prompt_of(pairs[0]) == f"{pairs[0]['instruction']}\n{pairs[0]['input']}"
+    answers = preference_set.model_answers(tiny_model_dir, pairs)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)

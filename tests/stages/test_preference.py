@@ -57,6 +57,12 @@ def test_supervised_data_and_mismatched_objectives_are_refused(project):
     set_params(project, preference={"objective": "kto", "loss_type": "ipo", "datasets": ["kto_demo"]})
     with pytest.raises(ParamsError, match="preference.loss_type: ipo is a DPO loss"):
         preference.run(load_params(project))
+    set_params(project, preference={"objective": "dpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]})
+    with pytest.raises(ParamsError, match=r"preference.loss_weights: 1 weight\(s\) for 2 loss_type\(s\)"):
+        preference.run(load_params(project))
+    set_params(project, preference={"objective": "dpo", "loss_type": ["sigmoid", "dpop"]})
+    with pytest.raises(ParamsError, match="preference.loss_type: expected one of sigmoid, .* or a list of them"):
+        preference.run(load_params(project))
 
 
 def test_a_bad_pair_names_file_record_and_field(project):

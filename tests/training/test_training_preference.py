@@ -38,6 +38,17 @@ def test_pretokenized_dataset_without_ids_is_refused(objective, tokenizer, tiny_
                       processing_class=tokenizer)
 
 
+def test_dpo_losses_combine_as_trl_sums_them():
+    """loss_type [sigmoid, sft] with loss_weights: TRL's DPOConfig gets both, weighted (RPO: DPO plus the
+    chosen answers' NLL); a single name stays TRL's one-item list."""
+    common = {"output_dir": "unused", "use_cpu": True, "report_to": "none"}
+    cfg = {"beta": 0.1, "label_smoothing": 0.0, "max_length": 256}
+    both = preference.dpo_config({**cfg, "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.5]}, common)
+    assert (both.loss_type, both.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+    one = preference.dpo_config({**cfg, "loss_type": "ipo"}, common)
+    assert (one.loss_type, one.loss_weights) == (["ipo"], None)
+
+
 def test_dpo_continues_the_sft_adapter_against_a_frozen_copy_of_it(tokenizer, tiny_model, tmp_path):
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model

@@ -55,9 +55,18 @@ class PreferenceResult:
 def settings(params: dict[str, Any]) -> dict[str, Any]:
     cfg = schema.settings(params, "preference")
     where = f"{params.get('_path', 'params.yaml')}: preference."
-    if cfg["objective"] == "kto" and cfg["loss_type"] != "sigmoid":
+    losses = dpo_losses(cfg)
+    if cfg["objective"] == "kto" and losses != ["sigmoid"]:
         raise ParamsError(f"{where}loss_type: {cfg['loss_type']} is a DPO loss; KTO has its own (leave sigmoid)")
+    if cfg["loss_weights"] is not None and len(cfg["loss_weights"]) != len(losses):
+        raise ParamsError(f"{where}loss_weights: {len(cfg['loss_weights'])} weight(s) for {len(losses)} loss_type(s) "
+                          f"{losses}: give one per loss, or null")
     return cfg
+
+
+def dpo_losses(cfg: dict[str, Any]) -> list[str]:
+    """preference.loss_type as a list (a single name or several summed)."""
+    return [cfg["loss_type"]] if isinstance(cfg["loss_type"], str) else list(cfg["loss_type"])
 
 
 def run(params: dict[str, Any]) -> PreferenceResult:
@@ -340,6 +349,8 @@ def _arguments(cfg: dict[str, Any], root: Path, flags: dict[str, bool], gradient
         "gradient_accumulation_steps": cfg["gradient_accumulation"],
         "seed": cfg["seed"], "data_seed": cfg["seed"], "bf16": flags["bf16"], "fp16": flags["fp16"],
         "use_cpu": not torch.cuda.is_available(), "logging_steps": cfg["logging_steps"],
+        # real (unpadded) tokens, both answers of each pair with their prompt: the progress bar's tok/s
+        "include_num_input_tokens_seen": "non_padding",
         "save_strategy": "steps", "save_steps": cfg["save_steps"], "save_total_limit": cfg["save_total_limit"],
         "eval_strategy": "no", "report_to": "none", "disable_tqdm": True, "dataloader_num_workers": 0,
         "gradient_checkpointing": gradient_checkpointing,  # ORPO's and CPO's configs would default to it on

@@ -154,11 +154,14 @@ def _require(dataset, columns: tuple[str, ...], name: str) -> None:
 
 
 def dpo_config(cfg: dict[str, Any], common: dict[str, Any]):
-    """TRL's DPOConfig (cfg: beta, loss_type, label_smoothing) with the shared training
-    arguments `common` (TrainingArguments' names)."""
+    """TRL's DPOConfig (cfg: beta, loss_type (one name or a list summed with loss_weights),
+    label_smoothing) with the shared training arguments `common` (TrainingArguments' names)."""
     from trl import DPOConfig
 
-    return DPOConfig(**common, beta=float(cfg["beta"]), loss_type=[cfg["loss_type"]],
+    losses = [cfg["loss_type"]] if isinstance(cfg["loss_type"], str) else list(cfg["loss_type"])
+    weights = cfg.get("loss_weights")
+    return DPOConfig(**common, beta=float(cfg["beta"]), loss_type=losses,
+                     loss_weights=[float(w) for w in weights] if weights else None,
                      label_smoothing=float(cfg["label_smoothing"]), max_length=int(cfg["max_length"]),
                      precompute_ref_log_probs=False, remove_unused_columns=False)
 
