@@ -61,7 +61,9 @@ def tune(project: Path, settings: dict) -> tuple[str, float]:
     overrides = [arg for key, value in settings.items() for arg in ("-S", f"preference.{key}={value}")]
     started = time.time()
     log = run([sys.executable, "-m", "ftq", "run", "--exp", *overrides, "--name", "dpo", "evaluate_merged"], project)
-    for stage in ("base", "prepare", "train"):
+    # prepare may run again (its deps include data/raw, where the pairs live) and make the same data; train
+    # must not: measure() checks that the SFT adapter is the demo's, byte for byte
+    for stage in ("base", "train"):
         if f"Stage '{stage}' didn't change, skipping" not in log:
             raise SystemExit(f"stage {stage} ran again in the clone: the DPO run would not start from the demo's SFT"
                              f"\n{log[-3000:]}")
