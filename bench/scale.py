@@ -2,7 +2,8 @@
 
 A random-initialised model of a real architecture (TinyLlama-1.1B's Llama shape, bf16, with the
 embedded SmolLM2 tokenizer; built from a config, nothing downloaded) runs base -> prepare (small data)
--> train (LoRA, a few steps) -> preference (DPO on the SFT adapter, two steps) -> merge -> reference -> quantize (q4_k_m) -> evaluate (merged and q4_k_m,
+-> train (LoRA, a few steps) -> preference (DPO on the SFT adapter, two steps) -> merge -> reference -> imatrix
+-> quantize (q4_k_m, with the importance matrix) -> evaluate (merged and q4_k_m,
 small) in a temporary project, each stage as its own process, as `dvc repro` runs it (`bin/ftq STAGE`).
 The 135M embedded model (float32) runs the same chain, so the growth is visible.
 
@@ -44,7 +45,8 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers":
 MODELS = {"llama-1.1b": ("llama", LLAMA_1B)}
 STAGES = [("base", ["base", "run"]), ("prepare", ["prepare"]), ("train", ["train"]), ("preference", ["preference"]),
           ("merge", ["merge"]),
-          ("reference", ["reference"]), ("quantize", ["quantize", "q4_k_m"]), ("evaluate_merged", ["evaluate", "merged"]),
+          ("reference", ["reference"]), ("imatrix", ["imatrix"]), ("quantize", ["quantize", "q4_k_m"]),
+          ("benchmark_data", ["benchmark-data"]), ("evaluate_merged", ["evaluate", "merged"]),
           ("evaluate_q4_k_m", ["evaluate", "q4_k_m"])]
 # small work, the same code paths as the demo
 PARAMS = {
@@ -59,6 +61,7 @@ PARAMS = {
                    "save_steps": 100, "warmup": 0},
     "merge": {"check": {"examples": 2, "max_length": 128}},
     "quantize": {"enabled": ["q4_k_m"], "reference": {"examples": 4, "max_length": 128},
+                 "imatrix": {"samples": 16, "max_length": 256, "chunk_size": 256},
                  "check": {"max_new_tokens": 8}},
     "evaluate": {"task_examples": 2, "max_new_tokens": 8, "perplexity_examples": 2, "perplexity_max_length": 128,
                  "speed_prompts": ["Who are you?"], "speed_max_new_tokens": 8, "speed_repeats": 1,
@@ -197,7 +200,7 @@ def run_row(name: str, source: str, logs: Path) -> dict:
                 size = model_bytes(root / "models" / "base")
         reported = {s: json.loads((root / "reports" / f).read_text()).get("peak_memory_bytes") for s, f in
                     (("train", "train.json"), ("merge", "merge.json"), ("evaluate_merged", "eval/merged.json"),
-                     ("evaluate_q4_k_m", "eval/q4_k_m.json"))}
+                     ("evaluate_q4_k_m", "eval/builds/q4_k_m.json"), ("preference", "preference.json"))}
     for stage, values in stages.items():
         values["x_model_bytes"] = round(values["peak_memory_bytes"] / size, 2)
         if reported.get(stage) is not None:

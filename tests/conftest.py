@@ -203,7 +203,9 @@ def set_scores(root: Path, name: str, values, key: str = "json_field_accuracy") 
     """Per-example scores of a candidate (reports/eval/<name>.answers.jsonl and the mean in <name>.json),
     as evaluate writes them: a list of values (rows are made with ids t#0.. unless it matches the number
     of rows already there, whose ids are kept) or one value for every row already there."""
-    folder = root / "reports" / "eval"
+    from ftq.stages.evaluate import report_dir
+
+    folder = root / report_dir(name)
     existing = [json.loads(line) for line in (folder / f"{name}.answers.jsonl").read_text().splitlines() if line]
     if not isinstance(values, list):
         values = [values] * len(existing)
@@ -232,6 +234,8 @@ def shared_file(*parts: str) -> Path:
 
 
 HELLASWAG = SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt"
+# llama-imatrix needs two chunks of text: the tiny project's training data holds several of 64 tokens
+SMALL_IMATRIX = {"samples": 32, "max_length": 128, "chunk_size": 64}
 SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4, "perplexity_max_length": 96,
               "speed_prompts": ["Who are you?", "Hello"], "speed_max_new_tokens": 8,
               # HellaSwag from ../shared/data when it is there (8 items), else absent: skipped, saying so
@@ -244,7 +248,7 @@ SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4,
 def evaluated(tmp_path_factory, tiny_model_dir):
     """A tiny project with base, merged and two GGUF builds, each evaluated, then compared (shared by the
     evaluate, compare and promote tests; promote tests only touch the registry and reports/promotion.json)."""
-    from ftq.stages import base, benchmark_data, compare, evaluate, merge, prepare, quantize, reference, train
+    from ftq.stages import base, benchmark_data, compare, evaluate, imatrix, ladder, merge, prepare, quantize, reference, train
 
     project = make_project(tmp_path_factory.mktemp("evaluate") / "project", tiny_model_dir)
     with pytest.MonkeyPatch.context() as patch:
@@ -254,16 +258,21 @@ def evaluated(tmp_path_factory, tiny_model_dir):
         set_params(project, train={"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2,
                                    "warmup": 0},
                    quantize={"enabled": ["q8_0", "q4_0"], "check": {"max_new_tokens": 8, "prompt": "Who are you?"},
-                             "reference": {"examples": 4, "max_length": 96}},
-                   evaluate=SMALL_EVAL)
+                             "reference": {"examples": 4, "max_length": 96}, "imatrix": SMALL_IMATRIX},
+                   evaluate=SMALL_EVAL,
+                   # every build evaluated (the ladder's smallest_tied walk is tested on its own); the tiny
+                   # model scores 0 on the task, which anchors no retention
+                   promote={"policy": {"select": "best", "min_retention": 0.0}})
         params = load_params(project)
-        for stage in (base, prepare, train, merge, reference, benchmark_data):
+        for stage in (base, prepare, train, merge, reference, imatrix, benchmark_data):
             stage.run(params)
         quantize.run(params, "q8_0")
         quantize.run(params, "q4_0")
         merged = evaluate.run(params, "merged")  # first: the others' benchmarks are paired with merged's
-        reports = {name: merged if name == "merged" else evaluate.run(params, name)
-                   for name in ("base", "merged", "q8_0", "q4_0")}
+        reports = {"base": evaluate.run(params, "base"), "merged": merged}
+        ladder.run(params)  # q4_0 (the smaller), then q8_0
+        for name in ("q8_0", "q4_0"):
+            reports[name] = json.loads((project / evaluate.report_dir(name) / f"{name}.json").read_text())
         compare.run(params)
     yield project, reports
 

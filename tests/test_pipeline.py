@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import mlflow_runs, project_env, run
+from ftq.stages.evaluate import report_dir
 
 
 def dvc(project, *args, check=True):
@@ -108,12 +109,13 @@ def test_train_stage_through_dvc_and_a_learning_rate_experiment(project):
 
 
 def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(project):
-    """`dvc repro` after train makes models/merged and every enabled build (foreach), evaluates each
-    candidate, compares and promotes; changing one build's options reruns that build and its evaluation
-    alone; a broken build fails its stage and leaves no folder."""
+    """`dvc repro` after train makes models/merged, the importance matrix once, every enabled build
+    (foreach), evaluates base and merged, walks the ladder (the builds that passed their screen, smallest
+    first, until one is tied with merged), compares and promotes; changing one build's options rebuilds it
+    alone (and walks the ladder again); a build that fails its screen is recorded, never evaluated."""
     import yaml
 
-    from conftest import SMALL_EVAL
+    from conftest import SMALL_EVAL, SMALL_IMATRIX
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"].update({**SMALL_EVAL, "lm_eval": {**SMALL_EVAL["lm_eval"], "limit": 2}})
@@ -121,34 +123,46 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     params["promote"]["policy"]["min_retention"] = 0.0
     params["train"].update({"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2, "warmup": 0})
     params["quantize"].update({
-        "enabled": ["f16", "q8_0"],
-        "builds": {"f16": {"method": "gguf", "type": "f16"}, "q8_0": {"method": "gguf", "type": "q8_0"}},
+        "enabled": ["f16", "q8_0", "q4_0"],
+        "builds": {"f16": {"method": "gguf", "type": "f16"}, "q8_0": {"method": "gguf", "type": "q8_0"},
+                   "q4_0": {"method": "gguf", "type": "q4_0"}},  # 4 bits: quantized with the importance matrix
         "check": {**params["quantize"]["check"], "max_new_tokens": 8},
         "reference": {**params["quantize"]["reference"], "examples": 4, "max_length": 96},
+        "imatrix": SMALL_IMATRIX,
     })
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = dvc(project, "repro")
-    for stage in ("merge", "reference", "quantize@f16", "quantize@q8_0", "evaluate_base", "evaluate_merged",
-                  "evaluate@f16", "evaluate@q8_0", "compare", "promote"):
+    for stage in ("merge", "reference", "imatrix", "quantize@f16", "quantize@q8_0", "quantize@q4_0", "evaluate_base",
+                  "evaluate_merged", "ladder", "compare", "promote"):
         assert f"Running stage '{stage}'" in first.stdout, stage
-    for name in ("base", "merged", "f16", "q8_0"):
-        report = json.loads((project / "reports" / "eval" / f"{name}.json").read_text())
+    assert first.stdout.count("Running stage 'imatrix'") == 1
+    ladder = json.loads((project / "reports" / "ladder.json").read_text())
+    assert [r["name"] for r in ladder["rungs"]] == ["q4_0", "q8_0", "f16"]  # smallest first
+    assert ladder["evaluated"] == ["q4_0"]  # tied with merged: the larger builds need no evaluation
+    assert all(r["why"] == "not evaluated: q4_0, a smaller build, is tied with merged" for r in ladder["rungs"][1:])
+    for name in ("base", "merged", "q4_0"):
+        report = json.loads((project / report_dir(name) / f"{name}.json").read_text())
         assert report["lm_eval_ftq_heldout_generate_chrf"] is not None and report["task_examples"] == 4
-        assert (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").exists()
-    assert json.loads((project / "reports" / "promotion.json").read_text())["candidates"]
-    for name in ("f16", "q8_0"):
+        assert (project / report_dir(name) / "lm_eval" / f"{name}.samples.jsonl").exists()
+    promotion = json.loads((project / "reports" / "promotion.json").read_text())
+    assert promotion["champion"]["note"].startswith("first champion: the smallest build tied with merged")
+    assert {c["name"]: c["status"] for c in promotion["candidates"]}["q4_0"] == "champion"
+    for name in ("f16", "q8_0", "q4_0"):
         manifest = json.loads((project / "models" / "quantized" / name / "manifest.json").read_text())
         assert manifest["check"]["passed"] and (project / "models" / "quantized" / name / "model.gguf").exists()
         assert (project / "reports" / "quantize" / f"{name}.json").exists()
+        assert (manifest["imatrix"] is not None) == (name == "q4_0")
     assert (project / "models" / "merged" / "README.md").exists()
+    assert "Quantization ladder" in (project / "reports" / "compare.md").read_text()
+    assert (project / "reports" / "compare" / "ladder.png").exists()
     metrics = dvc(project, "metrics", "show", "--json")
-    assert "reports/quantize/q8_0.json" in metrics.stdout and "reports/merge.json" in metrics.stdout
+    assert "reports/quantize/q8_0.json" in metrics.stdout and "reports/ladder.json" in metrics.stdout
 
     params["quantize"]["builds"]["q8_0"] = {"method": "gguf", "type": "q8_0", "output_type": "q8_0"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    assert "Running stage 'quantize@q8_0'" in second.stdout and "Running stage 'evaluate@q8_0'" in second.stdout
-    for stage in ("train", "merge", "reference", "quantize@f16", "evaluate@f16", "evaluate_merged"):
+    assert "Running stage 'quantize@q8_0'" in second.stdout and "Running stage 'ladder'" in second.stdout
+    for stage in ("train", "merge", "reference", "imatrix", "quantize@f16", "quantize@q4_0", "evaluate_merged"):
         assert f"Running stage '{stage}'" not in second.stdout, stage
 
     # DVC shares data and models: push to a remote, clone, pull, and nothing is left to run
@@ -167,11 +181,15 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     again = dvc(clone, "repro").stdout
     assert again.count("Running stage") == 1 and "Running stage 'benchmark_data'" in again
 
-    params["quantize"]["builds"]["q8_0"]["check"] = {"max_kld_mean": 0.0}
+    # a build that fails its screen: recorded in the ladder, the model not kept, never evaluated
+    params["quantize"]["builds"]["q4_0"]["check"] = {"max_kld_mean": 0.0}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    broken = dvc(project, "repro", check=False)
-    assert broken.returncode != 0 and "failed its check" in broken.stderr + broken.stdout
-    assert not (project / "models" / "quantized" / "q8_0").exists()
+    screened = dvc(project, "repro")
+    assert "Running stage 'quantize@q4_0'" in screened.stdout and "Running stage 'ladder'" in screened.stdout
+    rungs = {r["name"]: r for r in json.loads((project / "reports" / "ladder.json").read_text())["rungs"]}
+    assert not rungs["q4_0"]["evaluated"] and rungs["q4_0"]["why"].startswith("failed its screen: mean KL divergence")
+    assert rungs["q8_0"]["evaluated"] and not (project / "models" / "quantized" / "q4_0" / "model.gguf").exists()
+    assert not (project / report_dir("q4_0") / "q4_0.json").exists()
     assert (project / "models" / "quantized" / "f16" / "model.gguf").exists()
 
 

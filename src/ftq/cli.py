@@ -126,6 +126,15 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def cmd_imatrix(args) -> int:
+    from ftq.stages import imatrix
+
+    info = imatrix.run(_params(args))
+    print(f"imatrix: {info['chunks']} chunks from {info['sample']['samples']} training conversations "
+          f"({info['tokens']} tokens), {info['seconds']:.1f} s -> models/imatrix/{imatrix.MATRIX}")
+    return 0
+
+
 def cmd_benchmark_data(args) -> int:
     from ftq.stages import benchmark_data
 
@@ -165,7 +174,19 @@ def cmd_evaluate(args) -> int:
         report = evaluate.run(_params(args), name)
         task = ", ".join(f"{k[5:]} {v}" for k, v in report.items() if k.startswith("task_") and not k.endswith("examples"))
         print(f"{name} ({report['runtime']}): {task}; perplexity {report['perplexity']}; "
-              f"{report['tokens_per_second']} tok/s, TTFT {report['ttft_seconds_p50']} s -> reports/eval/{name}.json")
+              f"{report['tokens_per_second']} tok/s, TTFT {report['ttft_seconds_p50']} s -> {evaluate.report_dir(name) / name}.json")
+    return 0
+
+
+def cmd_ladder(args) -> int:
+    from ftq.stages import ladder
+
+    report = ladder.run(_params(args))
+    for rung in report["rungs"]:
+        state = (f"evaluated, {report['metric']} {rung['metric']}, tied with merged: {rung['tied']}"
+                 if rung["evaluated"] else rung["why"])
+        print(f"{rung['name']}: {rung['size_bytes']:,} bytes, KLD {rung['kld_mean']:.4f}: {state}")
+    print(f"-> {ladder.REPORT}")
     return 0
 
 
@@ -352,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     params_option(reference)
     reference.set_defaults(func=cmd_reference)
 
+    imatrix = commands.add_parser(
+        "imatrix", help="stage imatrix: llama.cpp's importance matrix of merged, from the fine-tune's training data",
+        formatter_class=FORMATTER,
+    )
+    params_option(imatrix)
+    imatrix.set_defaults(func=cmd_imatrix)
+
     quantize = commands.add_parser(
         "quantize", help="stage quantize: make builds of models/merged (AWQ, GPTQ, GGUF) and check each",
         formatter_class=FORMATTER,
@@ -367,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("candidates", nargs="+", help="base, merged or a name in models/quantized/")
     params_option(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    ladder = commands.add_parser(
+        "ladder", help="stage ladder: the builds that passed their screen, evaluated smallest first until one is "
+                       "tied with merged", formatter_class=FORMATTER,
+    )
+    params_option(ladder)
+    ladder.set_defaults(func=cmd_ladder)
 
     compare = commands.add_parser(
         "compare", help="stage compare: reports/compare.md and .html over every evaluated candidate",
@@ -466,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the pipeline's stages (dvc.yaml's commands)
-STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_preference, cmd_merge, cmd_reference, cmd_quantize, cmd_evaluate,
+STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_preference, cmd_merge, cmd_reference, cmd_imatrix, cmd_quantize,
+                  cmd_evaluate, cmd_ladder,
                   cmd_compare, cmd_promote}
 
 

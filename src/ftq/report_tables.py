@@ -2,7 +2,7 @@
 
     python -m ftq.report_tables candidates   # every candidate: task metric, HellaSwag, size, speed, verdict
     python -m ftq.report_tables promotion    # the champion and why
-    python -m ftq.report_tables builds       # each build's quantize check
+    python -m ftq.report_tables builds       # the quantization ladder: each build's screen and evaluation
     python -m ftq.report_tables stages       # the last `ftq run`'s stage times
     python -m ftq.report_tables training     # the fine-tune and the merge
 
@@ -25,6 +25,18 @@ def _json(*parts: str) -> dict:
     return json.loads(_reports().joinpath(*parts).read_text())
 
 
+def _evaluation(name: str) -> dict:
+    from ftq.stages.evaluate import report_dir
+
+    return json.loads((_reports().parent / report_dir(name) / f"{name}.json").read_text())
+
+
+def _evaluated(name: str) -> bool:
+    from ftq.stages.evaluate import report_dir
+
+    return (_reports().parent / report_dir(name) / f"{name}.json").exists()
+
+
 def _interval(bounds) -> str:
     return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
 
@@ -37,11 +49,11 @@ def candidates() -> str:
     promotion = _json("promotion.json")
     metric = promotion["policy"]["metric"]
     verdicts = {c["name"]: c for c in promotion["candidates"]}
-    names = ["base", "merged", *[c["name"] for c in promotion["candidates"]]]
+    names = ["base", "merged", *[c["name"] for c in promotion["candidates"] if _evaluated(c["name"])]]
     lines = [f"| candidate | {metric} [95 %] | HellaSwag acc_norm [95 %] | vs merged, paired [95 %] | size MB | "
              f"decode speed vs merged | promotion |", "|---|---|---|---|---|---|---|"]
     for name in names:
-        report = _json("eval", f"{name}.json")
+        report = _evaluation(name)
         hs = (report.get("benchmarks") or {}).get("hellaswag") or {"status": "not run"}
         if hs["status"] == "ok":
             s = hs["metrics"]["acc_norm"]
@@ -52,7 +64,7 @@ def candidates() -> str:
         verdict = verdicts.get(name, {}).get("status", "–")
         lines.append(f"| {name} | {report[metric]:.3f} {_interval(report.get(metric + '_ci95'))} | {score} | {vs} | "
                      f"{report['size_bytes'] / 1e6:,.1f} | {report['relative_tokens_per_second']:.2f}x | {verdict} |")
-    items = next((hs["items"] for n in names if (hs := (_json("eval", f"{n}.json").get("benchmarks") or {})
+    items = next((hs["items"] for n in names if (hs := (_evaluation(n).get("benchmarks") or {})
                                                   .get("hellaswag", {})).get("status") == "ok"), None)
     tasks = _json("eval", "merged.json")["task_examples"]
     lines += ["", f"{tasks} held-out conversations per candidate for {metric}"
@@ -74,12 +86,14 @@ def promotion() -> str:
 
 
 def builds() -> str:
-    lines = ["| build | size MB | x smaller | KLD mean | KLD p99 | top-1 agreement | perplexity vs merged |",
-             "|---|---|---|---|---|---|---|"]
-    for path in sorted((_reports() / "quantize").glob("*.json")):
-        r = json.loads(path.read_text())
-        lines.append(f"| {path.stem} | {r['size_bytes'] / 1e6:,.1f} | {r['compression_ratio']:.2f} | {r['kld_mean']:.5f} | "
-                     f"{r['kld_p99']:.4f} | {100 * r['top1_agreement']:.2f} % | {r['perplexity_ratio']:.4f}x |")
+    """The ladder (reports/ladder.json) beside each build's screen (reports/quantize/<name>.json)."""
+    from ftq.stages.compare import LADDER_HEADER, ladder_rows
+
+    ladder = _json("ladder.json")
+    lines = ["| " + " | ".join(LADDER_HEADER) + " |", "|---" * len(LADDER_HEADER) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in ladder_rows(ladder)]
+    lines += ["", f"Smallest first; promote.policy.select {ladder['select']}, metric {ladder['metric']} "
+                  f"(merged {ladder['merged_metric']:.3f}), paired intervals at {ladder['confidence']:.0%}."]
     return "\n".join(lines)
 
 

@@ -228,6 +228,13 @@ SCHEMA: dict[str, dict] = {
             "max_length": Int(512, minimum=8),
             "seed": Int(0, minimum=0),
         },
+        # llama.cpp's importance matrix (stage imatrix), from a seeded sample of the prepared train split
+        "imatrix": {
+            "samples": Int(128, minimum=1),  # training conversations (task and replay, as training saw them)
+            "max_length": Int(512, minimum=8),  # each cut to this many tokens
+            "chunk_size": Int(512, minimum=32),  # llama-imatrix's context: the text is read in chunks of this size
+            "seed": Int(0, minimum=0),
+        },
         "reference": {
             "examples": Int(64, minimum=1),
             "max_length": Int(512, minimum=1),
@@ -295,6 +302,9 @@ SCHEMA: dict[str, dict] = {
                 "metric": Str("acc_norm"),
                 "tolerance": Num(0.02, minimum=0),
             },
+            # smallest_tied: the smallest build tied with merged (builds evaluated smallest first, stopping at
+            # the first tied one); best: every build evaluated, the best by the metric (ftq.selection)
+            "select": Choice("smallest_tied", "smallest_tied", "best"),
             "tie_breakers": Setting(["size_bytes:min", "relative_tokens_per_second:max"], _tie_breakers,
                                  "a list like [size_bytes:min, relative_tokens_per_second:max]"),
         },

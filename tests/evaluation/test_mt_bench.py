@@ -9,6 +9,7 @@ import pytest
 from conftest import SMALL_EVAL, load_params, set_params, shared_file, start_server, stop
 from ftq.evaluation import mt_bench
 from ftq.stages import evaluate
+from ftq.stages.evaluate import report_dir
 
 
 def test_parse_rating_like_fastchat():
@@ -46,8 +47,8 @@ def test_evaluate_runs_mt_bench_with_a_real_judge_endpoint(evaluated, judge_serv
                                                 "judge": {"base_url": judge_server, "model": "rating-judge",
                                                           "api_key_env": "NO_SUCH_KEY"}},
                                   "lm_eval": {"tasks": [], "local_data": {}}})  # measured by the fixture already
-    outputs = [project / "reports" / "eval" / f"q8_0{suffix}" for suffix in (".json", ".answers.jsonl")]
-    outputs += [project / "reports" / "eval" / "lm_eval" / f"q8_0{suffix}" for suffix in (".json", ".samples.jsonl")]
+    outputs = [project / report_dir("q8_0") / f"q8_0{suffix}" for suffix in (".json", ".answers.jsonl")]
+    outputs += [project / report_dir("q8_0") / "lm_eval" / f"q8_0{suffix}" for suffix in (".json", ".samples.jsonl")]
     saved = [p.read_bytes() for p in outputs]  # the shared fixture's other tests read the originals
     try:
         report = evaluate.run(load_params(project), "q8_0")
@@ -58,7 +59,7 @@ def test_evaluate_runs_mt_bench_with_a_real_judge_endpoint(evaluated, judge_serv
     assert report["mt_bench_status"] == "ok" and report["mt_bench_judged"] == 6 and report["mt_bench_failed"] == 0
     assert report["mt_bench_score"] == 7.0 and report["mt_bench_turn2"] == 7.0
     assert set(report["mt_bench_categories"]) == {"writing"}
-    rows = [json.loads(line) for line in (project / "reports" / "eval" / "q8_0.mt_bench.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (project / report_dir("q8_0") / "q8_0.mt_bench.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all("[[7]]" in r["judgment"] for r in rows) and len(rows[0]["answers"]) == 2
 
 

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from conftest import mlflow_runs
+from ftq.stages.evaluate import report_dir
 
 def test_every_candidate_is_measured_the_same_way(evaluated):
     project, reports = evaluated
@@ -16,12 +17,12 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
     assert reports["base"]["lm_eval_dtype"] == reports["merged"]["lm_eval_dtype"] == compute_dtype("auto", "float32")
     assert reports["q8_0"]["lm_eval_dtype"] is None
     for name, report in reports.items():
-        assert json.loads((project / "reports" / "eval" / f"{name}.json").read_text()) == report
+        assert json.loads((project / report_dir(name) / f"{name}.json").read_text()) == report
         for key in ("task_exact_match", "task_rouge_l", "task_json_valid", "perplexity", "size_bytes", "load_seconds",
                     "tokens_per_second", "ttft_seconds_p50", "peak_memory_bytes"):
             assert report[key] is not None, (name, key)
         assert report["task_examples"] == 4 and report["perplexity"] > 1
-        answers = (project / "reports" / "eval" / f"{name}.answers.jsonl").read_text().splitlines()
+        answers = (project / report_dir(name) / f"{name}.answers.jsonl").read_text().splitlines()
         assert len(answers) == 4 and {"prompt", "reference", "answer"} <= set(json.loads(answers[0]))
     assert reports["q8_0"]["size_bytes"] < reports["merged"]["size_bytes"] / 3
     # speed: three repeats, each beside merged measured in the same run; merged is its own reference
@@ -36,7 +37,7 @@ def test_every_candidate_is_measured_the_same_way(evaluated):
     # general questions from params.yaml, answered by every candidate
     for name, report in reports.items():
         general = [json.loads(line) for line in
-                   (project / "reports" / "eval" / f"{name}.general.jsonl").read_text().splitlines()]
+                   (project / report_dir(name) / f"{name}.general.jsonl").read_text().splitlines()]
         assert len(general) == report["general_questions"] == 8
         assert report["general_accuracy"] == pytest.approx(sum(g["correct"] for g in general) / 8, abs=1e-4)
         assert all(g["answer"] is not None and g["expect"] for g in general)
@@ -52,11 +53,11 @@ def test_lm_eval_runs_ftqs_tasks_for_every_candidate(evaluated):
                     "lm_eval_ftq_heldout_generate_chrf", "lm_eval_ftq_text_perplexity_word_perplexity",
                     "lm_eval_ftq_text_perplexity_bits_per_byte"):
             assert isinstance(report[key], float), (name, key)
-        results = json.loads((project / "reports" / "eval" / "lm_eval" / f"{name}.json").read_text())
+        results = json.loads((project / report_dir(name) / "lm_eval" / f"{name}.json").read_text())
         assert results["n_samples"]["ftq_heldout_generate"]["effective"] == 3
         assert results["model"] == ("hf" if report["runtime"] == "transformers" else "ftq llama.cpp (in process)")
         samples = [json.loads(line) for line in
-                   (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
+                   (project / report_dir(name) / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
         assert {s["task"] for s in samples} - {"hellaswag"} == {"ftq_heldout_generate", "ftq_text_perplexity"}
     # q8_0 is nearly lossless: the same text scores nearly the same through llama.cpp's server as in transformers
     merged, q8 = (reports[n]["lm_eval_ftq_text_perplexity_word_perplexity"] for n in ("merged", "q8_0"))
@@ -81,7 +82,7 @@ def test_hellaswag_is_scored_for_every_candidate_on_the_same_items_paired_with_m
         assert acc_norm["mean"] == pytest.approx(report["lm_eval_hellaswag_acc_norm"], abs=1e-4)
         assert acc_norm["interval"][0] <= acc_norm["mean"] <= acc_norm["interval"][1]
         samples = [json.loads(line) for line in
-                   (project / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
+                   (project / report_dir(name) / "lm_eval" / f"{name}.samples.jsonl").read_text().splitlines()]
         assert sorted(s["doc_id"] for s in samples if s["task"] == "hellaswag") == manifest["indices"]
         assert ("vs_merged" in acc_norm) == (name != "merged")
         if name != "merged":
@@ -113,7 +114,11 @@ def test_compare_report_puts_candidates_side_by_side(evaluated):
     page = (project / "reports" / "compare.html").read_text()
     # self-contained: nothing fetched from the network (a URL in a note's text, e.g. where to download
     # HellaSwag when its file is absent, fetches nothing)
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6  # five metric groups and the ladder's size-vs-quality plot
+    ladder = md[md.index("## Quantization ladder"):]
+    rows = [line for line in ladder.splitlines() if line.startswith("| q")]
+    assert [r.split("|")[1].strip() for r in rows] == ["q4_0", "q8_0"]  # smallest first
+    assert all(r.split("|")[8].strip() == "passed" and r.split("|")[9].strip() == "yes" for r in rows)
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""", page)
     assert all((project / "reports" / "compare" / f"{g}.png").exists()
                for g in ("quality", "lm_eval", "perplexity", "size", "speed"))

@@ -11,6 +11,7 @@ from conftest import load_params, set_params, set_scores
 from ftq.evaluation import paired
 from ftq.params import ParamsError
 from ftq.stages import promote
+from ftq.stages.evaluate import report_dir
 
 N = 48  # held-out examples, as in the default evaluation
 
@@ -20,6 +21,8 @@ def registry(project):
 
 
 def promote_as(project, name, enabled=("q8_0", "q4_0"), **policy):
+    """Promote under `policy`; select: best unless given (the rules below rank every evaluated build)."""
+    policy.setdefault("select", "best")
     set_params(project, promote={"model_name": name, "policy": policy}, quantize={"enabled": list(enabled)})
     return promote.run(load_params(project))
 
@@ -131,7 +134,7 @@ def test_a_stale_champion_is_re_evaluated_on_the_current_examples(evaluated_copy
     report = promote_as(project, "stale", enabled=("q4_0",), min_retention=0.0)
     assert "re-evaluated on the current 4 examples" in report["champion"]["previous_evaluation"]
     answers = [json.loads(line) for line in (project / promote.CHAMPION_ANSWERS).read_text().splitlines()]
-    current = [json.loads(line)["id"] for line in (project / "reports/eval/q4_0.answers.jsonl").read_text().splitlines()]
+    current = [json.loads(line)["id"] for line in (project / report_dir("q4_0") / "q4_0.answers.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in answers) == sorted(current) and all("answer" in r for r in answers)
     # the tiny random model's real answers get no JSON field right
     assert report["champion"]["previous_metric"] == 0.0
@@ -142,7 +145,7 @@ def test_a_failing_candidate_never_wins(evaluated_copy):
     project = evaluated_copy
     set_scores(project, "merged", 1.0)
     set_scores(project, "q8_0", 1.0)
-    evaluation = project / "reports" / "eval" / "q4_0.json"
+    evaluation = project / report_dir("q4_0") / "q4_0.json"
     evaluation.unlink()  # its evaluation is missing (failed)
     report = promote_as(project, "strict")
     assert by_name(report)["q4_0"]["status"] == "rejected" and "not evaluated" in by_name(report)["q4_0"]["reasons"][0]
@@ -193,7 +196,7 @@ def set_preference_scores(project, name, ranked: list[float]):
     """Per-pair rows as evaluate writes them (reports/eval/<name>.preference.jsonl) and the mean."""
     rows = [{"id": f"ftq_default_pairs_heldout:{i}", "pref_accuracy": v, "logp_accuracy": v,
              "reward_margin": v - 0.5} for i, v in enumerate(ranked)]
-    folder = project / "reports" / "eval"
+    folder = project / report_dir(name)
     (folder / f"{name}.preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = json.loads((folder / f"{name}.json").read_text())
     report["pref_accuracy"] = sum(ranked) / len(ranked)
@@ -210,3 +213,20 @@ def test_pref_accuracy_promotes_on_the_held_out_pairs(evaluated_copy):
     assert champion_build(project, "pref") == "q8_0"
     assert rows["q4_0"]["status"] == "rejected" and "pref_accuracy retention" in " ".join(rows["q4_0"]["reasons"])
     assert report["paired_examples"] == 60
+
+
+def test_smallest_tied_promotes_the_smallest_build_tied_with_merged(evaluated_copy):
+    """select: smallest_tied: q4_0 (the smaller) is tied with merged and q8_0 is not significantly better
+    than it, so q4_0 is champion and the note says why; when q8_0 is significantly better than q4_0 (and
+    tied with merged), the larger build wins."""
+    project = evaluated_copy
+    set_scores(project, "merged", ones(40))
+    set_scores(project, "q8_0", ones(41))
+    set_scores(project, "q4_0", ones(38))
+    report = promote_as(project, "smallest", select="smallest_tied", min_retention=0.0)
+    assert champion_build(project, "smallest") == "q4_0"
+    assert report["champion"]["note"].startswith("first champion: the smallest build tied with merged")
+    set_scores(project, "q4_0", ones(30))  # 10 lost: below merged, and q8_0 is significantly better
+    report = promote_as(project, "smallest", select="smallest_tied", min_retention=0.0)
+    assert champion_build(project, "smallest") == "q8_0"
+    assert report["champion"]["moved"] and "the smallest build tied with merged" in report["champion"]["note"]

@@ -3,11 +3,10 @@ import signal
 
 import pytest
 
-from conftest import load_params, make_project, mlflow_runs, set_params
+from conftest import SMALL_IMATRIX, load_params, make_project, mlflow_runs, set_params
 from ftq.params import ParamsError
-from ftq.quantize.check import BuildCheckError
 from ftq.runtimes import artifact_format, open_model
-from ftq.stages import base, merge, prepare, quantize, reference, train
+from ftq.stages import base, imatrix, merge, prepare, quantize, reference, train
 
 FAST_TRAIN = {"max_steps": 2, "per_device_batch_size": 4, "learning_rate": 5e-3, "eval_steps": 0, "save_steps": 2,
               "warmup": 0}
@@ -27,9 +26,9 @@ def merged(tmp_path_factory, tiny_model_dir):
             patch.delenv(key, raising=False)
         patch.chdir(project)
         set_params(project, train=FAST_TRAIN, quantize={"check": SMALL_CHECK, "calibration": SMALL_CALIBRATION,
-                                                        "reference": SMALL_REFERENCE})
+                                                        "reference": SMALL_REFERENCE, "imatrix": SMALL_IMATRIX})
         params = load_params(project)
-        for stage in (base, prepare, train, merge, reference):
+        for stage in (base, prepare, train, merge, reference, imatrix):
             stage.run(params)
         yield project
 
@@ -75,15 +74,50 @@ def test_gguf_build_with_output_type_and_manifest(merged):
     runtime.close()
 
 
-def test_failed_check_leaves_no_partial_directory(merged):
+def test_a_build_that_fails_its_screen_is_recorded_without_its_model_and_never_evaluated(merged):
+    from ftq.stages import evaluate
+
     params = with_builds(merged, broken={"method": "gguf", "type": "q2_k", "check": {"min_top1_agreement": 1.01}})
-    with pytest.raises(BuildCheckError, match="build 'broken'.*top-1 agreement"):
-        quantize.run(params, "broken")
-    assert not (merged / "models" / "quantized" / "broken").exists()
+    manifest = quantize.run(params, "broken").manifest
+    out = merged / "models" / "quantized" / "broken"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # the model is not kept
     assert not list((merged / "models" / "quantized").glob("broken.tmp-*"))
-    assert not (merged / "reports" / "quantize" / "broken.json").exists()
+    assert manifest["kept"] is False and manifest["artifact"] is None and not manifest["check"]["passed"]
+    report = json.loads((merged / "reports" / "quantize" / "broken.json").read_text())
+    assert report["check_passed"] is False and "top-1 agreement" in report["check_failures"][0]
+    assert report["size_bytes"] > 0 and report["kld_mean"] >= 0  # recorded: size and distances
     [run] = quantize_runs(merged, "broken")
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FINISHED" and run.data.tags["quantize.screen"] == "failed"
+    with pytest.raises(evaluate.ScreenedOut, match="build 'broken' failed its screen"):
+        evaluate.candidate_path(merged, "broken")
+
+
+def test_the_importance_matrix_is_computed_once_and_used_where_a_build_asks(merged):
+    info = json.loads((merged / "models" / "imatrix" / "imatrix.json").read_text())
+    assert info["chunks"] >= 2 and info["tokens"] > 0 and info["command"][0] == "llama-imatrix"
+    assert (merged / "models" / "imatrix" / "imatrix.gguf").stat().st_size > 0
+    stamp = (merged / "models" / "imatrix" / "imatrix.gguf").stat().st_mtime_ns
+    with_matrix = quantize.run(with_builds(merged, q4m={"method": "gguf", "type": "q4_k_m"}), "q4m").manifest
+    without = quantize.run(with_builds(merged, q4m_plain={"method": "gguf", "type": "q4_k_m", "imatrix": False}),
+                           "q4m_plain").manifest
+    q8 = quantize.run(with_builds(merged, q8={"method": "gguf", "type": "q8_0"}), "q8").manifest
+    assert with_matrix["imatrix"]["sha256"] == info["sha256"] and without["imatrix"] is None and q8["imatrix"] is None
+    assert with_matrix["files"]["model.gguf"]["sha256"] != without["files"]["model.gguf"]["sha256"]
+    # the same tensor types, other rounding: equal sizes but for the matrix's own metadata keys
+    assert with_matrix["backend"]["tensor_types"] == without["backend"]["tensor_types"]
+    assert 0 <= with_matrix["size_bytes"] - without["size_bytes"] < 4096
+    # every GGUF build quantized from stage imatrix's f16 GGUF: one conversion, not one per build
+    assert with_matrix["backend"]["from_shared_f16"] and q8["backend"]["from_shared_f16"]
+    # the build records the matrix and its text by file name, not where the project lies: clones make the
+    # same bytes
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(merged / "models" / "quantized" / "q4m" / "model.gguf")).fields
+    recorded = {k: bytes(fields[k].parts[fields[k].data[0]]).decode()
+                for k in ("quantize.imatrix.file", "quantize.imatrix.dataset")}
+    assert recorded == {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": "sample.txt"}
+    # every build read the one matrix: it was not made again
+    assert (merged / "models" / "imatrix" / "imatrix.gguf").stat().st_mtime_ns == stamp
 
 
 def test_bad_build_options_name_the_key(merged):

@@ -2,6 +2,7 @@
 
     OPTIONS: dict               every option the method takes, with its default
     NEEDS_CALIBRATION: bool     whether build() gets calibration sequences from the project's data
+    USES_IMATRIX: bool          (optional) whether build() takes `imatrix=`, stage imatrix's importance matrix
     validate(options, where) -> dict          complete, checked options (errors name params.yaml keys)
     build(source, out, options, calibration) -> dict   writes the build into `out`; returns tool versions
                                                         and anything else worth recording

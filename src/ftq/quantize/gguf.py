@@ -1,41 +1,60 @@
 """GGUF builds with llama.cpp itself: its convert_hf_to_gguf.py (shipped in the llama-cpp-python sdist;
-`make install` unpacks it into .venv/share/ftq/llama.cpp) writes an f16/bf16/f32 GGUF, then
-llama_model_quantize (the library behind llama-quantize) makes the requested type."""
+`make install` unpacks it into .venv/share/ftq/llama.cpp) writes an f16/bf16/f32 GGUF, then `llama-quantize`
+(the vendored build's own tool) makes the requested type, with the importance matrix of stage `imatrix`
+where the build asks for it (`imatrix: true`, or `auto`: every type of 4 bits or fewer).
+
+Type names are the `gguf` package's enums (LlamaFileType for a file's type, GGMLQuantizationType for one
+tensor's), lower-cased: the package llama.cpp's converter writes with, not a table of ftq's."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from gguf import GGMLQuantizationType, LlamaFileType
+
 from ftq.params import ParamsError
 from ftq.quantize import check_options
 
 NEEDS_CALIBRATION = False
+USES_IMATRIX = True  # build() takes stage imatrix's matrix (where the options ask for it)
 OPTIONS = {
     "type": "q4_k_m",
     "output_type": None,  # type of output.weight (the token embedding when tied); None: llama.cpp's choice
     "token_embedding_type": None,
     "pure": False,  # true: every tensor in `type`, no k-quant mixture
     "intermediate": "f16",  # what convert_hf_to_gguf writes before quantizing: f16 | bf16 | f32
+    # quantize with stage imatrix's importance matrix: true | false | auto (on for types of <= 4 bits)
+    "imatrix": "auto",
 }
-# file types llama.cpp can make without an importance matrix
-FILE_TYPES = {
-    "f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
-    "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
-    "q6_k": 18, "q2_k_s": 21, "iq4_nl": 25, "iq4_xs": 30,
-}
-TENSOR_TYPES = {
-    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10, "q3_k": 11,
-    "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq4_nl": 20, "iq4_xs": 23, "bf16": 30,
-}
+FILE_TYPES = {("f32" if t.name == "ALL_F32" else t.name.removeprefix("MOSTLY_").lower()): int(t)
+              for t in LlamaFileType if t.name != "GUESSED"}
+TENSOR_TYPES = {t.name.lower(): int(t) for t in GGMLQuantizationType}
 UNQUANTIZED = ("f32", "f16", "bf16")
+# llama-quantize refuses these without an importance matrix (tools/quantize/quantize.cpp)
+NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s")
+IMATRIX_AUTO_BITS = 4
 FILE_NAME = "model.gguf"
+
+
+def nominal_bits(file_type: str) -> int | None:
+    """The bits a type's name gives its weights (q4_k_m: 4, iq3_xxs: 3, q8_0: 8); None for f16/bf16/f32."""
+    found = re.match(r"t?i?q(\d)", file_type)
+    return int(found.group(1)) if found else None
+
+
+def uses_imatrix(opts: dict) -> bool:
+    """Whether a build quantizes with the importance matrix (`auto`: types of 4 bits or fewer)."""
+    if opts["imatrix"] == "auto":
+        bits = nominal_bits(opts["type"])
+        return bits is not None and bits <= IMATRIX_AUTO_BITS
+    return bool(opts["imatrix"])
 
 
 def validate(options: dict, where: str) -> dict:
@@ -50,7 +69,25 @@ def validate(options: dict, where: str) -> dict:
                 raise ParamsError(f"{where}: {key} '{opts[key]}': expected one of {', '.join(TENSOR_TYPES)}")
     if opts["intermediate"] not in UNQUANTIZED:
         raise ParamsError(f"{where}: intermediate '{opts['intermediate']}': expected f16, bf16 or f32")
+    if opts["imatrix"] not in (True, False, "auto"):
+        raise ParamsError(f"{where}: imatrix {opts['imatrix']!r}: expected true, false or auto")
+    if opts["type"] in UNQUANTIZED and opts["imatrix"] is True:
+        raise ParamsError(f"{where}: imatrix: true on an unquantized type ({opts['type']}) does nothing")
+    if opts["type"] in NEEDS_IMATRIX and not uses_imatrix(opts):
+        raise ParamsError(f"{where}: type {opts['type']} needs the importance matrix (llama-quantize refuses it "
+                          "without one): leave imatrix auto or set it true")
     return opts
+
+
+def tool(name: str) -> Path:
+    """One of the vendored llama.cpp build's tools, installed beside this Python (`make install`)."""
+    found = Path(sys.prefix) / "bin" / name
+    if not found.exists():
+        found = Path(shutil.which(name) or found)
+    if not found.exists():
+        raise FileNotFoundError(f"{found}: llama.cpp's {name} is missing; `make install` builds it from the "
+                                "llama-cpp-python sdist")
+    return found
 
 
 def convert_script() -> Path:
@@ -111,36 +148,59 @@ def _convert(source: Path, target: Path, outtype: str) -> None:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {source} ({describe_exit(result.returncode)}):\n{tail}")
 
 
-def quantize(source: Path, target: Path, opts: dict, threads: int) -> None:
-    import llama_cpp
-
-    qparams = llama_cpp.llama_model_quantize_default_params()
-    qparams.nthread = threads
-    qparams.ftype = FILE_TYPES[opts["type"]]
-    qparams.pure = bool(opts["pure"])
+def quantize_command(source: Path, target: Path, opts: dict, threads: int, imatrix: Path | None) -> list[str]:
+    """llama-quantize's command line for one build."""
+    command = [str(tool("llama-quantize"))]
+    if imatrix is not None:  # by file name: quantize() runs in its folder (the GGUF records the path it is given)
+        command += ["--imatrix", Path(imatrix).name]
+    if opts["pure"]:
+        command.append("--pure")
     if opts["output_type"] is not None:
-        qparams.output_tensor_type = TENSOR_TYPES[opts["output_type"]]
+        command += ["--output-tensor-type", opts["output_type"]]
     if opts["token_embedding_type"] is not None:
-        qparams.token_embedding_type = TENSOR_TYPES[opts["token_embedding_type"]]
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(qparams))
-    if code != 0 or not target.exists():
-        raise RuntimeError(f"llama_model_quantize {source} -> {opts['type']} failed (code {code})")
+        command += ["--token-embedding-type", opts["token_embedding_type"]]
+    return command + [str(source), str(target), opts["type"].upper(), str(threads)]
 
 
-def build(source: Path, out: Path, options: dict, calibration=None) -> dict:
+def quantize(source: Path, target: Path, opts: dict, threads: int, imatrix: Path | None = None) -> None:
+    """llama-quantize, in the importance matrix's folder where there is one: the GGUF then records its file
+    name (`quantize.imatrix.file`), not where the project lies, and two clones make the same bytes."""
+    source, target = Path(source).resolve(), Path(target).resolve()
+    result = subprocess.run(quantize_command(source, target, opts, threads, imatrix), capture_output=True, text=True,
+                            cwd=Path(imatrix).resolve().parent if imatrix is not None else None)
+    if result.returncode != 0 or not target.exists():
+        from ftq.processes import describe_exit
+
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"llama-quantize {source} -> {opts['type']} failed ({describe_exit(result.returncode)}):\n{tail}")
+
+
+def build(source: Path, out: Path, options: dict, calibration=None, imatrix: Path | None = None,
+          converted: Path | None = None) -> dict:
+    """The build in `out`; `imatrix` is stage imatrix's matrix, used where the options ask for it;
+    `converted`, stage imatrix's f16 GGUF of the same source, spares a conversion where the build starts
+    from f16 (the default intermediate)."""
     target = out / FILE_NAME
+    matrix = imatrix if uses_imatrix(options) else None
+    if uses_imatrix(options) and (imatrix is None or not Path(imatrix).exists()):
+        raise FileNotFoundError(f"{imatrix}: build type {options['type']} uses the importance matrix and there is "
+                                "none; run `dvc repro imatrix` first")
     needs_quantize = not (
         options["type"] == options["intermediate"] and options["output_type"] is None
         and options["token_embedding_type"] is None
     )
-    intermediate = out / f"model-{options['intermediate']}.gguf" if needs_quantize else target
-    convert(source, intermediate, options["intermediate"])
+    shared = converted is not None and Path(converted).exists() and options["intermediate"] == "f16" and needs_quantize
+    intermediate = Path(converted) if shared else (out / f"model-{options['intermediate']}.gguf" if needs_quantize else target)
+    if not shared:
+        convert(source, intermediate, options["intermediate"])
     if needs_quantize:
         try:
-            quantize(intermediate, target, options, os.cpu_count() or 1)
+            quantize(intermediate, target, options, os.cpu_count() or 1, matrix)
         finally:
-            intermediate.unlink(missing_ok=True)
-    return {"artifact": FILE_NAME, "tensor_types": tensor_type_counts(target)}
+            if not shared:
+                intermediate.unlink(missing_ok=True)
+    return {"artifact": FILE_NAME, "tensor_types": tensor_type_counts(target), "imatrix": matrix is not None,
+            "from_shared_f16": shared}
 
 
 def tensor_type_counts(path: Path) -> dict[str, int]:

@@ -44,7 +44,14 @@ class LlamaCppRuntime:
     def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
              tools: list[dict] | None = None) -> str:
         """`tools` are for a chat template that renders them itself: the GGUF's template renders the prompt
-        as transformers renders it in training (see ftq.data.tools)."""
+        as transformers renders it in training (see ftq.data.tools).
+
+        Each answer starts from an empty context: llama-cpp-python would reuse the longest prefix the last
+        prompt shares with this one and evaluate only the rest as a second batch, and the floats then differ
+        a little from a whole-prompt batch, enough to flip a greedy token on close calls (a q4_k_m build
+        answered 3 of 40 held-out orders differently after a one-token warm-up). An answer depends on its
+        prompt only, whatever was asked before."""
+        self.llama.reset()
         if tools:
             prompt = self._template_renderer()(messages, tools, True)
             reply = self.llama.create_completion(prompt, max_tokens=max_new_tokens, temperature=temperature, seed=0)

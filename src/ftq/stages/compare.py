@@ -1,10 +1,13 @@
 """Stage `compare`: every evaluated candidate side by side.
 
-Reads reports/eval/<candidate>.json and .answers.jsonl and writes
-  reports/compare.md      one table of all metrics for all candidates, retention vs. `merged` in %,
-                          and the answers of every candidate to the same prompts
+Reads reports/eval/<candidate>.json and .answers.jsonl (base, merged, and the builds stage ladder
+evaluated, in reports/eval/builds/) and reports/ladder.json, and writes
+  reports/compare.md      one table of all metrics for all candidates, retention vs. `merged` in %, the
+                          quantization ladder (every build: size, KLD, top-1, screen, evaluated or why
+                          not, metric vs merged), and the answers of every candidate to the same prompts
   reports/compare.html    the same, self-contained (charts inlined as base64 PNG)
-  reports/compare/*.png   one bar chart per metric group
+  reports/compare/*.png   one bar chart per metric group; ladder.png, size against KL divergence and
+                          against the task metric, the Pareto front marked
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ftq.params import repo_root
 log = logging.getLogger(__name__)
 
 EVAL_ROOT = Path("reports/eval")
+LADDER = Path("reports/ladder.json")
 MARKDOWN = Path("reports/compare.md")
 HTML = Path("reports/compare.html")
 CHART_ROOT = Path("reports/compare")
@@ -65,25 +69,35 @@ ORDER = ("base", "merged")
 
 
 def load_reports(root: Path, names: list[str]) -> dict[str, dict]:
-    """The evaluations of base, merged and the enabled builds, in that order. Reports of builds no
-    longer in quantize.enabled may still lie in the folder; they are not candidates."""
-    folder = root / EVAL_ROOT
-    missing = [n for n in names if not (folder / f"{n}.json").exists()]
+    """The evaluations of base, merged and the evaluated builds, in that order."""
+    from ftq.stages.evaluate import report_dir
+
+    missing = [n for n in names if not (root / report_dir(n) / f"{n}.json").exists()]
     if missing:
-        raise FileNotFoundError(f"{folder}: no evaluation of {', '.join(missing)}; run `dvc repro evaluate` first")
-    return {n: json.loads((folder / f"{n}.json").read_text()) for n in names}
+        raise FileNotFoundError(f"{root / EVAL_ROOT}: no evaluation of {', '.join(missing)}; run `dvc repro` first")
+    return {n: json.loads((root / report_dir(n) / f"{n}.json").read_text()) for n in names}
 
 
-def candidates(params: dict[str, Any]) -> list[str]:
+def load_ladder(root: Path) -> dict | None:
+    path = root / LADDER
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def candidates(params: dict[str, Any], ladder: dict | None) -> list[str]:
+    """base, merged, and the builds of quantize.enabled that the ladder evaluated (smallest first)."""
     from ftq import schema
 
-    return [*ORDER, *sorted(schema.settings(params, "quantize")["enabled"])]
+    enabled = schema.settings(params, "quantize")["enabled"]
+    evaluated = [r["name"] for r in (ladder or {}).get("rungs", []) if r["evaluated"] and r["name"] in enabled]
+    return [*ORDER, *evaluated]
 
 
 def load_answers(root: Path, names: list[str]) -> dict[str, list[dict]]:
+    from ftq.stages.evaluate import report_dir
+
     answers = {}
     for name in names:
-        path = root / EVAL_ROOT / f"{name}.answers.jsonl"
+        path = root / report_dir(name) / f"{name}.answers.jsonl"
         answers[name] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return answers
 
@@ -186,7 +200,79 @@ def chart(reports: dict[str, dict], keys: list[str], title: str, path: Path) -> 
     return save_figure(fig, path)
 
 
-def markdown(reports, rows, answers, charts) -> str:
+LADDER_HEADER = ["build", "type", "imatrix", "size MB", "KLD mean", "KLD p99", "top-1", "screen", "evaluated in full",
+                 "metric [95 %]", "vs merged, paired [95 %]", "verdict"]
+
+
+def ladder_rows(ladder: dict | None) -> list[list[str]]:
+    """Every rung of the quantization ladder, smallest first: what the screen measured, and what the full
+    evaluation found, or why there was none."""
+    rows = []
+    for r in (ladder or {}).get("rungs", []):
+        scored = r if r.get("metric") is not None else r.get("quick") or {}  # in full, or on the metric alone
+        metric = (f"{scored['metric']:.3f} [{scored['metric_ci95'][0]:.3f}, {scored['metric_ci95'][1]:.3f}]"
+                  if scored.get("metric") is not None and scored.get("metric_ci95") else "–")
+        vs = r.get("vs_merged") or ({"diff": scored["diff"], "interval": scored["interval"]} if "diff" in scored else None)
+        diff = f"{vs['diff']:+.3f} [{vs['interval'][0]:+.3f}, {vs['interval'][1]:+.3f}]" if vs else "–"
+        if not r["evaluated"]:
+            verdict = r.get("why", "")
+        elif r.get("reasons"):
+            verdict = "rejected: " + "; ".join(r["reasons"])
+        else:
+            verdict = "tied with merged" if r.get("tied") else "below merged"
+        rows.append([r["name"], str(r.get("type") or r["method"]), "yes" if r.get("imatrix") else "no",
+                     f"{r['size_bytes'] / 1e6:,.1f}", f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
+                     f"{r['top1_agreement']:.3f}", "passed" if r["screen_passed"] else "failed",
+                     "yes" if r["evaluated"] else "no", metric, diff, verdict])
+    return rows
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both size and loss (smaller is better on each)."""
+    return [name for name, size, loss in points
+            if not any(s <= size and l <= loss and (s, l) != (size, loss) for _, s, l in points)]
+
+
+def ladder_chart(ladder: dict | None, path: Path) -> Path | None:
+    """Size against KL divergence (every rung) and against the metric (evaluated rungs, merged beside),
+    the Pareto front of size and KLD joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rungs = (ladder or {}).get("rungs", [])
+    if not rungs:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    front = set(pareto_front([(r["name"], r["size_bytes"], r["kld_mean"]) for r in rungs]))
+    for r in rungs:
+        color = "#4c72b0" if r["screen_passed"] else "#c44e52"
+        left.scatter(r["size_bytes"] / 1e6, r["kld_mean"], color=color, marker="o" if r["name"] in front else "x")
+        left.annotate(r["name"], (r["size_bytes"] / 1e6, r["kld_mean"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    on_front = sorted((r["size_bytes"] / 1e6, r["kld_mean"]) for r in rungs if r["name"] in front)
+    left.plot([x for x, _ in on_front], [y for _, y in on_front], color="#4c72b0", alpha=0.4)
+    left.set(xlabel="size (MB)", ylabel="KL divergence vs merged (mean)", title="screen (red: failed)")
+    left.set_yscale("log")
+    evaluated = [r for r in rungs if r["evaluated"] and r.get("metric") is not None]
+    for r in evaluated:
+        low, high = r["metric_ci95"] or (r["metric"], r["metric"])
+        right.errorbar(r["size_bytes"] / 1e6, r["metric"], yerr=[[r["metric"] - low], [high - r["metric"]]], fmt="o",
+                       color="#4c72b0" if r.get("tied") and not r.get("reasons") else "#dd8452")
+        right.annotate(r["name"], (r["size_bytes"] / 1e6, r["metric"]), fontsize=7, xytext=(3, 3),
+                       textcoords="offset points")
+    if ladder.get("merged_metric") is not None:
+        right.axhline(ladder["merged_metric"], color="grey", linestyle="--", label="merged")
+        right.legend(fontsize=7)
+    right.set(xlabel="size (MB)", ylabel=ladder.get("metric", "metric"), title="evaluated (blue: tied with merged)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def markdown(reports, rows, answers, charts, ladder=None) -> str:
     names = list(reports)
     lines = ["# Candidates compared", "",
              "Retention in parentheses is the value as a percentage of `merged`'s.", "",
@@ -199,6 +285,14 @@ def markdown(reports, rows, answers, charts) -> str:
                   "difference is what promote's general-ability guard decides on.", "",
                   "| " + " | ".join(BENCHMARK_HEADER) + " |", "|---" * len(BENCHMARK_HEADER) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in benchmarks]
+    rungs = ladder_rows(ladder)
+    if rungs:
+        lines += ["", "## Quantization ladder", "",
+                  f"Every build of quantize.enabled, smallest first: screened by KL divergence and top-1 agreement "
+                  f"against merged, then evaluated from the smallest up (promote.policy.select: {ladder['select']}); "
+                  f"the metric is {ladder['metric']}, the difference paired with merged on the same examples.", "",
+                  "| " + " | ".join(LADDER_HEADER) + " |", "|---" * len(LADDER_HEADER) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rungs]
     lines += [""] + [f"![{c.stem}](compare/{c.name})" for c in charts]
     lines += ["", "## Answers side by side", ""]
     for i, first in enumerate(answers[names[0]][:ANSWERS_SHOWN]):
@@ -210,7 +304,7 @@ def markdown(reports, rows, answers, charts) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_page(reports, rows, answers, charts) -> str:
+def html_page(reports, rows, answers, charts, ladder=None) -> str:
     names = list(reports)
     esc = html.escape
     head = "".join(f"<th>{esc(n)}</th>" for n in names)
@@ -230,6 +324,10 @@ def html_page(reports, rows, answers, charts) -> str:
     standard = ("<h2>Standard benchmarks</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in BENCHMARK_HEADER)
                 + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in benchmarks)
                 + "</table>") if benchmarks else ""
+    rungs = ladder_rows(ladder)
+    standard += ("<h2>Quantization ladder</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in LADDER_HEADER)
+                 + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rungs)
+                 + "</table>") if rungs else ""
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
              "pre{white-space:pre-wrap;margin:0}img{max-width:100%;margin:4px}")
@@ -244,15 +342,20 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.tracking import stage_run
 
     root = repo_root()
-    reports = load_reports(root, candidates(params))
+    ladder = load_ladder(root)
+    reports = load_reports(root, candidates(params, ladder))
     answers = load_answers(root, list(reports))
     rows = table_rows(reports)
     with stage_run("compare", params, block_values={"candidates": list(reports)}) as tracked:
         groups = {**GROUPS, "lm_eval": [k for k, _, _ in lm_eval_metrics(reports)]}
         charts = [c for group, keys in groups.items()
                   if (c := chart(reports, keys, group, root / CHART_ROOT / f"{group}.png")) is not None]
-        atomic_write_text(root / MARKDOWN, markdown(reports, rows, answers, charts))
-        atomic_write_text(root / HTML, html_page(reports, rows, answers, charts))
+        pareto = ladder_chart(ladder, root / CHART_ROOT / "ladder.png")
+        charts += [pareto] if pareto is not None else []
+        atomic_write_text(root / MARKDOWN, markdown(reports, rows, answers, charts, ladder))
+        atomic_write_text(root / HTML, html_page(reports, rows, answers, charts, ladder))
+        if ladder is not None:
+            tracked.log_artifact(root / LADDER)
         for path in (root / MARKDOWN, root / HTML, *charts):
             tracked.log_artifact(path)
     log.info("compared %d candidates -> %s, %s", len(reports), MARKDOWN, HTML)

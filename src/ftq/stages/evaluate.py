@@ -1,12 +1,13 @@
 """Stage `evaluate`: one candidate (`base`, `merged`, or a build in models/quantized/) measured the same
 way as every other, by its own runtime (transformers for HF folders, AWQ and GPTQ; llama.cpp for GGUF).
 
-dvc.yaml runs it with foreach over [base, merged] and over quantize.enabled, so a new build adds an
-evaluation and a changed build reevaluates only itself. Outputs:
-  reports/eval/<candidate>.json           metrics (DVC metrics: `dvc metrics diff`, `dvc exp show`)
-  reports/eval/<candidate>.answers.jsonl  the candidate's answers to the held-out prompts
-  reports/eval/lm_eval/<candidate>.json   lm-eval results (+ .samples.jsonl: every scored document)
-  reports/eval/<candidate>.preference.jsonl  per held-out preference pair, where preference tuning ran
+dvc.yaml runs it for base and merged (stages evaluate_base, evaluate_merged); the builds are evaluated by
+stage `ladder` (ftq.stages.ladder), which runs this for each build that passed its screen, smallest first.
+Outputs, in reports/eval/ for base and merged and reports/eval/builds/ for a build (`report_dir`):
+  <candidate>.json               metrics (DVC metrics: `dvc metrics diff`, `dvc exp show`)
+  <candidate>.answers.jsonl      the candidate's answers to the held-out prompts
+  lm_eval/<candidate>.json       lm-eval results (+ .samples.jsonl: every scored document)
+  <candidate>.preference.jsonl   per held-out preference pair, where preference tuning ran
 Metrics: task accuracy on the held-out split (exact match, JSON validity and field accuracy, ROUGE-L),
 held-out perplexity, lm-eval (ftq's own tasks and any standard task with local data; see
 ftq.evaluation.harness), preference pairs (pref_accuracy, reward margin, logp accuracy against the model
@@ -36,6 +37,14 @@ from ftq.params import repo_root
 log = logging.getLogger(__name__)
 
 REPORT_ROOT = Path("reports/eval")
+BUILDS_ROOT = REPORT_ROOT / "builds"  # one DVC output for every build's evaluation (stage ladder)
+REFERENCE_CANDIDATES = ("base", "merged")
+
+
+def report_dir(name: str) -> Path:
+    """Where a candidate's evaluation lies, relative to the project: reports/eval for base and merged,
+    reports/eval/builds for a build."""
+    return REPORT_ROOT if name in REFERENCE_CANDIDATES else BUILDS_ROOT
 def mt_bench(runtime, cfg: dict, root: Path, out: Path) -> dict:
     """MT-Bench scores, or the reason it was skipped; answers and judgments go to <out>."""
     from ftq.evaluation import mt_bench as bench
@@ -56,6 +65,10 @@ def mt_bench(runtime, cfg: dict, root: Path, out: Path) -> dict:
     return {**scores, "mt_bench_status": status, "mt_bench_judge": judge["model"]}
 
 
+class ScreenedOut(ValueError):
+    """A build that failed its quantize check is never evaluated."""
+
+
 def candidate_path(root: Path, name: str) -> Path:
     """Where a candidate's artifact lives: models/base, models/merged or models/quantized/<name>."""
     if name in ("base", "merged"):
@@ -65,7 +78,11 @@ def candidate_path(root: Path, name: str) -> Path:
         manifest = folder / "manifest.json"
         if not manifest.exists():
             raise FileNotFoundError(f"{folder}: no build '{name}' (run `dvc repro quantize@{name}`)")
-        path = folder / (json.loads(manifest.read_text()).get("artifact") or "")
+        built = json.loads(manifest.read_text())
+        if not built.get("check", {}).get("passed", True):
+            raise ScreenedOut(f"build '{name}' failed its screen (quantize check: "
+                              f"{'; '.join(built['check'].get('failures') or [])}): it is recorded, not evaluated")
+        path = folder / (built.get("artifact") or "")
     if not path.exists():
         raise FileNotFoundError(f"{path}: candidate '{name}' is missing; run the stage that makes it first")
     return path
@@ -181,7 +198,34 @@ class Phases:
             self.seconds[name] = round(time.perf_counter() - started, 2)
 
 
-def run(params: dict[str, Any], name: str) -> dict[str, Any]:
+def metric_rows(params: dict[str, Any], name: str, metric: str) -> list[dict]:
+    """A candidate's per-example rows for one promotion metric alone, as the full evaluation writes them:
+    its answers to the held-out examples (task_*), or its scores on the held-out preference pairs
+    (pref_*). Stage ladder's first look at a build, seconds where the full evaluation takes minutes."""
+    from ftq.runtimes import open_model
+    from ftq.selection import PREFERENCE_KEYS
+
+    cfg = schema.settings(params, "evaluate")
+    root = repo_root()
+    runtime = open_model(candidate_path(root, name), n_ctx=context_size(cfg))
+    try:
+        if metric in PREFERENCE_KEYS:
+            return preference_rows(runtime, params, root)
+        return answer_all(runtime, task_examples(root, cfg), int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
+    finally:
+        runtime.close()
+
+
+def context_size(cfg: dict) -> int:
+    """The context every evaluation opens a candidate with: room for the longest perplexity and lm-eval row."""
+    return max(2048, int(cfg["perplexity_max_length"]) + 8, int(cfg["lm_eval"]["max_length"]) + 64)
+
+
+def run(params: dict[str, Any], name: str, task_rows: list[dict] | None = None,
+        preference_scores: list[dict] | None = None) -> dict[str, Any]:
+    """`task_rows` / `preference_scores`: the candidate's rows from metric_rows (stage ladder's first look),
+    used as they are instead of answering again, so the full evaluation holds the very answers the ladder
+    decided on."""
     from ftq.evaluation import general, speed, task
     from ftq.quantize.calibration import heldout
     from ftq.quantize.check import perplexity
@@ -192,20 +236,22 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
     cfg = schema.settings(params, "evaluate")
     root = repo_root()
     path = candidate_path(root, name)
+    out = root / report_dir(name)
     examples = task_examples(root, cfg)
     sequences = heldout(root, int(cfg["perplexity_examples"]), int(cfg["perplexity_max_length"]))
     lm_eval_plan = harness.plan(cfg["lm_eval"], root, params.get("_path", "params.yaml"), benchmark_data.load(root))
     merged_samples = None if name == "merged" else merged_lm_eval_samples(root, lm_eval_plan)
     with stage_run("evaluate", params, run_name=f"evaluate@{name}", block_values={"candidate": name, **cfg}) as tracked:
         started = time.time()
-        n_ctx = max(2048, int(cfg["perplexity_max_length"]) + 8, int(cfg["lm_eval"]["max_length"]) + 64)
+        n_ctx = context_size(cfg)
         runtime = open_model(path, n_ctx=n_ctx)
         runtime.chat([{"role": "user", "content": "Hi"}], max_new_tokens=1)  # llama.cpp loads on first use
         load_seconds = time.time() - started
         runtime_kind = runtime.kind
         phases = Phases(load=load_seconds)
         with phases("task"):
-            rows = answer_all(runtime, examples, int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
+            rows = task_rows if task_rows is not None else answer_all(runtime, examples, int(cfg["max_new_tokens"]),
+                                                                      int(cfg["answer_batch_size"]))
         questions = cfg["general"]["questions"]
         with phases("general"):
             general_scores, general_rows = general.score(questions, list(answers(
@@ -214,12 +260,12 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
         with phases("perplexity"):
             ppl = perplexity(runtime, sequences)
         with phases("mt_bench"):
-            mt_scores = mt_bench(runtime, cfg, root, root / REPORT_ROOT / f"{name}.mt_bench.jsonl")
+            mt_scores = mt_bench(runtime, cfg, root, out / f"{name}.mt_bench.jsonl")
         with phases("lm_eval"):
-            lm_eval_scores = harness.run(runtime, name, lm_eval_plan, root / REPORT_ROOT / "lm_eval")
+            lm_eval_scores = harness.run(runtime, name, lm_eval_plan, out / "lm_eval")
         with phases("preference"):
-            pref_rows = preference_rows(runtime, params, root)
-        benchmarks = benchmark_section(lm_eval_plan, root / REPORT_ROOT / "lm_eval" / f"{name}.samples.jsonl",
+            pref_rows = preference_scores if preference_scores is not None else preference_rows(runtime, params, root)
+        benchmarks = benchmark_section(lm_eval_plan, out / "lm_eval" / f"{name}.samples.jsonl",
                                        merged_samples)
         runtime.close()  # speed opens the candidate and merged in turn: one model in memory at a time
         del runtime
@@ -253,7 +299,6 @@ def run(params: dict[str, Any], name: str) -> dict[str, Any]:
             **peak_memory(),
             "wall_seconds": round(time.time() - started, 2),
         }
-        out = root / REPORT_ROOT
         answers_file = out / f"{name}.answers.jsonl"
         atomic_write_text(answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         pref_file = out / f"{name}.preference.jsonl"

@@ -217,9 +217,16 @@ def answer_logps(model, pairs: list, batch_size: int = 8) -> list[tuple[float, f
                 ids[row, :n] = torch.tensor(prompt + completion)
                 mask[row, :n] = 1
                 answer[row, len(prompt):n] = True
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-            sums += (logp * answer[:, 1:].to(device)).sum(dim=1).tolist()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row in range(len(batch)):
+                # one row's answer positions in float32 at a time: a whole batch of vocabulary-wide rows in
+                # float32 (and its log-softmax) was the stage's memory peak on a 1B model
+                at = answer[row, 1:].nonzero()[:, 0].to(device)
+                scores = logits[row, at].float()
+                targets = ids[row, 1:].to(device)[at]
+                logp = scores.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(scores, dim=-1)
+                sums.append(float(logp.sum()))
+            del logits
     return [(sums[i], sums[i + 1]) for i in range(0, len(sums), 2)]
 
 

@@ -40,6 +40,7 @@ from ftq.io import atomic_write_json, atomic_write_text
 from ftq import schema
 from ftq.params import ParamsError, params_hash, repo_root
 from ftq.registry import ARTIFACT_TAG, FILES_TAG, MODEL_TAG, build_digest, files_tag
+from ftq.selection import PREFERENCE_KEYS, compare, per_example_key, smallest_tied
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ PAIRED_METRICS = ("task_exact_match", "task_rouge_l", "task_json_valid", "task_j
                   # scored per held-out preference pair (reports/eval/<name>.preference.jsonl), where
                   # preference tuning ran: ftq.evaluation.preference
                   "pref_accuracy", "pref_logp_accuracy")
-PREFERENCE_KEYS = {"pref_accuracy": "pref_accuracy", "pref_logp_accuracy": "logp_accuracy"}
 
 
 class PromotionError(ValueError):
@@ -83,12 +83,15 @@ def candidates(root: Path, names: list[str], metric: str) -> list[dict]:
 
 
 def evaluation(root: Path, name: str, metric: str) -> dict:
-    """reports/eval/<name>.json and the per-example scores of `metric` (None where not evaluated): the
+    """reports/eval[/builds]/<name>.json and the per-example scores of `metric` (None where not evaluated): the
     answers' for a task metric, the held-out pairs' for a preference metric."""
-    eval_path = root / "reports" / "eval" / f"{name}.json"
+    from ftq.stages.evaluate import report_dir
+
+    folder = root / report_dir(name)
+    eval_path = folder / f"{name}.json"
     suffix = "preference" if metric in PREFERENCE_KEYS else "answers"
-    answers = root / "reports" / "eval" / f"{name}.{suffix}.jsonl"
-    samples = root / "reports" / "eval" / "lm_eval" / f"{name}.samples.jsonl"
+    answers = folder / f"{name}.{suffix}.jsonl"
+    samples = folder / "lm_eval" / f"{name}.samples.jsonl"
     return {"metrics": json.loads(eval_path.read_text()) if eval_path.exists() else None,
             "scores": paired.load_scores(answers) if eval_path.exists() and answers.exists() else None,
             "benchmark_rows": [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
@@ -122,10 +125,6 @@ def general_guard(candidate: dict, merged: dict | None, guard: dict, confidence:
     return {**verdict, "status": "pass"}
 
 
-def per_example_key(metric: str) -> str:
-    return PREFERENCE_KEYS.get(metric) or metric[len("task_"):]
-
-
 def ci_key(name: str, confidence: float) -> str:
     return f"{name}_ci{round(confidence * 100):d}"
 
@@ -155,7 +154,7 @@ def judge(candidate: dict, merged: dict | None, policy: dict) -> list[str]:
     if not manifest.get("check", {}).get("passed"):
         return ["its quantize check did not pass"]
     if metrics is None or candidate["scores"] is None:
-        return ["not evaluated (reports/eval/<name>.json or its .answers.jsonl missing)"]
+        return ["not evaluated (no reports/eval/builds/<name>.json: see reports/ladder.json for why)"]
     if not isinstance(metrics.get(metric), (int, float)):
         return [f"no value for the primary metric {metric}"]
     reasons = []
@@ -191,15 +190,6 @@ def breaker_values(candidate: dict, policy: dict) -> tuple:
         return value if direction == "max" else -value
 
     return tuple(signed(*breaker.rsplit(":", 1)) for breaker in policy["tie_breakers"])
-
-
-def compare(a: dict, b: dict, policy: dict, where: str) -> dict:
-    """a minus b on the policy's metric, signed so that > 0 means a is better, with its interval."""
-    key = per_example_key(policy["metric"])
-    mine, theirs = paired.pair(a["scores"], b["scores"], key, where)
-    if policy["direction"] == "min":
-        mine, theirs = theirs, mine
-    return paired.difference(mine, theirs, float(policy["confidence"]))
 
 
 def rank(eligible: list[dict], policy: dict, prefer: str | None = None) -> list[dict]:
@@ -358,7 +348,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         for candidate in candidates(root, names, policy["metric"]):
             reasons = judge(candidate, merged, policy)
             version, created = (None, False)
-            if candidate["manifest"] is not None and candidate["manifest"].get("check", {}).get("passed"):
+            # registered: builds that passed their screen and were evaluated (the ladder leaves larger ones out)
+            if candidate["manifest"] is not None and candidate["manifest"].get("check", {}).get("passed") \
+                    and candidate["metrics"] is not None:
                 version, created = register(client, model_name, candidate, root, params, exp_id)
             rows.append({"candidate": candidate, "version": version, "registered_now": created, "reasons": reasons})
         (root / CHAMPION_ANSWERS).unlink(missing_ok=True)  # an earlier run's; written again if needed
@@ -463,7 +455,7 @@ def move_aliases(client, model_name: str, rows: list[dict], scorer, policy: dict
         for _ in range(CAS_ATTEMPTS):
             before = current_champion(client, model_name)
             champion = scorer(before)
-            decision, ranked = decide(rows, champion, policy)
+            decision, ranked = decide(rows, champion, policy, scorer.merged)
             decision["champion_row"] = champion
             delay = float(os.environ.get(DECIDE_DELAY_ENV) or 0)
             if delay > 0:
@@ -485,10 +477,25 @@ def standing(ranked: list[dict], champion: dict) -> dict:
     return next((r for r in ranked if r["version"] == champion["version"]), {})
 
 
-def decide(rows: list[dict], champion: dict | None, policy: dict) -> tuple[dict, list[dict]]:
-    """The champion competes with this run's eligible builds on the same examples; the top of the
-    ranking (see `rank`) becomes champion, the current one winning exact ties. Returns the decision and
-    the ranking."""
+def select_smallest_tied(ranked: list[dict], merged: dict | None, policy: dict) -> tuple[list[dict], str]:
+    """`select: smallest_tied` (ftq.selection): the ranking with the smallest build tied with merged (or a
+    larger one significantly better than every smaller) first, and why; the ranking as it was, and why,
+    when merged is not evaluated or no build is tied with it."""
+    if merged is None or merged.get("scores") is None:
+        return ranked, "merged is not evaluated, so no build can be tied with it: the best by the metric"
+    contenders = [{"name": r["candidate"]["name"], "scores": r["candidate"]["scores"], "row": r,
+                   "size_bytes": (r["candidate"]["manifest"] or {}).get("size_bytes") or 0} for r in ranked]
+    pick, why = smallest_tied(contenders, merged, policy)
+    if pick is None:
+        return ranked, f"{why}: the best by the metric"
+    return [pick["row"], *[r for r in ranked if r is not pick["row"]]], why
+
+
+def decide(rows: list[dict], champion: dict | None, policy: dict, merged: dict | None = None) -> tuple[dict, list[dict]]:
+    """The champion competes with this run's eligible builds on the same examples. `select: best`: the top
+    of the ranking (see `rank`) becomes champion, the current one winning exact ties; `smallest_tied`: the
+    smallest build tied with merged (ftq.selection), the current champion among the builds. Returns the
+    decision and the ranking (the pick first)."""
     eligible = [r for r in rows if not r["reasons"]]
     contenders = list(eligible)
     if champion is not None and not champion["reasons"] and all(r["version"] != champion["version"] for r in eligible):
@@ -500,10 +507,21 @@ def decide(rows: list[dict], champion: dict | None, policy: dict) -> tuple[dict,
     if not eligible:
         decision["note"] = "no candidate passes the policy; the alias stays where it was"
         return decision, ranked
+    why = None
+    if policy["select"] == "smallest_tied":
+        ranked, why = select_smallest_tied(ranked, merged, policy)
     pick, metric = ranked[0], policy["metric"]
     level = f"{policy['confidence']:.0%}"
     if champion is None:
-        decision.update(champion=pick["version"], note="first champion")
+        decision.update(champion=pick["version"], note="first champion" + (f": {why}" if why else ""))
+    elif why is not None and pick["version"] != champion["version"]:
+        d = decision["vs_champion"] = compare(pick["candidate"], champion["candidate"], policy, "vs champion") \
+            if champion["candidate"].get("scores") is not None else None
+        versus = (f"; vs champion version {champion['version']}: {metric} {d['diff']:+.4f} "
+                  f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]") if d else ""
+        decision.update(champion=pick["version"], note=f"{pick['candidate']['name']}: {why}{versus}")
+    elif why is not None:
+        decision["note"] = f"the champion is still the pick: {why}"
     elif pick["version"] == champion["version"]:
         challenger = next((r for r in ranked if r["version"] != champion["version"]), None)
         if challenger is None:

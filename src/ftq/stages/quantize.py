@@ -4,20 +4,21 @@ dvc.yaml runs this once per name in `quantize.enabled` (foreach), so each build 
 (`quantize@q4_0`), depends only on its own params and reruns alone. Outputs:
   models/quantized/<name>/          the build (a .gguf file, or an HF folder for AWQ/GPTQ) + manifest.json
   reports/quantize/<name>.json      size, compression, time, memory, KL divergence and top-1 agreement
-                                    vs. merged, perplexity vs. merged
+                                    vs. merged, perplexity vs. merged, whether it passed the screen
 
-A build is kept only if it passes the quality check (ftq.quantize.check): loaded with its own runtime it
-must answer a fixed prompt coherently, and its next-token distribution on the held-out sample of stage
-`reference` must stay close to the merged model's (mean and 99th-percentile KL divergence at most
-`max_kld_mean` / `max_kld_p99`, top-1 agreement at least `min_top1_agreement`). Otherwise the stage fails
-and models/quantized/<name>/ is not written.
-"""
+Every build is screened by the quality check (ftq.quantize.check) before any full evaluation: loaded with
+its own runtime it must answer a fixed prompt coherently, and its next-token distribution on the held-out
+sample of stage `reference` must stay close to the merged model's (mean and 99th-percentile KL divergence
+at most `max_kld_mean` / `max_kld_p99`, top-1 agreement at least `min_top1_agreement`). A build that fails
+is recorded (its size and distances, in the report and in a manifest without the model file) and never
+evaluated: stage `ladder` skips it and promote names why."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ OUTPUT_ROOT = Path("models/quantized")
 REPORT_ROOT = Path("reports/quantize")
 MANIFEST = "manifest.json"
 REFERENCE_DIR = Path("models/reference")
+IMATRIX_DIR = Path("models/imatrix")
 @dataclass
 class BuildSpec:
     name: str
@@ -118,7 +120,6 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
     from ftq.quantize import backend
     from ftq.quantize.calibration import sample
     from ftq.quantize.distance import load as load_reference
-    from ftq.quantize.check import BuildCheckError
     from ftq.tracking import stage_run
 
     spec = build_spec(params, name)
@@ -140,7 +141,9 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
         with atomic_dir(out_dir) as tmp:
             started = time.time()
             reset_cuda_peak()  # the build's own CUDA peak: > 0 only where it ran (calibrated) on a GPU
-            built = method.build(merged, tmp, spec.options, calibration)
+            inputs = {"imatrix": root / IMATRIX_DIR / "imatrix.gguf", "converted": root / IMATRIX_DIR / "model-f16.gguf"} \
+                if getattr(method, "USES_IMATRIX", False) else {}
+            built = method.build(merged, tmp, spec.options, calibration, **inputs)
             build_seconds = time.time() - started
             memory = peak_memory()
             build_peak = memory["peak_memory_bytes"]  # the build's device (RAM or CUDA)
@@ -149,24 +152,28 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
                 spec.check["prompt"], spec.check["max_new_tokens"])
             answer = reference.meta["reply"] if same_prompt else merged_reply(root, spec.check)
             check = check_build(tmp / built.get("artifact", ""), reference, spec.check, answer)
-            if not check["passed"]:
-                raise BuildCheckError(f"build '{name}' ({spec.method}) failed its check, nothing was kept in "
-                                      f"{out_dir}: " + "; ".join(check["failures"]))
             manifest = describe(root, tmp, spec, built, calibration, reference, check, build_seconds, build_peak,
                                 method.versions())
+            if not check["passed"]:
+                # screened out: recorded, never evaluated; the model itself is not kept
+                for item in list(tmp.iterdir()):
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+                manifest.update(artifact=None, kept=False)
             atomic_write_json(tmp / MANIFEST, manifest)
         report = summary(manifest)
         atomic_write_json(root / REPORT_ROOT / f"{name}.json", report)
         tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
         tracked.set_tags({"quantize.build": name, "quantize.method": spec.method,
-                          "quantize.artifact": str(out_dir / built.get("artifact", "")),
+                          "quantize.screen": "passed" if check["passed"] else "failed",
+                          "quantize.artifact": str(out_dir / manifest["artifact"]) if manifest["artifact"] else "",
                           "lineage.merged_md5": manifest["source"]["md5"]})
         tracked.log_artifact(out_dir / MANIFEST)
         tracked.log_artifact(root / REPORT_ROOT / f"{name}.json")
     log.info("build %s (%s): %s bytes (%.2fx smaller), KLD mean %.4f p99 %.3f, top-1 %.1f %%, perplexity %.3fx "
-             "merged, %.1f s", name, spec.method, f"{report['size_bytes']:,}", report["compression_ratio"],
+             "merged, %.1f s: %s", name, spec.method, f"{report['size_bytes']:,}", report["compression_ratio"],
              report["kld_mean"], report["kld_p99"], 100 * report["top1_agreement"], report["perplexity_ratio"],
-             report["build_seconds"])
+             report["build_seconds"], "passed the screen" if check["passed"] else
+             "FAILED the screen, not kept and never evaluated: " + "; ".join(check["failures"]))
     return QuantizeResult(out_dir, manifest)
 
 
@@ -184,6 +191,7 @@ def describe(root, folder, spec, built, calibration, reference, check, build_sec
         "artifact": built.get("artifact", ""),
         "format": spec.method if spec.method == "gguf" else built.get("format", spec.method),
         "calibration": None if calibration is None else {**calibration.describe(), **spec.calibration},
+        "imatrix": imatrix_of(root) if built.get("imatrix") else None,
         "reference": {"path": REFERENCE_DIR.as_posix(), "sha256": reference.meta["sha256"],
                       "positions": reference.positions, "sequences": reference.meta["sequences"]},
         "source": {"path": MERGED_DIR.as_posix(), "md5": tree_md5(merged), "size_bytes": merged_size,
@@ -199,10 +207,19 @@ def describe(root, folder, spec, built, calibration, reference, check, build_sec
     }
 
 
+def imatrix_of(root: Path) -> dict:
+    """Which importance matrix a build used (stage imatrix's record of it)."""
+    info = json.loads((root / IMATRIX_DIR / "imatrix.json").read_text())
+    return {"path": (IMATRIX_DIR / "imatrix.gguf").as_posix(), "sha256": info["sha256"], "chunks": info["chunks"],
+            "tokens": info["tokens"], "settings": info["settings"]}
+
+
 def summary(manifest: dict) -> dict:
     check = manifest["check"]
     return {
         "method": manifest["method"],
+        "type": manifest["options"].get("type"),
+        "imatrix": manifest.get("imatrix") is not None,
         "size_bytes": manifest["size_bytes"],
         "compression_ratio": manifest["compression_ratio"],
         "build_seconds": manifest["build_seconds"],
@@ -218,4 +235,5 @@ def summary(manifest: dict) -> dict:
         "perplexity_ratio": round(check["perplexity_ratio"], 4),
         "load_seconds": check["load_seconds"],
         "check_passed": check["passed"],
+        "check_failures": check["failures"],
     }
