@@ -103,11 +103,17 @@ def engine_busy(process) -> bool:
     """Whether the llama-server engine behind the gateway is decoding anything, from its own /slots."""
     import psutil
 
+    from ftq.engines.llama_server import UnixConnection
+
     engine = next(p for p in psutil.Process(process.pid).children(recursive=True) if "llama-server" in p.name())
     args = engine.cmdline()
-    port = args[args.index("--port") + 1]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=10) as response:
-        return any(slot["is_processing"] for slot in json.loads(response.read()))
+    # the engine's socket and key, as only the gateway (and this user, through /proc) can know them
+    connection = UnixConnection(args[args.index("--host") + 1], timeout=10)
+    try:
+        connection.request("GET", "/slots", headers={"Authorization": f"Bearer {engine.environ()['LLAMA_API_KEY']}"})
+        return any(slot["is_processing"] for slot in json.loads(connection.getresponse().read()))
+    finally:
+        connection.close()
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_its_generation(one_slot):

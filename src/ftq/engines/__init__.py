@@ -2,7 +2,7 @@
 batch between decode steps and leaves when it finishes, with its own sampling settings.
 
 - GGUF files: llama.cpp's own `llama-server` (built from the sources vendored in the llama-cpp-python
-  sdist by `make install`), run as a child process on a private loopback port (`llama_server`).
+  sdist by `make install`), run as a child process on a private Unix socket with its own random key (`llama_server`).
 - HF folders (plain, AWQ, GPTQ): transformers' continuous batching manager, paged KV cache (`transformers_cb`).
 
 One small async interface: `chat_prompt`, `tokenize`, `detokenize`, `generate` (an async iterator of

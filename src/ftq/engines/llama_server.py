@@ -1,6 +1,9 @@
 """llama.cpp's own `llama-server` as the GGUF engine: continuous batching over `parallel` slots, each
 request with its own sampling settings and seed, in the C++ engine at full speed. ftq keeps the gateway
-(registry, validation, limits, API key, metrics) and talks to it on a private loopback port: chat
+(registry, validation, limits, API key, metrics) and talks to it on a Unix socket in a private 0700
+folder, with a random key that only the gateway knows (given through the child's environment, never its
+command line, which every local user can read in /proc): no other process can call the engine around
+the gateway's key and limits. Chat
 templates through its /apply-template, tokens through /tokenize, generation through /completion with
 token-id prompts. Closing a stream closes the connection, and llama-server cancels the task at once.
 
@@ -9,12 +12,16 @@ same llama.cpp as the runtime) and installed next to the venv's python; $FTQ_LLA
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -22,7 +29,7 @@ import orjson
 
 from ftq.engines import EngineError, Piece, Settings
 from ftq.errors import UsageError
-from ftq.processes import describe_exit, log_tail, free_port, stop_group, wait_http
+from ftq.processes import describe_exit, log_tail, stop_group
 from ftq.runtimes import gpu_layers
 
 START_TIMEOUT = 600  # seconds: a 70B GGUF takes a while to map
@@ -59,10 +66,13 @@ class LlamaServerEngine:
         self.parallel = parallel
         self.context_length = n_ctx
         self.threads = threads or default_threads()
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        # a folder only this user can enter: the socket in it is out of other users' reach; short, as a
+        # socket path must fit in 108 bytes
+        self.folder = Path(tempfile.mkdtemp(prefix="ftq-engine-", dir="/tmp"))
+        self.socket = str(self.folder / "engine.sock")  # llama-server listens on a Unix socket for a .sock host
+        self.key = secrets.token_urlsafe(32)
         self.log = tempfile.NamedTemporaryFile(prefix="ftq-llama-server-", suffix=".log", delete=False)
-        command = [str(binary()), "--model", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
+        command = [str(binary()), "--model", str(self.path), "--host", self.socket,
                    "--threads", str(self.threads), "--threads-batch", str(self.threads),
                    "--parallel", str(parallel), "--ctx-size", str(n_ctx * parallel), "--cont-batching",
                    "--threads-http", str(parallel + 4), "--no-webui", "--jinja", "--alias", self.path.stem,
@@ -71,13 +81,28 @@ class LlamaServerEngine:
         self._session = None
         self._info = None
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True,
+                                        env=engine_environment(self.key), start_new_session=True,
                                         preexec_fn=die_with_parent)
         try:
-            wait_http(f"{self.base}/health", self.process, START_TIMEOUT, self.log.name)
+            self._wait_healthy()
         except RuntimeError as exc:
             self.close()
             raise UsageError(f"{self.path}: llama-server did not start: {exc}") from exc
+
+    def _wait_healthy(self) -> None:
+        """Until the engine answers /health on its socket; an exit or the timeout is an error quoting its log."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(self.redact(f"{describe_exit(self.process.returncode)}{log_tail(self.log.name)}"))
+            if unix_get(self.socket, "/health") == 200:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(self.redact(f"no answer within {START_TIMEOUT} s{log_tail(self.log.name)}"))
+
+    def redact(self, text: str) -> str:
+        """Where the engine listens and its key stay out of messages that reach clients (its log names its socket)."""
+        return text.replace(self.socket, "<engine socket>").replace(self.key, "<engine key>")
 
     async def warm_up(self) -> None:
         """One tiny request through every engine call, so the first client doesn't pay for imports and connections."""
@@ -93,8 +118,9 @@ class LlamaServerEngine:
             # aiohttp parses HTTP in C (llhttp): the gateway reads one event per token per client. No
             # keep-alive: llama-server's HTTP library drops idle pooled connections under load, and a reused
             # dead one fails the request
-            connector = aiohttp.TCPConnector(limit=4 * self.parallel + 16, force_close=True)
-            self._session = aiohttp.ClientSession(self.base, connector=connector,
+            connector = aiohttp.UnixConnector(self.socket, limit=4 * self.parallel + 16, force_close=True)
+            self._session = aiohttp.ClientSession("http://engine", connector=connector,
+                                                  headers={"Authorization": f"Bearer {self.key}"},
                                                   timeout=aiohttp.ClientTimeout(total=None, connect=60))
         return self._session
 
@@ -108,10 +134,10 @@ class LlamaServerEngine:
 
         for _ in range(20):  # the connection drops a moment before the kernel reaps the process
             if not self.alive():
-                return EngineError(f"llama-server (the engine serving {self.path.name}) "
-                                   f"{describe_exit(self.process.returncode)}{log_tail(self.log.name)}")
+                return EngineError(self.redact(f"llama-server (the engine serving {self.path.name}) "
+                                               f"{describe_exit(self.process.returncode)}{log_tail(self.log.name)}"))
             await asyncio.sleep(0.05)
-        return EngineError(f"llama-server: {type(exc).__name__}: {exc}")
+        return EngineError(self.redact(f"llama-server: {type(exc).__name__}: {exc}"))
 
     async def _post(self, route: str, payload: dict) -> dict:
         import aiohttp
@@ -165,8 +191,8 @@ class LlamaServerEngine:
                    "temperature": settings.temperature, "top_p": settings.top_p,
                    "top_k": 1 if settings.temperature == 0 else 0, "min_p": 0.0,
                    "stop": list(settings.stop), "ignore_eos": settings.ignore_eos}
-        if settings.seed is not None:
-            payload["seed"] = settings.seed
+        if settings.seed is not None:  # llama-server's seed is 32 bits (-1, i.e. 2**32 - 1, is "random")
+            payload["seed"] = settings.seed % 2 ** 32
         import aiohttp
 
         try:
@@ -197,6 +223,38 @@ class LlamaServerEngine:
         stop_group(self.process)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def engine_environment(key: str) -> dict[str, str]:
+    """The engine's environment: ftq's own (CUDA, OMP settings), its key as LLAMA_API_KEY (llama-server
+    reads it there like --api-key), and not the gateway's client key, which the engine has no use for."""
+    from ftq.serve import API_KEY_ENV
+
+    return {**{k: v for k, v in os.environ.items() if k != API_KEY_ENV}, "LLAMA_API_KEY": key}
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("engine", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def unix_get(path: str, route: str, headers: dict | None = None, timeout: float = 2.0) -> int | None:
+    """The status of a GET on a Unix-socket HTTP server; None when nothing answers."""
+    connection = UnixConnection(path, timeout)
+    try:
+        connection.request("GET", route, headers=headers or {})
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
 
 
 def _message(body: bytes) -> str:
