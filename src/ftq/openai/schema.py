@@ -8,9 +8,15 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_DEPTH = 32  # JSON nesting a request may have: deep enough for any tool's parameter schema
+# vLLM's range for seeds (a signed 64-bit integer); larger ones would fail to encode for the engine
+Seed = Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1)]
+TokenId = Annotated[int, Field(ge=0, lt=2 ** 31)]  # llama.cpp's token ids are 32-bit signed
 
 
 class FunctionCall(BaseModel):
@@ -70,7 +76,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     user: str | None = None
     # generate exactly max_tokens tokens (as llama-server and vLLM accept it): benchmarks fix the answer length
     ignore_eos: bool = False
@@ -147,7 +153,7 @@ def _arguments(text: str, number: int, position: int) -> dict:
 
 class CompletionRequest(Sampling):
     # a text, a batch of texts, token ids, or a batch of token-id lists (what lm-eval sends)
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
@@ -172,7 +178,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class RequestError(ValueError):
@@ -195,11 +201,26 @@ class Limits:
 
 
 def parse(model_cls, body: bytes):
+    # orjson rather than json: it refuses lone surrogates (which no engine could be sent) and stops at a
+    # nesting depth instead of raising RecursionError
     try:
-        payload = json.loads(body or b"")
-    except ValueError as exc:
+        payload = orjson.loads(body or b"")
+    except orjson.JSONDecodeError as exc:
         raise RequestError(f"request body is not valid JSON: {exc}") from exc
+    if depth(payload) > MAX_DEPTH:
+        raise RequestError(f"request body is nested deeper than {MAX_DEPTH} levels")
     return validate(model_cls, payload)
+
+
+def depth(value) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def validate(model_cls, payload):
