@@ -92,7 +92,7 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path, flags: dic
     from transformers import TrainingArguments
 
     use_cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
@@ -128,6 +128,8 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path, flags: dic
         disable_tqdm=True,  # our Progress callback draws the bar
         dataloader_num_workers=0,
     )
+    launch.one_gpu_per_process(args)  # never nn.DataParallel over every visible GPU
+    return args
 
 
 def load_splits(root: Path):
@@ -394,8 +396,9 @@ def _final_eval_loss(trainer) -> float | None:
 
 
 def _parameter_counts(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    from ftq.training.model import parameter_counts
+
+    return parameter_counts(model)
 
 
 def _step_of(checkpoint: str | None) -> int | None:

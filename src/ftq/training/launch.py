@@ -22,13 +22,41 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU among the `visible` ones it sees: LOCAL_RANK where every rank sees all of the node's
+    GPUs (torchrun alone); 0 where a scheduler hands each rank its own GPU (CUDA_VISIBLE_DEVICES of one,
+    as Slurm's --gpus-per-task=1 does), where cuda:LOCAL_RANK would not exist. Anything else would put two
+    ranks on one GPU, which NCCL refuses with an obscure error: say so here instead."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RuntimeError(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): train.nproc_per_node must "
+                       "not exceed the GPUs on a node (or give each rank exactly one GPU through CUDA_VISIBLE_DEVICES)")
+
+
 def local_device():
-    """This process's device: cuda:LOCAL_RANK on a GPU machine (one GPU per rank), else the CPU."""
+    """This process's device: its GPU on a GPU machine (one GPU per rank, `gpu_index`), else the CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", gpu_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def one_gpu_per_process(args) -> None:
+    """A process not started by torchrun trains on one GPU. On a host with several visible GPUs,
+    transformers' TrainingArguments set n_gpu to all of them and the Trainer then wraps the model in
+    nn.DataParallel and multiplies the batch by their number: a different run from the one configured, and
+    slower than DDP. n_gpu is set after the arguments' device setup (a cached property that sets it), as the
+    Trainer itself does for a model split across GPUs; train.nproc_per_node runs DDP over several."""
+    import torch
+
+    if in_worker() or not torch.cuda.is_available() or args.device.type != "cuda" or args.n_gpu <= 1:
+        return
+    log.warning("%d GPUs visible to one process: training on %s alone (train.nproc_per_node: %d trains on all "
+                "of them with DDP)", args.n_gpu, args.device, args.n_gpu)
+    args._n_gpu = 1
 
 
 def start_worker(deepspeed: bool = False):

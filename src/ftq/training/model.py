@@ -97,6 +97,16 @@ def zero3_partitioned(model) -> bool | None:
     return all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
 
 
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters. Under ZeRO-3 a partitioned parameter holds an empty placeholder
+    (numel 0) and its full size in ds_numel: counting numel would log a total of about nothing."""
+    def size(p) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    params = list(model.parameters())
+    return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)
+
+
 def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, bool], device=None,
                       adapter: Path | None = None):
     """(model, tokenizer, facts about the load). Under ZeRO-3 the caller must have built the

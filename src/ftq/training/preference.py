@@ -203,8 +203,12 @@ def trainer_and_config(objective: str, cfg: dict[str, Any], common: dict[str, An
     """The trainer class and TRL config of a preference objective (dpo, orpo, simpo or kto)."""
     if objective not in _OBJECTIVES:
         raise ValueError(f"unknown preference objective {objective!r}: one of {list(_OBJECTIVES)}")
+    from ftq.training.launch import one_gpu_per_process
+
     trainer_class, config = _OBJECTIVES[objective]
-    return trainer_class(), config(cfg, common)
+    args = config(cfg, common)
+    one_gpu_per_process(args)  # never nn.DataParallel over every visible GPU
+    return trainer_class(), args
 
 
 def reference_free(objective: str) -> bool:
