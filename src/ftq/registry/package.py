@@ -8,9 +8,9 @@ The logged model is one folder:
     build/               the build's files exactly as `quantize` wrote them (model.gguf or an HF
                          folder, and manifest.json)
 
-It is uploaded as an MLflow 3 LoggedModel whose source run is the build's `quantize@<name>` run. A
-registry version created from `models:/<model_id>` points into the artifact store, so rebuilding,
-moving or deleting `models/` never changes what an old version serves.
+It is uploaded (ftq.registry.upload) as an MLflow 3 LoggedModel whose source run is the build's
+`quantize@<name>` run. A registry version created from `models:/<model_id>` points into the artifact
+store, so rebuilding, moving or deleting `models/` never changes what an old version serves.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from ftq.params import flatten
-from ftq.registry import ARTIFACT_TAG, BUILD_DIR, build_digest, differences, digest, file_hashes
+from ftq.registry import BUILD_DIR, build_digest, differences, digest, file_hashes
 
 LOADER_MODULE = "ftq.registry.pyfunc"
 # what the runtime of each format needs beside MLflow (requirements.txt of the logged model)
@@ -91,25 +89,3 @@ def write_mlmodel(target: Path, manifest: dict, model_id: str | None) -> None:
         except importlib_metadata.PackageNotFoundError:
             lines.append(package)
     (target / "requirements.txt").write_text("\n".join(lines) + "\n")
-
-
-def log_build(client, experiment_id: str, name: str, build_dir: Path, manifest: dict, source_run_id: str | None,
-              staging_root: Path) -> LoggedBuild:
-    """Upload the build as a LoggedModel (READY once every file is in the artifact store)."""
-    from mlflow.entities import LoggedModelStatus
-
-    fmt = manifest.get("format", manifest["method"])
-    logged = client.create_logged_model(
-        experiment_id, name=name, source_run_id=source_run_id or None, model_type=f"ftq-{fmt}",
-        params={k: str(v) for k, v in flatten(manifest.get("options") or {}, "options.").items()},
-        tags={ARTIFACT_TAG: build_digest(manifest), "ftq.build": name, "format": fmt})
-    staging_root.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"{name}.tmp-registry-", dir=staging_root) as tmp:
-            files = stage(build_dir, Path(tmp), manifest, logged.model_id)
-            client.log_model_artifacts(logged.model_id, tmp)
-    except BaseException:
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    return LoggedBuild(logged.model_id, f"models:/{logged.model_id}", files)

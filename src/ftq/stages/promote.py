@@ -3,11 +3,12 @@
 
 - One model version per distinct build (the sha256 of its files): rerunning with nothing new
   registers nothing. A new build is first logged into MLflow's artifact store as an MLflow model
-  (ftq.registry.package) and the version is created from that copy, never from a working-tree path,
-  so a version never changes and deploys wherever the tracking server is reachable. Each version is
-  tagged with the sha256 of every file (verified by `ftq serve` before loading), its method and
-  options, every eval metric, and its lineage (data md5, base hash, params hash, git rev, DVC
-  experiment, MLflow run ids).
+  (ftq.registry.package), under the registry lock, read back and verified, or an earlier upload of
+  it that no version references is reused (ftq.registry.upload); the version is created from that
+  copy, never from a working-tree path, so a version never changes and deploys wherever the tracking
+  server is reachable. Each version is tagged with the sha256 of every file (verified by `ftq serve`
+  before loading), its method and options, every eval metric, and its lineage (data md5, base hash,
+  params hash, git rev, DVC experiment, MLflow run ids).
 - Policy: a primary task metric and direction, minimum retention against `merged`, a size cap,
   required checks (the build passed its quantize check and was evaluated), a confidence level and
   tie-breakers. Every decision is a paired comparison on the same held-out examples (per-example scores
@@ -260,9 +261,10 @@ def existing_version(client, model_name: str, digest: str) -> str | None:
 
 def register(client, model_name: str, candidate: dict, root: Path, params: dict, exp_id: str) -> tuple[str, bool]:
     """The version holding this build; if no version has its bytes yet, the build is logged into the
-    artifact store and a version is created from that logged copy."""
+    artifact store (or an earlier upload of it reused: ftq.registry.upload), read back and verified,
+    and a version is created from that logged copy, all under the registry lock."""
     from ftq.registry.lock import registry_lock
-    from ftq.registry.package import log_build
+    from ftq.registry.upload import upload_build
 
     manifest, name = candidate["manifest"], candidate["name"]
     digest = build_digest(manifest)
@@ -270,14 +272,13 @@ def register(client, model_name: str, candidate: dict, root: Path, params: dict,
     if version is not None:
         return version, False
     ids = run_ids(client, params, name)
-    logged = log_build(client, exp_id, name, root / "models" / "quantized" / name, manifest, ids["quantize"],
-                       root / ".ftq")
-    tags = {**version_tags(candidate, params, ids), MODEL_TAG: logged.sha256, FILES_TAG: files_tag(logged.files)}
     with registry_lock(client, model_name):
         version = existing_version(client, model_name, digest)  # another promote registered these bytes meanwhile
         if version is not None:
-            client.delete_logged_model(logged.model_id)
             return version, False
+        logged = upload_build(client, model_name, exp_id, name, root / "models" / "quantized" / name, manifest,
+                              ids["quantize"], root / ".ftq")
+        tags = {**version_tags(candidate, params, ids), MODEL_TAG: logged.sha256, FILES_TAG: files_tag(logged.files)}
         created = client.create_model_version(model_name, logged.source, run_id=ids["quantize"] or None,
                                               model_id=logged.model_id, tags=tags,
                                               description=version_description(candidate, ids))
