@@ -158,3 +158,68 @@ def test_a_reused_upload_is_read_back_first(store, monkeypatch):
     assert client.get_model_version(MODEL, version).source == f"models:/{fresh.model_id}"
     files = stored_files(client, fresh.model_id, root / ".ftq")
     assert files == json.loads(fresh.tags[FILES_TAG])
+
+
+# --- the lock: renewed by a live holder, broken only when its holder is dead -----------------------------
+
+def test_stale_reason_is_about_liveness_not_age():
+    from ftq.registry.lock import Holder, holder_of, stale_reason
+
+    alive, dead = (lambda pid: True), (lambda pid: False)
+    fresh = Holder("h:1:x", "h", 1, heartbeat=1000.0)
+    assert stale_reason(fresh, 1000.0 + 599, 600, "h", alive) is None  # held for long, renewed recently
+    assert "no heartbeat for 601 s" in stale_reason(fresh, 1000.0 + 601, 600, "h", alive)
+    assert "process 1 on this host (h) is gone" in stale_reason(fresh, 1001.0, 600, "h", dead)
+    assert stale_reason(fresh, 1001.0, 600, "other-host", dead) is None  # another host's pids mean nothing here
+    old = holder_of({"ftq.lock.owner": "h:1:x", "ftq.lock.since": "5"})  # written before heartbeats existed
+    assert old.heartbeat == 5.0 and old.pid is None and stale_reason(old, 700.0, 600, "h", dead)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from mlflow.tracking import MlflowClient
+    from ftq.registry.lock import registry_lock
+
+    with registry_lock(MlflowClient(sys.argv[1]), "m", stale_after=float(sys.argv[2])):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_live_holder_keeps_the_lock_past_the_limit_and_a_killed_one_loses_it(tmp_path):
+    from ftq.registry.lock import RegistryBusy, lock_name, registry_lock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.search_registered_models()  # the store exists before two processes open it
+    limit = 3.0
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri, str(limit)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        # three limits long: a lock judged by its age alone would be broken within the first
+        with pytest.raises(RegistryBusy, match=r"m.lock is held by .*:%d:\w+, which is alive" % holder.pid):
+            with registry_lock(client, "m", wait=3 * limit, stale_after=limit):
+                pytest.fail("a live holder's lock was broken")
+        assert time.monotonic() - started >= 3 * limit and holder.poll() is None
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    # killed: its heartbeat stops and its pid is gone on this host, so it is broken at once, even
+    # with a limit far longer than it has been silent
+    started = time.monotonic()
+    with registry_lock(client, "m", wait=30, stale_after=600) as owner:
+        assert client.get_registered_model(lock_name("m")).tags["ftq.lock.owner"] == owner
+        assert time.monotonic() - started < 20
+    assert not client.search_registered_models()
+
+
+def test_the_heartbeat_renews_the_lock(tmp_path):
+    from ftq.registry.lock import HEARTBEAT_TAG, lock_name, registry_lock
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with registry_lock(client, "m", stale_after=2.0):
+        first = float(client.get_registered_model(lock_name("m")).tags[HEARTBEAT_TAG])
+        time.sleep(2.5)
+        assert float(client.get_registered_model(lock_name("m")).tags[HEARTBEAT_TAG]) > first + 1
