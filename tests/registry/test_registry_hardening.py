@@ -223,3 +223,27 @@ def test_the_heartbeat_renews_the_lock(tmp_path):
         first = float(client.get_registered_model(lock_name("m")).tags[HEARTBEAT_TAG])
         time.sleep(2.5)
         assert float(client.get_registered_model(lock_name("m")).tags[HEARTBEAT_TAG]) > first + 1
+
+
+# --- download leftovers -----------------------------------------------------------------------------------
+
+def test_download_leftovers_of_dead_or_old_writers_are_swept(tmp_path):
+    from ftq.registry.resolve import leftover_is_stale, sweep_leftovers
+
+    alive, dead = (lambda pid: True), (lambda pid: False)
+    assert leftover_is_stale("abc.tmp-123-xyz", 5, 3600, dead)
+    assert not leftover_is_stale("abc.tmp-123-xyz", 5, 3600, alive)
+    assert leftover_is_stale("abc.tmp-123-xyz", 3601, 3600, alive)  # its pid was reused since
+    assert not leftover_is_stale("abc.tmp-k3j_x9aq", 5, 3600, dead)  # an older name, no pid: by age only
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cache = tmp_path / "registry"
+    for name in (f"aa.tmp-{gone.pid}-x1", f"bb.tmp-{os.getpid()}-x2", f"cc.tmp-{os.getpid()}-x3", "dd"):
+        (cache / name / "build").mkdir(parents=True)
+        (cache / name / "build" / "model.gguf").write_bytes(b"part")
+    day_old = time.time() - 2 * 24 * 3600
+    os.utime(cache / f"cc.tmp-{os.getpid()}-x3", (day_old, day_old))
+    swept = sweep_leftovers(cache)
+    assert sorted(p.name for p in swept) == [f"aa.tmp-{gone.pid}-x1", f"cc.tmp-{os.getpid()}-x3"]
+    assert sorted(p.name for p in cache.iterdir()) == [f"bb.tmp-{os.getpid()}-x2", "dd"]

@@ -6,21 +6,31 @@ keyed by the model's sha256 (`$FTQ_CACHE/registry/<sha256>`, default ~/.cache/ft
 is checked against the sha256 the version's tags recorded, on every load, cached or not. Any
 difference (a missing, extra or changed file) refuses the load. Nothing here reads the working tree,
 so a registry version deploys on any machine that reaches the tracking server.
+
+A download goes into `<sha256>.tmp-<pid>-*` beside its cache entry; what a killed download leaves (its
+pid is dead, or the folder is older than `LEFTOVER_MAX_AGE`) is swept on the next fetch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ftq.errors import UsageError
 from ftq.registry import BUILD_DIR, FILES_TAG, MODEL_TAG, differences, digest, file_hashes
 
+log = logging.getLogger(__name__)
+
+# a download folder older than this is abandoned even if a process with its pid runs (the pid was reused)
+LEFTOVER_MAX_AGE = 24 * 3600.0
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
 
 
@@ -105,6 +115,7 @@ def fetch(found: Found, params: dict | None = None) -> Resolved:
     files = expected_files(found)
     key = found.tags[MODEL_TAG]
     folder = cache_root() / "registry" / key
+    sweep_leftovers(folder.parent)
     if folder.is_dir():
         verify(folder, files, found)
     else:
@@ -119,10 +130,11 @@ def download(found: Found, files: dict[str, str], folder: Path, params: dict | N
     interrupted download never leaves a cache entry behind."""
     import mlflow.artifacts
 
+    from ftq.processes import owner_pid
     from ftq.tracking import tracking_uri
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-{owner_pid()}-", dir=folder.parent))
     try:
         client = registry_client(params)
         uri = client.get_model_version_download_uri(found.name, found.version)
@@ -147,3 +159,29 @@ def verify(folder: Path, files: dict[str, str], found: Found, fix: str | None = 
     if problems:
         raise VerificationError(f"{where}: {folder} does not hold the registered bytes: {'; '.join(problems)}. "
                                 f"Nothing was loaded. {fix or f'Delete {folder} to download the version again.'}")
+
+
+def leftover_is_stale(name: str, age: float, max_age: float, alive: Callable[[int], bool]) -> bool:
+    """Whether the download folder `<sha256>.tmp-<pid>-*` (`age` seconds old) was abandoned: its writer's
+    pid is dead, or it is older than `max_age` (a pid reused since, or a name without one)."""
+    pid = name.split(".tmp-", 1)[-1].split("-", 1)[0]
+    return (pid.isdigit() and not alive(int(pid))) or age > max_age
+
+
+def sweep_leftovers(root: Path, max_age: float = LEFTOVER_MAX_AGE) -> list[Path]:
+    """Remove the abandoned download folders in the cache `root` (a SIGKILL skips download's cleanup)."""
+    from ftq.processes import pid_alive
+
+    swept = []
+    for path in root.glob("*.tmp-*") if root.is_dir() else ():
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # its download just finished or failed
+            continue
+        if leftover_is_stale(path.name, age, max_age, pid_alive):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    if swept:
+        log.warning("removed %d abandoned download(s) from %s: %s", len(swept), root,
+                    ", ".join(p.name for p in swept))
+    return swept
