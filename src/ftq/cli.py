@@ -282,6 +282,26 @@ def cmd_ui(args) -> int:
     return ui(args.host, args.port)
 
 
+def cmd_registry_gc(args) -> int:
+    from ftq import schema
+    from ftq.registry.gc import gc
+    from ftq.registry.resolve import registry_client
+
+    params = _params_if_any(args)
+    model_name = args.model_name or schema.settings(params, "promote")["model_name"]
+    decided = gc(registry_client(params), model_name, keep=args.keep, delete=args.delete)
+    verb = "deleted" if args.delete else "delete"
+    for version, why in sorted(decided.kept.items(), key=lambda item: int(item[0])):
+        print(f"version {version}: keep ({why})")
+    for version, why in sorted(decided.versions.items(), key=lambda item: int(item[0])):
+        print(f"version {version}: {verb} ({why})")
+    for model_id, why in sorted(decided.logged_models.items()):
+        print(f"logged model {model_id}: {verb} ({why})")
+    if not args.delete and (decided.versions or decided.logged_models):
+        print("dry run: nothing was deleted (--delete deletes the above)")
+    return 0
+
+
 def cmd_tracking_server(args) -> int:
     from ftq.tracking_server import serve_forever
 
@@ -487,6 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address")
     ui.add_argument("--port", type=int, default=5000, help="port")
     ui.set_defaults(func=cmd_ui)
+
+    registry = commands.add_parser("registry", help="registry maintenance", formatter_class=FORMATTER)
+    registry_commands = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+    registry_gc = registry_commands.add_parser(
+        "gc", formatter_class=FORMATTER,
+        help="list (--delete: delete) the versions and logged models no alias needs, beyond the newest per build")
+    from ftq.registry.gc import KEEP
+
+    registry_gc.add_argument("--keep", type=int, default=KEEP, help="newest versions kept per build, besides aliased ones")
+    registry_gc.add_argument("--delete", action="store_true",
+                             help="delete them (versions, logged models and their files); without it, only list")
+    registry_gc.add_argument("--model-name", default=None, help="registered model (default: promote.model_name)")
+    params_option(registry_gc)
+    registry_gc.set_defaults(func=cmd_registry_gc)
 
     server = commands.add_parser(
         "tracking-server", formatter_class=FORMATTER,

@@ -247,3 +247,51 @@ def test_download_leftovers_of_dead_or_old_writers_are_swept(tmp_path):
     swept = sweep_leftovers(cache)
     assert sorted(p.name for p in swept) == [f"aa.tmp-{gone.pid}-x1", f"cc.tmp-{os.getpid()}-x3"]
     assert sorted(p.name for p in cache.iterdir()) == [f"bb.tmp-{os.getpid()}-x2", "dd"]
+
+
+# --- gc ---------------------------------------------------------------------------------------------------
+
+def test_gc_plan_keeps_what_an_alias_needs_and_the_newest_per_build():
+    from ftq.registry.gc import Upload, Version, plan
+
+    versions = [Version("1", "q4", ("champion",), "m-1"), Version("2", "q4", (), "m-2"), Version("3", "q4", (), "m-3"),
+                Version("4", "q4", (), "m-4"), Version("5", "q8", (), "m-5"), Version("6", "q8", ("challenger",), "m-6"),
+                Version("7", "q8", (), "m-shared")]
+    uploads = [Upload(f"m-{i}", "q4" if i < 5 else "q8", "READY") for i in range(1, 7)] + \
+        [Upload("m-orphan", "q4", "READY"), Upload("m-dead", "q8", "PENDING")]
+    decided = plan(versions, uploads, keep=2)
+    assert decided.kept == {"1": "alias champion", "6": "alias challenger", "4": "one of the newest 2 of build q4",
+                            "3": "one of the newest 2 of build q4", "7": "one of the newest 2 of build q8"}
+    assert sorted(decided.versions) == ["2", "5"]
+    assert sorted(decided.logged_models) == ["m-2", "m-5", "m-dead", "m-orphan"]
+    # a logged model another registered model's version uses is never deleted
+    assert "m-5" not in plan(versions, uploads, keep=2, elsewhere=frozenset({"m-5"})).logged_models
+    assert plan(versions, uploads, keep=10).versions == {}
+
+
+def test_registry_gc_deletes_unneeded_versions_and_uploads(store, capsys):
+    from ftq import cli
+
+    root, params, client, exp_id = store
+    made = []
+    for _ in range(4):  # four rebuilds of the same build: four versions
+        manifest = make_build(root)
+        made.append(promote.register(client, MODEL, candidate(manifest), root, params, exp_id)[0])
+    client.set_registered_model_alias(MODEL, "champion", made[0])
+    orphan = upload_build(client, MODEL, exp_id, "other", root / "models/quantized/other", make_build(root, "other"),
+                          None, root / ".ftq")
+    source = {v: client.get_model_version(MODEL, v).source[len("models:/"):] for v in made}
+    (root / "params.yaml").write_text(json.dumps({**params, "promote": {"model_name": MODEL}}))
+
+    assert cli.main(["registry", "gc", "--keep", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"version {made[0]}: keep (alias champion)" in out
+    assert f"version {made[1]}: delete" in out and f"logged model {orphan.model_id}: delete" in out
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 4  # a dry run by default
+
+    assert cli.main(["registry", "gc", "--keep", "2", "--delete"]) == 0
+    left = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    assert left == sorted([made[0], made[2], made[3]])  # the champion, and the newest two
+    assert sorted(m.model_id for m in logged_models(client, exp_id)) == sorted(source[v] for v in left)
+    assert model_dirs(root) == sorted(source[v] for v in left)  # their files went too
+    assert not client.search_registered_models(f"name = '{MODEL}.lock'")
