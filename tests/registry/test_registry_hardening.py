@@ -283,13 +283,21 @@ def test_registry_gc_deletes_unneeded_versions_and_uploads(store, capsys):
     source = {v: client.get_model_version(MODEL, v).source[len("models:/"):] for v in made}
     (root / "params.yaml").write_text(json.dumps({**params, "promote": {"model_name": MODEL}}))
 
-    assert cli.main(["registry", "gc", "--keep", "2"]) == 0
+    from ftq.errors import UsageError
+
+    def registry_gc(*argv):  # the command as `ftq registry gc` runs it, in this process
+        args = cli.build_parser().parse_args(["registry", "gc", *argv])
+        return args.func(args)
+
+    with pytest.raises(UsageError, match="registry gc: no registered model nothing-here"):
+        registry_gc("--model-name", "nothing-here")
+    assert registry_gc("--keep", "2") == 0
     out = capsys.readouterr().out
     assert f"version {made[0]}: keep (alias champion)" in out
     assert f"version {made[1]}: delete" in out and f"logged model {orphan.model_id}: delete" in out
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 4  # a dry run by default
 
-    assert cli.main(["registry", "gc", "--keep", "2", "--delete"]) == 0
+    assert registry_gc("--keep", "2", "--delete") == 0
     left = sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
     assert left == sorted([made[0], made[2], made[3]])  # the champion, and the newest two
     assert sorted(m.model_id for m in logged_models(client, exp_id)) == sorted(source[v] for v in left)

@@ -126,6 +126,9 @@ def gc(client, model_name: str, keep: int = KEEP, delete: bool = False) -> Plan:
 
     if keep < 1:
         raise UsageError(f"--keep {keep}: keep at least 1 version per build")
+    if not client.search_registered_models(f"name = '{model_name}'"):
+        raise UsageError(f"registry gc: no registered model {model_name} in {client.tracking_uri} (--model-name, or "
+                         "promote.model_name in params.yaml)")
     with registry_lock(client, model_name):
         versions, uploads, elsewhere = collect(client, model_name)
         decided = plan(versions, uploads, keep, elsewhere)
