@@ -24,8 +24,9 @@ class LlamaCppRuntime:
         self.threads = threads or default_threads()
         self.n_ctx = n_ctx
         self.verbose = verbose  # llama.cpp's own load log on stderr (e.g. how many layers it offloaded)
-        self._chat_model = None
-        self._scoring_model = None
+        # one Llama (one copy of the weights, one context) answers chats and scores: on a GPU a second one
+        # would hold the weights twice in VRAM, and a GGUF over half the card could not be checked at all
+        self._model = None
 
     def _load(self):
         from llama_cpp import Llama
@@ -37,9 +38,9 @@ class LlamaCppRuntime:
 
     @property
     def llama(self):
-        if self._chat_model is None:
-            self._chat_model = self._load()
-        return self._chat_model
+        if self._model is None:
+            self._model = self._load()
+        return self._model
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
              tools: list[dict] | None = None) -> str:
@@ -156,6 +157,7 @@ class LlamaCppRuntime:
         return np.concatenate(list(self._decode(token_ids, n_past=0)))
 
     def next_logits(self, token_id: int) -> np.ndarray:
+        """Continues after the tokens the context last evaluated (those of `logits`, where no chat came between)."""
         n_past = self._scorer().n_tokens
         if n_past >= self.n_ctx:
             raise ValueError(f"generation reached the context of {self.n_ctx} tokens")
@@ -193,17 +195,18 @@ class LlamaCppRuntime:
             chunk = list(token_ids[start : start + llm.n_batch])
             llm._batch.set_batch(batch=chunk, n_past=n_past + start, logits_all=True)
             llm._ctx.decode(llm._batch)
+            # the context's bookkeeping as Llama.eval keeps it: a later chat or stream reuses a cached prefix
+            # only where these ids say the cache holds it, and decodes again rather than sample these logits
+            llm.input_ids[n_past + start : n_past + start + len(chunk)] = chunk
             llm.n_tokens = n_past + start + len(chunk)
+            llm._requires_eval = True
             yield np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), vocab)).copy()
 
     def _scorer(self):
-        if self._scoring_model is None:
-            # its own context (the chat model's cache stays intact); logits come from _decode, per batch
-            self._scoring_model = self._load()
-        return self._scoring_model
+        """The chat model itself (see __init__); logits come from _decode, per batch."""
+        return self.llama
 
     def close(self) -> None:
-        for model in (self._chat_model, self._scoring_model):
-            if model is not None:
-                model.close()
-        self._chat_model = self._scoring_model = None
+        if self._model is not None:
+            self._model.close()
+        self._model = None
