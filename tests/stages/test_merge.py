@@ -171,3 +171,49 @@ def test_merge_settings_are_validated(project):
     set_params(project, merge={"dtype": "auto", "shards": 3})
     with pytest.raises(ParamsError, match=r"merge.shards: unknown key \(did you mean max_shard_size\?\)"):
         merge.MergeSettings.from_params(load_params(project))
+
+
+GIB = 1 << 30
+
+
+def test_merge_device_map_fits_one_gpu_or_offloads_the_rest():
+    assert merge.merge_device_map(10 * GIB, None) == {"device_map": {"": "cpu"}}  # no GPU
+    assert merge.merge_device_map(10 * GIB, 20 * GIB, gpu=1) == {"device_map": {"": 1}}
+    # 30 GiB of weights, 20 GiB free on the GPU, 64 GiB of RAM: as much as fits on that GPU, the rest in RAM
+    spec = merge.merge_device_map(30 * GIB, 20 * GIB, gpu=0, free_cpu_bytes=64 * GIB)
+    assert spec["device_map"] == "auto" and set(spec["max_memory"]) == {0, "cpu"}
+    assert spec["max_memory"][0] < 20 * GIB and spec["max_memory"]["cpu"] >= 30 * GIB
+    # the check's activations count: weights that would just fit do not once they are reserved
+    assert merge.merge_device_map(17 * GIB, 20 * GIB, reserve_bytes=2 * GIB)["device_map"] == "auto"
+
+
+def test_weights_are_counted_from_the_safetensors_headers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stored = {name for name in model.state_dict() if name != "lm_head.weight"}  # tied to the embeddings
+    assert merge.weights_numel(tiny_model_dir) == sum(model.state_dict()[n].numel() for n in stored)
+
+
+@pytest.fixture()
+def one_gpu_with(monkeypatch):
+    """A (mocked) GPU 0 with `free` bytes free; torch's allocator holds nothing."""
+    def with_free(free: int):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GIB))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    return with_free
+
+
+def test_a_model_larger_than_the_gpu_is_placed_with_cpu_offload(tiny_model_dir, one_gpu_with):
+    """The tiny model (about a MiB in float32) on a GPU with room for it, then on one with a few hundred KiB."""
+    one_gpu_with(8 * GIB)
+    assert merge.placement("float32", tiny_model_dir)["device_map"] == {"": 0}
+    one_gpu_with(300 << 10)
+    kwargs = merge.placement("float32", tiny_model_dir)
+    assert kwargs["device_map"] == "auto" and kwargs["dtype"] == torch.float32
+    assert 0 < kwargs["max_memory"][0] < 300 << 10 and kwargs["max_memory"]["cpu"] > 0
+    assert merge.offloaded(kwargs)
+

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,13 +114,81 @@ def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**on_device, use_cache=False).logits.float().cpu()
 
 
-def placement(dtype: str) -> dict[str, Any]:
-    """Where the merge runs: on the GPU when there is one (the whole model in the working dtype), else on
-    the CPU; never a float32 copy of a bfloat16 base."""
+GPU_SHARE = 0.9  # of the GPU's free memory the weights may take (the CUDA context and allocator need some)
+
+
+def merge_device_map(model_bytes: int, free_gpu_bytes: int | None, gpu: int = 0,
+                     free_cpu_bytes: int | None = None, reserve_bytes: int = 0) -> dict[str, Any]:
+    """from_pretrained's placement for the merge: the whole model on the GPU where it fits there (with
+    `reserve_bytes` for the check's activations), else as much as fits on that GPU and the rest in CPU
+    memory (accelerate's offload: a model that fits in RAM but not on one GPU still merges); on the CPU
+    without a GPU (`free_gpu_bytes` None)."""
+    if free_gpu_bytes is None:
+        return {"device_map": {"": "cpu"}}
+    budget = max(int(free_gpu_bytes * GPU_SHARE) - reserve_bytes, 0)
+    if model_bytes <= budget:
+        return {"device_map": {"": gpu}}
+    memory: dict[Any, int] = {gpu: budget}  # this GPU only: never the other GPUs of a shared host
+    if free_cpu_bytes is not None:
+        memory["cpu"] = int(free_cpu_bytes * GPU_SHARE)
+    return {"device_map": "auto", "max_memory": memory}
+
+
+def weights_numel(folder: Path) -> int:
+    """Elements in a folder's safetensors weights, read from the files' headers (no tensor is loaded)."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
+
+
+def free_gpu_bytes(gpu: int) -> int:
+    """Free memory on that GPU, with what torch's allocator holds unused (it hands that out again)."""
+    free, _total = torch.cuda.mem_get_info(gpu)
+    return free + torch.cuda.memory_reserved(gpu) - torch.cuda.memory_allocated(gpu)
+
+
+def check_reserve(folder: Path, batch: dict[str, torch.Tensor] | None, dtype: str) -> int:
+    """GPU memory the check's forward pass needs beyond the weights: its logits, in the model's dtype and
+    as the float32 copy logits_of makes."""
+    if batch is None:
+        return 0
+    config = json.loads((Path(folder) / "config.json").read_text())
+    vocab = int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
+    return batch["input_ids"].numel() * vocab * (DTYPES[dtype].itemsize + 4)
+
+
+def placement(dtype: str, folder: Path | None = None, batch: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Where the model in `folder` loads for the merge: on the GPU when there is one and it fits there
+    (the whole model in the working dtype), offloaded in part to CPU memory when it does not, else on the
+    CPU; never a float32 copy of a bfloat16 base."""
+    import psutil
+
     from ftq.hf import load_kwargs
 
-    device = 0 if torch.cuda.is_available() else "cpu"
-    return {**load_kwargs(), "dtype": DTYPES[dtype], "device_map": {"": device}}
+    kwargs = {**load_kwargs(), "dtype": DTYPES[dtype]}
+    if not torch.cuda.is_available():
+        return {**kwargs, **merge_device_map(0, None)}
+    gpu = torch.cuda.current_device()
+    model_bytes = weights_numel(folder) * DTYPES[dtype].itemsize if folder is not None else 0
+    reserve = check_reserve(folder, batch, dtype) if folder is not None else 0
+    return {**kwargs, **merge_device_map(model_bytes, free_gpu_bytes(gpu), gpu, psutil.virtual_memory().available,
+                                         reserve)}
+
+
+def offloaded(kwargs: dict[str, Any]) -> bool:
+    return kwargs["device_map"] == "auto"
+
+
+def devices_of(model) -> str:
+    """Where a model's weights are: one device (cuda:0, cpu), or the GPU and CPU of an offloaded model."""
+    mapped = set(getattr(model, "hf_device_map", {}).values())
+    if len(mapped) <= 1:
+        return str(model.device)
+    names = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in mapped}
+    return "+".join(sorted(names, key=lambda name: (name == "cpu", name)))
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
@@ -165,13 +234,14 @@ def failure(check: dict[str, Any]) -> str:
             f"allowed {100 * check['max_residual_ratio']:g} %")
 
 
-def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, torch.Tensor], dtype: str):
-    """(base logits, base + adapter logits, model to merge), on the original base in the base's dtype. For
-    a full fine-tune the trained model is the merged model, and the base is loaded to measure the effect;
-    only one model is held at a time."""
+def trained_logits(method: str, trained: Path, base_dir: Path, batch: dict[str, torch.Tensor], dtype: str,
+                   kwargs: dict[str, Any] | None = None):
+    """(base logits, base + adapter logits, model to merge), on the original base in the base's dtype,
+    loaded with `kwargs` (default: `placement`). For a full fine-tune the trained model is the merged model,
+    and the base is loaded to measure the effect; only one model is held at a time."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = placement(dtype)
+    kwargs = kwargs or placement(dtype, base_dir, batch)
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if method == "full":
         base_logits = logits_of(base, batch)
@@ -338,18 +408,27 @@ def run(params: dict[str, Any]) -> MergeResult:
         tokenizer = AutoTokenizer.from_pretrained(trained, **load_kwargs())
         batch = check_batch(root, tokenizer, settings)
         work_dtype = base_dtype(base_dir)  # merge at the base's own precision
-        base_logits, expected, model = trained_logits(method, trained, base_dir, batch, work_dtype)
+        kwargs = placement(work_dtype, base_dir, batch)
+        if offloaded(kwargs) and work_dtype != dtype:
+            # the offloaded weights live in accelerate's hooks, which a cast (.to) does not reach: merge in
+            # the saved dtype itself
+            work_dtype = dtype
+            kwargs = placement(work_dtype, base_dir, batch)
+        if offloaded(kwargs):
+            log.warning("the model does not fit on cuda:%d: merging with part of it in CPU memory (%s)",
+                        torch.cuda.current_device(), kwargs["max_memory"])
+        base_logits, expected, model = trained_logits(method, trained, base_dir, batch, work_dtype, kwargs)
         merged = model if method == "full" else model.merge_and_unload()
         if work_dtype != dtype:
             merged = merged.to(DTYPES[dtype])  # parameter by parameter: one extra tensor at a time
-        num_parameters = sum(p.numel() for p in merged.parameters())
-        device = str(merged.device)  # where merge_and_unload ran
-        on_gpu = merged.device.type == "cuda"
+        num_parameters = sum(p.numel() for p in merged.parameters())  # offloaded ones too (meta, with shapes)
+        device = devices_of(merged)  # where merge_and_unload ran
+        on_gpu = "cuda" in device
         with atomic_dir(out_dir) as tmp:
             save_sharded(merged, tokenizer, tmp, settings.max_shard_size)
             del merged, model  # the check reloads what was written: never two copies at once
             release()
-            merged_logits = logits_of(reload(tmp, dtype), batch)
+            merged_logits = logits_of(reload(tmp, dtype, batch), batch)
             check = check_merge(base_logits, expected, merged_logits, batch["attention_mask"], max_ratio)
             if method == "qlora" and check["passed"]:
                 check.update(qlora_reference(trained, base_dir, batch, base_logits, merged_logits))
@@ -397,7 +476,7 @@ def save_sharded(model, tokenizer, folder: Path, max_shard_size: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def reload(folder: Path, dtype: str):
+def reload(folder: Path, dtype: str, batch: dict[str, torch.Tensor] | None = None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, **placement(dtype))
+    return AutoModelForCausalLM.from_pretrained(folder, **placement(dtype, folder, batch))
