@@ -42,8 +42,10 @@ LLAMA_PYTHON_WHEEL := $(FTQ_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP)-py3-none
 # what the venv holds: convert_hf_to_gguf.py and gguf-py from the sdist, bin/ (the tools) and lib/ (the
 # shared libraries that both the tools and llama-cpp-python load)
 LLAMA_TOOLS := $(VENV)/share/ftq/llama.cpp
-# the system's cmake, else one from PyPI in a small venv of its own (pip's wheel build fetches its own the same way)
-CMAKE := $(shell command -v cmake 2>/dev/null || echo $(FTQ_CACHE)/tools/bin/cmake)
+# the system's cmake, else one from PyPI in a small venv of its own (pip's wheel build fetches its own the same
+# way); a CUDA build needs CMake >= 3.24 (CMAKE_CUDA_ARCHITECTURES=native), an older system cmake is passed over
+CMAKE_MIN := $(if $(NVCC),3.24,3.14)
+CMAKE := $(shell sh src/ftq/llama_build/pick_cmake.sh $(CMAKE_MIN) $(FTQ_CACHE)/tools/bin/cmake)
 PYTEST_ARGS ?=
 # the suite runs on both cores (pytest-xdist): many tests spend their time waiting on stage
 # subprocesses, DVC, MLflow and servers; PYTEST_WORKERS=0 runs it in one process
@@ -100,7 +102,7 @@ $(LLAMA_PYTHON_WHEEL): $(LLAMA_SDIST)
 # RPATH $$ORIGIN/../lib. A patch that does not apply stops the build.
 $(LLAMA_BUILD)/.built: $(LLAMA_SDIST)
 	@echo "building llama.cpp $(LLAMA_CPP) (libraries and $(LLAMA_TARGETS)) once per machine into $(LLAMA_BUILD)"
-	test -x $(CMAKE) || { $(PYTHON) -m venv $(FTQ_CACHE)/tools && $(FTQ_CACHE)/tools/bin/pip install --quiet cmake; }
+	test -x $(CMAKE) || { $(PYTHON) -m venv $(FTQ_CACHE)/tools && $(FTQ_CACHE)/tools/bin/pip install --quiet "cmake>=$(CMAKE_MIN)"; }
 	rm -rf $(LLAMA_BUILD) $(LLAMA_BUILD).src && mkdir -p $(LLAMA_BUILD).src $(LLAMA_BUILD)/bin $(LLAMA_BUILD)/lib
 	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_BUILD).src --strip-components=3 llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
 	for patch in $(FTQ_LLAMA_PATCHES); do patch --quiet --forward -p1 -d $(LLAMA_BUILD).src < $$patch || exit 1; done
@@ -148,8 +150,10 @@ postgres:
 test: install browser postgres
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
-# the GPU suite (tests/gpu, marker gpu): every test skips with its reason where CUDA is absent
+# the GPU suite (tests/gpu, marker gpu): every test skips with its reason where CUDA is absent, and the run
+# fails first where a GPU answers nvidia-smi but torch sees none (a CPU build: everything would skip and pass)
 test-gpu: install
+	$(BIN)/python tests/gpu/require_cuda.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m gpu -p no:xdist --durations=20 tests/gpu $(PYTEST_ARGS)
 
 ui: install
