@@ -211,12 +211,17 @@ def cmd_promote(args) -> int:
 
 def cmd_serve(args) -> int:
     from ftq.openai.schema import Limits
-    from ftq.serve.server import serve
+    from ftq.serve.guard import Policy
+    from ftq.serve.server import COMMAND_LINE_KEY, api_key_of, serve
 
+    if args.api_key:
+        print(f"warning: {COMMAND_LINE_KEY}", file=sys.stderr)
+    api_key = api_key_of(args.api_key, args.api_key_file)
     limits = Limits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                     max_body_bytes=args.max_body_bytes)
-    serve(args.model, args.host, args.port, args.api_key, args.watch, _params_if_any(args), limits, args.threads,
-          args.parallel, args.max_queued, args.ctx_size)
+    policy = Policy.for_bind(args.host, args.allowed_host, args.allowed_origin)
+    serve(args.model, args.host, args.port, api_key, args.watch, _params_if_any(args), limits, args.threads,
+          args.parallel, args.max_queued, args.ctx_size, policy)
     return 0
 
 
@@ -445,7 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="models:/NAME@champion, models:/NAME/3, or a path (HF folder, AWQ/GPTQ folder, .gguf)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs an API key")
     serve.add_argument("--port", type=int, default=8000, help="port")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $FTQ_API_KEY)")
+    serve.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help="require 'Authorization: Bearer KEY', the key read from this file (default: $FTQ_API_KEY)")
+    serve.add_argument("--api-key", default=None,
+                       help="the key itself: works, with a warning, as it is visible to every local user in /proc")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="accept this Host name besides the bound one and localhost (repeatable; '*': any)")
+    serve.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages from this origin (https://app.example:8443) call the API (repeatable)")
     serve.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                        help="poll the registry and reload when the alias moves (0: off)")
     from ftq.openai.schema import Limits

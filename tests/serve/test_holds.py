@@ -71,7 +71,7 @@ def open_stream(port, max_tokens=LONG, stream=True) -> socket.socket:
     body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": max_tokens,
                        "ignore_eos": True, "stream": stream, "temperature": 0}).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
                  b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     if stream:
         received = b""
@@ -184,13 +184,13 @@ def test_bodies_over_the_limit_get_413_before_they_are_read(one_slot):
     rss_before = rss(process.pid)
     # a declared 30 MB body: refused from the headers alone, while nothing of it has been sent
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 30000000\r\n\r\n")
     assert sock.recv(4096).startswith(b"HTTP/1.1 413")
     sock.close()
     # a chunked body that turns out too large is cut off as it is read
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
     chunk = b"x" * 65536
     answer = b""
@@ -245,7 +245,7 @@ def test_tokenize_obeys_the_key_and_the_limits(one_slot):
     assert status == 400 and b"limit" in body
     # declared over the limit: refused from the headers (sending the body too would race the refusal)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+    sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode() +
                  b"\r\nContent-Type: application/json\r\nContent-Length: 1200000\r\n\r\n")
     assert sock.recv(4096).startswith(b"HTTP/1.1 413")
     sock.close()

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -152,16 +153,40 @@ def test_serve_resolves_the_champion_alias_and_follows_it_with_watch(evaluated):
             model="served", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).choices[0].message.role == "assistant"
         other = report["challenger"]
         MlflowClient(f"sqlite:///{project / 'mlflow.db'}").set_registered_model_alias("served", "champion", other)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if json.loads(response.read())["version"] == other:
-                    break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the server did not follow the alias within 60 s")
+        engines, refusals = watch_the_swap(process, port, other)
+        # one model in memory: the old engine stopped before the new one started
+        assert max(engines) == 1, f"{max(engines)} engines at once during the swap"
+        # a request during the swap: 503 with Retry-After, never another error
+        assert all(status == 503 and retry_after >= 1 for status, retry_after in refusals), refusals
     finally:
         stop(process)
+
+
+def live_engine(child) -> bool:
+    import psutil
+
+    try:
+        return "llama-server" in child.name() and child.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def watch_the_swap(process, port, version, seconds=60) -> tuple[list[int], list[tuple[int, int]]]:
+    """Until /health serves `version`: the llama-server engines alive at each look, and the refusals seen."""
+    import psutil
+
+    engines, refusals = [], []
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        engines.append(sum(map(live_engine, psutil.Process(process.pid).children(recursive=True))))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if json.loads(response.read())["version"] == version:
+                    return engines, refusals
+        except urllib.error.HTTPError as exc:
+            refusals.append((exc.code, int(exc.headers.get("Retry-After") or 0)))
+        time.sleep(0.05)
+    raise AssertionError(f"the server did not follow the alias within {seconds} s")
 
 
 def test_unknown_alias_is_a_clear_error(evaluated):

@@ -126,14 +126,21 @@ class BodyLimit:
 
 
 class ClosingStream(StreamingResponse):
-    """A streaming response that always closes its generator: Starlette cancels the sending task when the
-    client disconnects, and a generator suspended at `yield` would otherwise keep its engine request
-    (and slot) until the garbage collector happens to close it."""
+    """A streaming response that always closes its generator and gives its ticket back: Starlette cancels
+    the sending task when the client disconnects, and a generator suspended at `yield` would otherwise
+    keep its engine request (and slot) until the garbage collector happens to close it. A client that
+    left before the first chunk has the sending task cancelled before it starts: the generator never
+    runs, so its own `finally` cannot be what frees the place in the queue."""
 
-    async def stream_response(self, send) -> None:
+    def __init__(self, content, ticket: "Ticket", **kwargs):
+        super().__init__(content, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
+            self.ticket.drop()  # still queued (or never started): the place is free at once
             with anyio.CancelScope(shield=True):  # cleanup must run even though the task is being cancelled
                 await self.body_iterator.aclose()
 
