@@ -1,6 +1,8 @@
 """Soak: 64 concurrent streaming clients against a real `ftq serve` for a bounded time, a third of them
-leaving at random points, mixed with malformed and oversized requests. The server must answer every
-well-formed request, return no server errors, end idle, and not grow."""
+leaving at random points (some before the first chunk, some before the headers), mixed with malformed and
+oversized requests, seeds beyond 64 bits, deep nesting, wrong content types and foreign Origin or Host
+headers. The server must answer every well-formed request, refuse the rest with a 4xx, return no server
+errors, end idle, and not grow."""
 
 import asyncio
 import json
@@ -67,6 +69,8 @@ async def well_formed(client, rng, tally, index) -> None:
 
 async def leave_early(client, rng, tally) -> None:
     tally["left"] += 1
+    if rng.random() < 0.3:
+        return await leave_before_headers(client.base_url.port, rng)
     chunks = rng.randint(0, 6)
     async with client.stream("POST", "/v1/chat/completions", json={**chat(rng), "max_tokens": 200}) as response:
         if response.status_code >= 500:
@@ -79,25 +83,52 @@ async def leave_early(client, rng, tally) -> None:
                 break  # leaving the block closes the connection mid-answer
 
 
+async def leave_before_headers(port: int, rng) -> None:
+    """A streaming request whose client closes the connection as soon as it is sent."""
+    body = json.dumps(chat(rng)).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+HI = [{"role": "user", "content": "x"}]
+# what each kind of bad request is sent as (body, extra headers), and the status it must get
+MALFORMED = {
+    "json": (b"{not json", {}, 400),
+    "field": (json.dumps({"messages": [], "bogus": 1}).encode(), {}, 400),
+    "range": (json.dumps({"messages": HI, "temperature": 9}).encode(), {}, 400),
+    "big": (b'{"messages": [{"role": "user", "content": "' + b"x" * 1_500_000 + b'"}]}', {}, 413),
+    "seed": (json.dumps({"messages": HI, "seed": 2 ** 70}).encode(), {}, 400),
+    "deep": (b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", {}, 400),
+    "nested": (json.dumps({"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters":
+        json.loads('{"a": ' * 100 + "1" + "}" * 100)}}]}).encode(), {}, 400),
+    "text/plain": (json.dumps({"messages": HI}).encode(), {"Content-Type": "text/plain"}, 415),
+    "form": (b"messages=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+    "origin": (json.dumps({"messages": HI}).encode(), {"Origin": "http://attacker.example"}, 403),
+    "host": (json.dumps({"messages": HI}).encode(), {"Host": "attacker.example"}, 400),
+}
+
+
 async def malformed(client, rng, tally) -> None:
     tally["malformed"] += 1
-    kind = rng.choice(["json", "field", "range", "big"])
-    body = {"json": b"{not json", "field": json.dumps({"messages": [], "bogus": 1}).encode(),
-            "range": json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(),
-            "big": b'{"messages": [{"role": "user", "content": "' + b"x" * 1_500_000 + b'"}]}'}[kind]
+    kind = rng.choice(sorted(MALFORMED))
+    body, headers, expected = MALFORMED[kind]
     try:
         response = await client.post("/v1/chat/completions", content=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **headers})
     except httpx_errors() as exc:
         if kind != "big":  # a small malformed body must get its 400, never a dropped connection
             tally["server_errors"].append(("dropped", f"{kind}: {type(exc).__name__}: {exc}"))
         return  # a 413 may close the connection while the big body is still being sent
     if response.status_code >= 500:
         tally["server_errors"].append((response.status_code, response.text[:200]))
-    elif response.status_code == (413 if kind == "big" else 400):
+    elif response.status_code == expected:
         tally["refused"] += 1
     else:
-        tally["server_errors"].append((response.status_code, f"{kind}: expected {413 if kind == 'big' else 400}"))
+        tally["server_errors"].append((response.status_code, f"{kind}: expected {expected}"))
 
 
 def httpx_errors():
