@@ -110,6 +110,8 @@ def send_and_leave(port: int, body: dict) -> None:
 
 
 def test_a_client_that_leaves_before_the_first_chunk_frees_its_place_at_once(server):
+    """End to end, through uvicorn. Its ASGI 2.3 `send` returns quietly for a client that has gone, so the
+    stream's generator still starts here; `test_guard.py` covers the ASGI 2.4 path, where it never does."""
     # a long prompt: the gateway is still counting it when the client has gone
     body = {"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 8, "stream": True}
     for _ in range(10):
