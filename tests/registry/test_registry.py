@@ -194,7 +194,8 @@ def test_concurrent_promotes_leave_the_champion_on_the_better_build(evaluated_co
     client = registry(project)
     client.search_experiments()  # the store exists before the two processes open it
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["promote"] = {"model_name": "race", "policy": POLICY}
+    # select: best, as the fixture sets it (smallest_tied, the default, would keep the champion for another reason)
+    params["promote"] = {"model_name": "race", "policy": {**POLICY, "select": "best"}}
     processes = []
     for name in (better, worse):
         params["quantize"]["enabled"] = [name]
