@@ -70,3 +70,20 @@ def test_a_stream_after_scoring_reuses_no_scored_cache():
     assert list(llm.input_ids[: llm.n_tokens]) == scored  # the bookkeeping says what the cache holds
     assert streamed(runtime, messages) == expected
     runtime.close()
+
+
+def test_the_servers_scorer_keeps_its_weights_off_the_gpu(gguf_model, constructed, monkeypatch):
+    """`ftq serve` answers exact-logprob requests with an in-process runtime beside llama-server: on a GPU
+    build (here: gpu_layers() answering -1, as it does where a GPU answers) that second copy of the
+    weights must stay in RAM, or a GGUF over half the card could not be served with logprobs."""
+    from ftq.registry.resolve import Resolved
+    from ftq.runtimes import llamacpp
+    from ftq.serve.app import Served
+
+    monkeypatch.setattr(llamacpp, "gpu_layers", lambda: -1)
+    served = Served(Resolved(reference=str(gguf_model), path=gguf_model, name="tiny"), engine=None, format="gguf")
+    runtime = served.scorer(n_ctx=256)
+    runtime.llama  # load it
+    assert constructed == [0]
+    runtime.close()
+    assert LlamaCppRuntime(gguf_model, threads=1, n_ctx=256).llama is not None and constructed[-1] == -1  # the default

@@ -73,15 +73,16 @@ def gpu_layers() -> int:
         return 0
 
 
-def open_model(path: str | Path, threads: int | None = None, n_ctx: int = 2048, dtype: str = "auto") -> Runtime:
+def open_model(path: str | Path, threads: int | None = None, n_ctx: int = 2048, dtype: str = "auto",
+               gpu: bool = True) -> Runtime:
     """`dtype` (auto: as stored) is the dtype a plain HF folder runs in; GGUF and the quantized HF
-    formats run as they are stored."""
+    formats run as they are stored. `gpu=False` keeps a GGUF's weights in RAM even on a GPU build."""
     path = Path(path)
     fmt = artifact_format(path)
     if fmt == "gguf":
         from ftq.runtimes.llamacpp import LlamaCppRuntime
 
-        return LlamaCppRuntime(gguf_file(path), threads=threads, n_ctx=n_ctx)
+        return LlamaCppRuntime(gguf_file(path), threads=threads, n_ctx=n_ctx, gpu=gpu)
     from ftq.runtimes.transformers import TransformersRuntime
 
     return TransformersRuntime(path, threads=threads, dtype=dtype if fmt == "hf" else "auto")

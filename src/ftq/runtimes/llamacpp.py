@@ -19,8 +19,10 @@ from ftq.runtimes import default_threads, gpu_layers
 class LlamaCppRuntime:
     kind = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 2048, verbose: bool = False):
+    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 2048, verbose: bool = False,
+                 gpu: bool = True):
         self.path = Path(path)
+        self.gpu = gpu  # False: the weights stay in RAM (where another process already holds them in VRAM)
         self.threads = threads or default_threads()
         self.n_ctx = n_ctx
         self.verbose = verbose  # llama.cpp's own load log on stderr (e.g. how many layers it offloaded)
@@ -34,7 +36,7 @@ class LlamaCppRuntime:
         # flash attention, as llama.cpp's own tools and llama-server pick it (auto) where llama-cpp-python
         # turns it off: HellaSwag scoring 1.34x faster on 2 cores, decode a little faster
         return Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                     n_gpu_layers=gpu_layers(), flash_attn=True, verbose=self.verbose)
+                     n_gpu_layers=gpu_layers() if self.gpu else 0, flash_attn=True, verbose=self.verbose)
 
     @property
     def llama(self):

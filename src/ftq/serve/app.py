@@ -66,12 +66,13 @@ class Served:
         return self._tool_template
 
     def scorer(self, n_ctx: int):
-        """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights).
-        The caller holds `scorer_lock`: one scoring request at a time."""
+        """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights,
+        kept in RAM: on a GPU the engine already holds them in VRAM, and a GGUF over half the card would
+        not fit twice). The caller holds `scorer_lock`: one scoring request at a time."""
         from ftq.runtimes import open_model
 
         if self._scorer is None:
-            self._scorer = open_model(self.resolved.path, n_ctx=n_ctx)
+            self._scorer = open_model(self.resolved.path, n_ctx=n_ctx, gpu=False)
         return self._scorer
 
     def close(self) -> None:
