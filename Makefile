@@ -24,7 +24,7 @@ LLAMA_SDIST := $(FTQ_CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz
 # GPU (and its libraries) fails the build. FTQ_CUDA=0 forces the CPU build.
 NVCC := $(if $(filter 0,$(FTQ_CUDA)),,$(shell nvidia-smi -L >/dev/null 2>&1 && { command -v nvcc || ls /usr/local/cuda/bin/nvcc; } 2>/dev/null))
 LLAMA_VARIANT := $(if $(NVCC),-cuda,)
-# CPU features (see README, "llama.cpp's CPU features"): ggml's default native build (-march=native) uses
+# CPU features (see docs/install.md#llamacpps-cpu-features): ggml's default native build (-march=native) uses
 # every instruction set this CPU reports, AMX included, with the upstream AMX fix patched in.
 # FTQ_LLAMA_AMX=0 builds without the AMX kernels; FTQ_LLAMA_CMAKE_ARGS adds CMake arguments (e.g.
 # "-DGGML_NATIVE=OFF -DGGML_AVX2=ON" for a build that runs on other CPUs); FTQ_LLAMA_PATCHES= builds

@@ -314,7 +314,7 @@ def main() -> int:
         print(table(json.loads(OUT.read_text())))
         return 0
     if not HELLASWAG.exists():
-        parser.error(f"{HELLASWAG} is absent: get hellaswag_val_full.txt (see README, 'Standard benchmarks')")
+        parser.error(f"{HELLASWAG} is absent: get hellaswag_val_full.txt (see docs/benchmarks.md#standard-benchmarks)")
     if args.precision:
         report = json.loads(OUT.read_text())
         report["precision"] = precision(args.items, args.seed, args.threads)

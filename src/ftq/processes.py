@@ -40,7 +40,7 @@ def exit_code(stop: KeyboardInterrupt) -> int:
 
 # what a death by each signal most likely means here, for messages that name it instead of "exited with -4"
 SIGNAL_CAUSES = {
-    "SIGILL": "an instruction this CPU or VM does not allow; see README, \"llama.cpp's CPU features\"",
+    "SIGILL": "an instruction this CPU or VM does not allow; see docs/install.md#llamacpps-cpu-features",
     "SIGSEGV": "an invalid memory access in native code",
     "SIGBUS": "a bad memory access, often a memory-mapped file that was truncated or a full /dev/shm",
     "SIGFPE": "an arithmetic fault in native code",

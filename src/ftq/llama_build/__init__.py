@@ -1,5 +1,5 @@
 """ftq's build of llama.cpp: one CMake build of the sources vendored in the llama-cpp-python sdist, with
-the patches in `patches/` applied (see Makefile and README, "llama.cpp's CPU features").
+the patches in `patches/` applied (see the Makefile and docs/install.md#llamacpps-cpu-features).
 
 `python -m ftq.llama_build smoke`, the last step of `make install`, checks that the build runs on this
 machine: llama-cpp-python's library and `llama-server` each evaluate one batch of several hundred

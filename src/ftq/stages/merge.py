@@ -45,7 +45,7 @@ OUTPUT_DIR = Path("models/merged")
 REPORT = Path("reports/merge.json")
 INFO_FILE = "ftq_merge.json"
 # merge residual allowed, as a fraction of the adapter's effect, per saved dtype: float32 differs only by
-# summation order; half precisions round every merged weight once more (measured: see README, Merge)
+# summation order; half precisions round every merged weight once more (measured: see docs/pipeline.md#stage-merge-one-merged-checkpoint)
 DEFAULT_MAX_RESIDUAL_RATIO = {"float32": 0.01, "float16": 0.02, "bfloat16": 0.05}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

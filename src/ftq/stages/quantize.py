@@ -54,7 +54,7 @@ class QuantizeResult:
 
 def build_spec(params: dict[str, Any], name: str) -> BuildSpec:
     """One build: its options checked by its method's backend; the block's `check` and `calibration`
-    (thresholds: see README, "The quantize check"), each overridable per build."""
+    (thresholds: see docs/pipeline.md#stage-quantize-awq-gptq-and-gguf-builds-screened), each overridable per build."""
     from ftq.quantize import backend
 
     cfg = schema.settings(params, "quantize")
