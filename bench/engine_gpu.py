@@ -24,7 +24,7 @@ with torch.no_grad():
     for p in model.parameters():
         if p.dim() == 2: p.normal_(0, 0.05)
 model.save_pretrained("/tmp/llama1b"); tok.save_pretrained("/tmp/llama1b")
-from ftq.engines import Settings
+from ftq.engines import Sampling
 from ftq.engines.transformers_cb import TransformersEngine
 t0 = time.time()
 engine = TransformersEngine("/tmp/llama1b", threads=None, n_ctx=1024, parallel=32)
@@ -33,7 +33,7 @@ prompts = ["Hi", "Tell me a story", "What is 2+2?", "Name a colour", "Count to f
 async def one(text, n=128, temp=0.0):
     ids = await engine.tokenize(await engine.chat_prompt([{"role": "user", "content": text}]), False)
     out, tokens = [], 0
-    async for piece in engine.generate(ids, Settings(max_tokens=n, temperature=temp, ignore_eos=True)):
+    async for piece in engine.generate(ids, Sampling(max_tokens=n, temperature=temp, ignore_eos=True)):
         out.append(piece.text); tokens = piece.tokens
     return "".join(out), tokens
 async def level(k):

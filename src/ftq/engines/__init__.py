@@ -1,5 +1,6 @@
 """Engines decode many requests at once for `ftq serve` (continuous batching): a request joins the running
-batch between decode steps and leaves when it finishes, with its own sampling settings.
+batch between decode steps and leaves when it finishes, with its own `Sampling`
+(temperature, top_p, stop strings, seed, token budget).
 
 - GGUF files: llama.cpp's own `llama-server` (built from the sources vendored in the llama-cpp-python
   sdist by `make install`), run as a child process on a private Unix socket with its own random key (`llama_server`).
@@ -17,7 +18,9 @@ from typing import AsyncIterator, Protocol
 
 
 @dataclass(frozen=True)
-class Settings:
+class Sampling:
+    """How one request is decoded: OpenAI's sampling fields and its token budget."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -53,7 +56,7 @@ class Engine(Protocol):
 
     async def detokenize(self, tokens: list[int]) -> str: ...
 
-    def generate(self, prompt: list[int], settings: Settings) -> AsyncIterator[Piece]: ...
+    def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[Piece]: ...
 
     async def tokenizer_info(self) -> dict: ...
 

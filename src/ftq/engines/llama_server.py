@@ -1,5 +1,5 @@
 """llama.cpp's own `llama-server` as the GGUF engine: continuous batching over `parallel` slots, each
-request with its own sampling settings and seed, in the C++ engine at full speed. ftq keeps the gateway
+request with its own sampling and seed, in the C++ engine at full speed. ftq keeps the gateway
 (registry, validation, limits, API key, metrics) and talks to it on a Unix socket in a private 0700
 folder, with a random key that only the gateway knows (given through the child's environment, never its
 command line, which every local user can read in /proc): no other process can call the engine around
@@ -27,7 +27,7 @@ from typing import AsyncIterator
 
 import orjson
 
-from ftq.engines import EngineError, Piece, Settings
+from ftq.engines import EngineError, Piece, Sampling
 from ftq.errors import UsageError
 from ftq.processes import describe_exit, log_tail, stop_group
 from ftq.runtimes import gpu_layers
@@ -107,7 +107,7 @@ class LlamaServerEngine:
     async def warm_up(self) -> None:
         """One tiny request through every engine call, so the first client doesn't pay for imports and connections."""
         prompt = await self.tokenize(await self.chat_prompt([{"role": "user", "content": "Hi"}]), False)
-        async for _ in self.generate(prompt, Settings(max_tokens=1, temperature=0.0)):
+        async for _ in self.generate(prompt, Sampling(max_tokens=1, temperature=0.0)):
             pass
 
     @property
@@ -183,16 +183,16 @@ class LlamaServerEngine:
                           "model_max_length": self.context_length, "vocab_size": meta.get("n_vocab")}
         return self._info
 
-    async def generate(self, prompt: list[int], settings: Settings) -> AsyncIterator[Piece]:
-        payload = {"prompt": prompt, "n_predict": settings.max_tokens, "stream": True, "cache_prompt": True,
+    async def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[Piece]:
+        payload = {"prompt": prompt, "n_predict": sampling.max_tokens, "stream": True, "cache_prompt": True,
                    # OpenAI's sampling: temperature and top_p alone (llama-server adds top_k 40, min_p 0.05).
                    # Greedy is the argmax, which top_k 1 finds in one pass; top_k 0 would have every step
                    # sort the whole vocabulary (7-10 % of decode speed measured on 2 cores)
-                   "temperature": settings.temperature, "top_p": settings.top_p,
-                   "top_k": 1 if settings.temperature == 0 else 0, "min_p": 0.0,
-                   "stop": list(settings.stop), "ignore_eos": settings.ignore_eos}
-        if settings.seed is not None:  # llama-server's seed is 32 bits (-1, i.e. 2**32 - 1, is "random")
-            payload["seed"] = settings.seed % 2 ** 32
+                   "temperature": sampling.temperature, "top_p": sampling.top_p,
+                   "top_k": 1 if sampling.temperature == 0 else 0, "min_p": 0.0,
+                   "stop": list(sampling.stop), "ignore_eos": sampling.ignore_eos}
+        if sampling.seed is not None:  # llama-server's seed is 32 bits (-1, i.e. 2**32 - 1, is "random")
+            payload["seed"] = sampling.seed % 2 ** 32
         import aiohttp
 
         try:

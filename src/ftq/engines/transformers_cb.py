@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 import torch
 
-from ftq.engines import EngineError, Piece, Settings
+from ftq.engines import EngineError, Piece, Sampling
 
 BLOCK_SIZE = 32  # tokens per KV-cache page
 
@@ -47,7 +47,7 @@ class TransformersEngine:
         self.manager.start()
 
     async def warm_up(self) -> None:
-        async for _ in self.generate(await self.tokenize("Hi", True), Settings(max_tokens=1, temperature=0.0)):
+        async for _ in self.generate(await self.tokenize("Hi", True), Sampling(max_tokens=1, temperature=0.0)):
             pass
 
     def alive(self) -> bool:
@@ -69,19 +69,19 @@ class TransformersEngine:
                 "pad_token": self.tokenizer.pad_token, "chat_template": self.tokenizer.chat_template,
                 "model_max_length": self.context_length, "vocab_size": self.vocab_size}
 
-    def _sampling(self, settings: Settings) -> dict:
-        if settings.temperature <= 0:
+    def _sampling_kwargs(self, sampling: Sampling) -> dict:
+        if sampling.temperature <= 0:
             return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
-        return {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": self.vocab_size}
+        return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": self.vocab_size}
 
-    async def generate(self, prompt: list[int], settings: Settings) -> AsyncIterator[Piece]:
+    async def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[Piece]:
         request_id = uuid.uuid4().hex
         outputs: asyncio.Queue = asyncio.Queue()
         self.manager.register_result_handler(request_id, outputs.put_nowait)
-        self.manager.add_request(list(prompt), request_id=request_id, max_new_tokens=settings.max_tokens,
-                                 streaming=True, eos_token_id=-1 if settings.ignore_eos else self.eos,
-                                 **self._sampling(settings))
-        text = StreamedText(self.tokenizer, settings.stop)
+        self.manager.add_request(list(prompt), request_id=request_id, max_new_tokens=sampling.max_tokens,
+                                 streaming=True, eos_token_id=-1 if sampling.ignore_eos else self.eos,
+                                 **self._sampling_kwargs(sampling))
+        text = StreamedText(self.tokenizer, sampling.stop)
         finished = False
         try:
             while True:
@@ -93,8 +93,8 @@ class TransformersEngine:
                 piece, stopped = text.update(tokens, done)
                 if stopped or done:
                     finished = done
-                    hit_eos = bool(tokens) and tokens[-1] in self.eos and not settings.ignore_eos
-                    limit = len(tokens) >= settings.max_tokens and not hit_eos and not stopped
+                    hit_eos = bool(tokens) and tokens[-1] in self.eos and not sampling.ignore_eos
+                    limit = len(tokens) >= sampling.max_tokens and not hit_eos and not stopped
                     yield Piece(piece, len(tokens), "length" if limit else "stop")
                     return
                 if piece:

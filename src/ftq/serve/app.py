@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ftq.engines import EngineError, Settings
+from ftq.engines import EngineError, Sampling
 from ftq.openai.schema import (ChatRequest, CompletionRequest, DetokenizeRequest, Limits, RequestError,
                                TokenizeRequest, budget, check_prompt, completion_response, error_body, new_id, parse,
                                usage)
@@ -246,19 +246,19 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         authorize(request)
         body = parse(ChatRequest, await request.body())
         max_tokens = budget(limits, body.max_completion_tokens or body.max_tokens)
-        settings = settings_of(body, max_tokens)
+        sampling = sampling_of(body, max_tokens)
         served = host.acquire(request)
         text, calling = await chat_prompt(served, body)
         prompt = await served.engine.tokenize(text, False)
         check_prompt(limits, len(prompt), max_tokens, served.engine.context_length)
-        return await generation(request, body, "chat.completion", served, prompt, settings, calling)
+        return await generation(request, body, "chat.completion", served, prompt, sampling, calling)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         body = parse(CompletionRequest, await request.body())
         max_tokens = budget(limits, body.max_tokens)
-        settings = settings_of(body, max_tokens)
+        sampling = sampling_of(body, max_tokens)
         served = host.acquire(request)
         if body.needs_scoring():
             if body.stream:
@@ -266,10 +266,10 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
             return await scored(request, body, served, max_tokens)
         prompt = await served.engine.tokenize(body.prompt, True)
         check_prompt(limits, len(prompt), max_tokens, served.engine.context_length)
-        return await generation(request, body, "text_completion", served, prompt, settings)
+        return await generation(request, body, "text_completion", served, prompt, sampling)
 
-    def settings_of(body, max_tokens: int) -> Settings:
-        return Settings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+    def sampling_of(body, max_tokens: int) -> Sampling:
+        return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                         stop=tuple(body.stop_list()), seed=body.seed, ignore_eos=body.ignore_eos)
 
     async def scored(request: Request, body: CompletionRequest, served: Served, max_tokens: int):
@@ -286,15 +286,15 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         async with ticket:
             return await run_in_threadpool(work)
 
-    async def generation(request: Request, body, kind: str, served: Served, prompt: list[int], settings: Settings,
+    async def generation(request: Request, body, kind: str, served: Served, prompt: list[int], sampling: Sampling,
                          calling: Calling | None = None):
         ticket = gate.admit()
         metrics.prompt_tokens.inc(len(prompt))
         ident = new_id(kind)
         if body.stream:
-            events = stream_events(ticket, ident, kind, served, prompt, settings, body.include_usage(), calling)
+            events = stream_events(ticket, ident, kind, served, prompt, sampling, body.include_usage(), calling)
             return ClosingStream(events, ticket, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        work = asyncio.ensure_future(whole(ticket, served, prompt, settings))
+        work = asyncio.ensure_future(whole(ticket, served, prompt, sampling))
         left = asyncio.ensure_future(until_disconnected(request.receive))
         await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():  # the client went away: stop generating for it
@@ -306,18 +306,18 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         left.cancel()
         text, tokens, finish = work.result()
         response = completion_response(kind, ident, served.resolved.name, text, len(prompt), tokens,
-                                       settings.max_tokens, finish)
+                                       sampling.max_tokens, finish)
         if calling is not None:
             answer, called = calling.message(text)
             response["choices"][0].update(message=answer, finish_reason=called or response["choices"][0]["finish_reason"])
         return response
 
-    async def pieces(ticket, served: Served, prompt: list[int], settings: Settings, route: str):
+    async def pieces(ticket, served: Served, prompt: list[int], sampling: Sampling, route: str):
         """The engine's pieces for one request, holding a slot; records latency and tokens."""
         async with ticket:
             served.inflight += 1
             start, first, tokens = time.perf_counter(), None, 0
-            generated = served.engine.generate(prompt, settings)
+            generated = served.engine.generate(prompt, sampling)
             try:
                 async for piece in generated:
                     if first is None:
@@ -331,14 +331,14 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
                 await generated.aclose()  # a disconnect or error: the engine cancels the sequence now
                 served.inflight -= 1
 
-    async def whole(ticket, served: Served, prompt: list[int], settings: Settings) -> tuple[str, int, str]:
+    async def whole(ticket, served: Served, prompt: list[int], sampling: Sampling) -> tuple[str, int, str]:
         text, tokens, finish = [], 0, "stop"
-        async for piece in pieces(ticket, served, prompt, settings, "whole"):
+        async for piece in pieces(ticket, served, prompt, sampling, "whole"):
             text.append(piece.text)
             tokens, finish = piece.tokens, piece.finish or finish
         return "".join(text), tokens, finish
 
-    async def stream_events(ticket, ident: str, kind: str, served: Served, prompt: list[int], settings: Settings,
+    async def stream_events(ticket, ident: str, kind: str, served: Served, prompt: list[int], sampling: Sampling,
                             include_usage: bool, calling: Calling | None = None):
         chat = kind == "chat.completion"
         created = int(time.time())
@@ -354,7 +354,7 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
         tokens, finish = 0, "stop"
-        generated = pieces(ticket, served, prompt, settings, "stream")
+        generated = pieces(ticket, served, prompt, sampling, "stream")
         held = calling.hold() if calling is not None else None
         try:
             if chat:
