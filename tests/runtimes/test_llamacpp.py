@@ -72,7 +72,7 @@ def test_a_stream_after_scoring_reuses_no_scored_cache():
     runtime.close()
 
 
-def test_the_servers_scorer_keeps_its_weights_off_the_gpu(gguf_model, constructed, monkeypatch):
+def test_the_servers_logprob_runtime_keeps_its_weights_off_the_gpu(gguf_model, constructed, monkeypatch):
     """`ftq serve` answers exact-logprob requests with an in-process runtime beside llama-server: on a GPU
     build (here: gpu_layers() answering -1, as it does where a GPU answers) that second copy of the
     weights must stay in RAM, or a GGUF over half the card could not be served with logprobs."""
@@ -82,7 +82,7 @@ def test_the_servers_scorer_keeps_its_weights_off_the_gpu(gguf_model, constructe
 
     monkeypatch.setattr(llamacpp, "gpu_layers", lambda: -1)
     served = Served(Resolved(reference=str(gguf_model), path=gguf_model, name="tiny"), engine=None, format="gguf")
-    runtime = served.scorer(n_ctx=256)
+    runtime = served.logprob_runtime(n_ctx=256)
     runtime.llama  # load it
     assert constructed == [0]
     runtime.close()

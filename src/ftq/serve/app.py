@@ -53,8 +53,8 @@ class Served:
     format: str
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
-    _scorer: Any = None
-    scorer_lock: threading.Lock = field(default_factory=threading.Lock)
+    _logprob_runtime: Any = None
+    logprob_lock: threading.Lock = field(default_factory=threading.Lock)
     _tool_template: Any = None
 
     async def tool_template(self):
@@ -65,20 +65,20 @@ class Served:
             self._tool_template = await ToolTemplate.probe_off_loop(await self.engine.tokenizer_info())
         return self._tool_template
 
-    def scorer(self, n_ctx: int):
+    def logprob_runtime(self, n_ctx: int):
         """The in-process runtime for exact logprobs, loaded on first use (a second copy of the weights,
         kept in RAM: on a GPU the engine already holds them in VRAM, and a GGUF over half the card would
-        not fit twice). The caller holds `scorer_lock`: one scoring request at a time."""
+        not fit twice). The caller holds `logprob_lock`: one such request at a time."""
         from ftq.runtimes import open_model
 
-        if self._scorer is None:
-            self._scorer = open_model(self.resolved.path, n_ctx=n_ctx, gpu=False)
-        return self._scorer
+        if self._logprob_runtime is None:
+            self._logprob_runtime = open_model(self.resolved.path, n_ctx=n_ctx, gpu=False)
+        return self._logprob_runtime
 
     def close(self) -> None:
         self.engine.close()
-        if self._scorer is not None:
-            self._scorer.close()
+        if self._logprob_runtime is not None:
+            self._logprob_runtime.close()
 
 
 class ModelHost:
@@ -276,8 +276,8 @@ def create_app(host: ModelHost, api_key: str | None = None, limits: Limits | Non
         from ftq.openai.scoring import check_prompts, prompt_ids, scored_completions
 
         def work() -> dict:
-            with served.scorer_lock:
-                runtime = served.scorer(served.engine.context_length)
+            with served.logprob_lock:
+                runtime = served.logprob_runtime(served.engine.context_length)
                 batch = prompt_ids(runtime, body)
                 check_prompts(batch, limits, max_tokens, runtime.context_length)
                 return scored_completions(runtime, body, batch, max_tokens, served.resolved.name)
