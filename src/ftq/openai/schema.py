@@ -66,7 +66,9 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class Sampling(BaseModel):
+class GenerationRequest(BaseModel):
+    """What chat and text completion requests share: the model, sampling, stop strings, streaming."""
+
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -95,7 +97,7 @@ class Sampling(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-class ChatRequest(Sampling):
+class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
@@ -151,7 +153,7 @@ def _arguments(text: str, number: int, position: int) -> dict:
     return value
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(GenerationRequest):
     # a text, a batch of texts, token ids, or a batch of token-id lists (what lm-eval sends)
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
