@@ -113,3 +113,17 @@ def test_ftq_params_shows_each_settings_value_and_where_it_came_from(tmp_path):
     invalid = subprocess.run([sys.executable, "-m", "ftq", "params", "train", "-S", "evaluate.task_examples=many"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert invalid.returncode == 2 and "evaluate.task_examples: expected an integer >= 0, got 'many'" in invalid.stderr
+
+
+def test_ftq_params_explain_prints_each_settings_default_accepted_values_and_help():
+    """`ftq params --explain`: from the schema alone (no params.yaml here), for a block or a dotted prefix."""
+    from ftq import schema
+
+    result = ftq("params", "--explain", "promote.policy", cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("promote.policy.metric: task_json_field_accuracy\n    accepts ")
+    assert all(metric in result.stdout for metric in schema.PAIRED_METRICS)
+    assert "\n    rejected when the retention interval vs merged lies wholly below this\n" in result.stdout
+    assert "promote.model_name" not in result.stdout and "train." not in result.stdout
+    unknown = ftq("params", "--explain", "train.lorra", cwd="/")
+    assert unknown.returncode == 2 and "--explain train.lorra: no such setting" in unknown.stderr

@@ -1,6 +1,8 @@
-"""params.yaml against ftq.schema, the one place each setting's default and accepted values are defined:
-params.yaml states every default again for its reader, and must not disagree with the schema; every
-stage validates its block through schema.settings."""
+"""params.yaml against ftq.schema, the one place each setting's default, accepted values and help are
+defined: params.yaml states every default again for its reader, with the help as its comment, and must
+not disagree with the schema; every stage validates its block through schema.settings."""
+
+import re
 
 import pytest
 import yaml
@@ -32,6 +34,54 @@ def test_params_yaml_states_every_setting_with_the_schemas_default():
             elif given[key] != value and key != "quantize.enabled":
                 found.append(f"{key}: schema {value!r}, params.yaml {given[key]!r}")
     assert not found, "\n".join(found)
+
+
+def comments(text: str) -> dict[str, str]:
+    """{dotted key: its comment} for every key of a YAML file: the text after ` #` on the key's line, and
+    the comment-only lines right below it indented deeper than the key (the comment wrapped), joined."""
+    found, path, last = {}, [], None
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        indent = len(line) - len(stripped)
+        if stripped.startswith("#") and last and indent > last[1]:
+            found[last[0]] = f"{found[last[0]]} {stripped[1:].strip()}".strip()
+            continue
+        key = re.match(r"([\w.\-]+):", stripped)
+        if not key:  # a comment line of its own, a list item, a blank line
+            last = None
+            continue
+        path = [(i, k) for i, k in path if i < indent] + [(indent, key[1])]
+        dotted = ".".join(k for _, k in path)
+        found[dotted] = line.partition(" #")[2].strip()
+        last = (dotted, indent)
+    return found
+
+
+def test_every_setting_says_what_it_does_and_names_each_value_it_accepts():
+    """Its help is what `ftq params --explain` and params.yaml's comment on it say; a setting with a few
+    accepted values names each (the comment may not list fewer than the code accepts)."""
+    assert [key for key, setting in schema.leaves() if not setting.help] == []
+    unnamed = [f"{key}: {option}" for key, setting in schema.leaves() for option in setting.options
+               if not re.search(rf"(?<![\w.-]){re.escape(str(option))}(?![\w-])", setting.explained())]
+    assert unnamed == []
+
+
+def test_params_yaml_comments_are_the_schemas_help():
+    """The comment on each setting in params.yaml is the schema's help for it, word for word: change
+    one, change the other (the help may write {choices} for the accepted values)."""
+    found = []
+    for key, comment in comments((REPO / "params.yaml").read_text()).items():
+        setting = schema.find(key)
+        if setting is not None and comment != setting.explained():
+            found.append(f"{key}:\n  params.yaml: {comment!r}\n  schema:      {setting.explained()!r}")
+    assert not found, "\n".join(found)
+
+
+def test_comments_joins_a_wrapped_comment_and_leaves_the_next_keys_preamble():
+    text = ("a:\n  b: 1  # one\n        # two\n  # about c\n  c: [x]\n  d:   # block\n    e: 2\n")
+    assert comments(text) == {"a": "", "a.b": "one two", "a.c": "", "a.d": "block", "a.d.e": ""}
+    assert schema.find("evaluate.lm_eval.local_data.hellaswag.seed") is schema.LOCAL_TASK["seed"]
+    assert schema.find("quantize.builds.q8_0") is None and schema.find("quantize.check") is None
 
 
 def test_every_block_of_params_yaml_passes_the_validator_unchanged():

@@ -36,8 +36,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from ftq.defaults import effective, parse_overrides, render
+    from ftq.defaults import effective, explain, parse_overrides, render
 
+    if args.explain:
+        print(explain(args.blocks))
+        return 0
     print(render(effective(_params(args), parse_overrides(args.set_param), args.blocks or None)))
     return 0
 
@@ -340,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         "params", help="the effective settings of params.yaml's blocks, each with its source (-S, params.yaml, default)",
         formatter_class=FORMATTER)
     shown.add_argument("blocks", nargs="*", help="blocks to show, e.g. train evaluate (default: all)")
+    shown.add_argument("--explain", action="store_true",
+                       help="instead of the values, what each setting does: its default, what it accepts and its "
+                            "help (params.yaml's comment on it); a block may be any dotted prefix, e.g. train.lora")
     shown.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                        help="an override, as `ftq run --exp -S` / `dvc exp run -S` would apply it")
     params_option(shown)
@@ -546,6 +552,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input (params, data, sources, arguments): reported as one clear
+    message, no traceback. Listed here, the one place that catches them all, so that no stage imports
+    the others' modules for their error classes."""
+    from ftq.data.errors import DataError
+    from ftq.data.registry import RegistryError
+    from ftq.data.tokenize import TemplateError
+    from ftq.errors import MergeCheckError, QLoRAUnavailable, UsageError
+    from ftq.evaluation.harness import LmEvalError
+    from ftq.params import ParamsError
+    from ftq.quantize.check import BuildCheckError
+    from ftq.registry.lock import RegistryBusy
+    from ftq.registry.package import ChangedBuildError
+    from ftq.stages.base import SourceError
+    from ftq.tracking_server import Unavailable as TrackingServerUnavailable
+
+    return (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable,
+            FileNotFoundError, MergeCheckError, BuildCheckError, LmEvalError, RegistryBusy, ChangedBuildError,
+            TrackingServerUnavailable)
+
+
 # the pipeline's stages (dvc.yaml's commands)
 STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_preference, cmd_merge, cmd_reference, cmd_imatrix, cmd_quantize,
                   cmd_evaluate, cmd_ladder,
@@ -573,7 +600,6 @@ def main(argv: list[str] | None = None, supervise: bool = False) -> int:
     )
     # torchao (pulled in by llm-compressor) logs every CUDA-only kernel it cannot load on a CPU box
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    from ftq.errors import USER_ERRORS
     from ftq.processes import exit_code, stop_on_signals
 
     stop_on_signals()
@@ -582,6 +608,6 @@ def main(argv: list[str] | None = None, supervise: bool = False) -> int:
     except KeyboardInterrupt as stop:
         print(f"ftq: {stop or 'stopped by SIGINT'}; temporary outputs removed", file=sys.stderr)
         return exit_code(stop)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """`ftq params`: the effective value of every setting of a block and where it came from (a `-S`
-override, params.yaml, or the default in ftq.schema), validated the way the stages validate it."""
+override, params.yaml, or the default in ftq.schema), validated the way the stages validate it; with
+--explain, what each setting does and accepts."""
 
 from __future__ import annotations
 
 import copy
+import textwrap
 from typing import Any
 
 import yaml
@@ -67,8 +69,24 @@ def _assign(params: dict[str, Any], dotted: str, value: Any, path: str) -> None:
 
 def render(rows: list[tuple[str, Any, str]]) -> str:
     width = max((len(k) for k, _, _ in rows), default=10)
+    return "\n".join(f"{key:<{width}}  {_text(value)}  ({source})" for key, value, source in rows)
+
+
+def explain(sections: list[str] | None = None) -> str:
+    """`ftq params --explain`: each setting's key, default and accepted values, then what it does, from
+    ftq.schema alone (no params.yaml needed). A section is a block or any dotted prefix (train.lora)."""
+    rows = schema.leaves()
+    if sections:
+        rows = [(key, s) for key, s in rows if any(key == p or key.startswith(p + ".") for p in sections)]
+        if not rows:
+            raise ParamsError(f"--explain {' '.join(sections)}: no such setting (blocks: {', '.join(schema.SCHEMA)})")
     lines = []
-    for key, value, source in rows:
-        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
-        lines.append(f"{key:<{width}}  {text}  ({source})")
+    for key, setting in rows:
+        lines.append(f"{key}: {'(required)' if setting.required else _text(setting.default)}")
+        lines += textwrap.wrap(f"accepts {setting.expect}", 100, initial_indent="    ", subsequent_indent="      ")
+        lines += textwrap.wrap(setting.explained(), 100, initial_indent="    ", subsequent_indent="    ")
     return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()

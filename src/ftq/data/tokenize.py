@@ -16,7 +16,6 @@ from typing import Any
 from ftq.data import tools as tool_format
 
 IGNORE_INDEX = -100
-TRUNCATION = ("right", "drop")
 
 
 class TemplateError(ValueError):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftq.io import file_sha256
+from ftq.schema import LOCAL_FORMATS as FORMATS  # the setting's choices, defined with it
 
 HELLASWAG_LAYOUT = "llama.cpp-hellaswag"
-FORMATS = ("auto", "json", "jsonl", "csv", "parquet", "text", HELLASWAG_LAYOUT)
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # where to get the files of the tasks ftq knows by name (shown when the file is absent)
 SOURCES = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,49 +11,14 @@ from ftq.params import ParamsError
 DEEPSPEED_PRESETS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
 
 
-@dataclass
-class LoraSettings:
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: Any  # "all-linear" or a list of module names
+# one field per setting of params.yaml's `train` block, from ftq.schema (where each one's default,
+# accepted values and help are): a setting added there is a field here
+LoraSettings = schema.record("LoraSettings", "train.lora")
 
 
-@dataclass
-class TrainSettings:
-    """The validated `train` block; each field's default and accepted values are in ftq.schema."""
-    method: str
-    output_dir: str
-    lora: LoraSettings
-    optim: str
-    attn_implementation: str  # flash_attention_2 (where flash-attn is installed) packs without masks
-    learning_rate: float
-    lr_scheduler: str
-    warmup: float  # an int is a step count, a float < 1 a share of all steps
-    epochs: float
-    max_steps: int  # > 0 overrides epochs
-    per_device_batch_size: int
-    gradient_accumulation: int
-    weight_decay: float
-    max_grad_norm: float
-    gradient_checkpointing: bool
-    seed: int
-    precision: str
-    group_by_length: bool
-    packing: bool  # packed rows (examples isolated by position_ids) instead of padded batches
-    logging_steps: int
-    eval_steps: int  # 0: evaluate once at the end
-    save_steps: int
-    save_total_limit: int
-    keep_checkpoints: bool
-    checkpoint_dir: str
-    torch_threads: int  # 0: torch's default
-    nproc_per_node: int
-    nnodes: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-    deepspeed: str | None  # zero2 | zero2_offload | zero3 | zero3_offload | path to a JSON config
+class TrainSettings(schema.record("TrainFields", "train", nested={"lora": LoraSettings})):
+    """The validated `train` block (what each field means: ftq.schema, or `ftq params --explain train`),
+    with the rules that tie settings together or depend on this machine."""
 
     @classmethod
     def defaults(cls, **changes) -> "TrainSettings":
