@@ -9,7 +9,7 @@ import pytest
 from conftest import project_env
 from ftq.processes import free_port
 
-SUBCOMMANDS = [["run"], ["base"], ["base", "run"], ["base", "check"], ["prepare"], ["data"], ["data", "check"],
+SUBCOMMANDS = [["run"], ["base"], ["base", "run"], ["base", "ask"], ["prepare"], ["data"], ["data", "check"],
                ["data", "make-default"], ["ui"]]
 
 

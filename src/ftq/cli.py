@@ -52,14 +52,14 @@ def cmd_base_run(args) -> int:
     return 0
 
 
-def cmd_base_check(args) -> int:
+def cmd_base_ask(args) -> int:
     from ftq.stages import base
 
     folder = Path(args.model_dir) if args.model_dir else None
     info = base.info(folder)
     print(f"model: {info['source']} ({info['architecture']}, {info['num_parameters']:,} parameters, {info['dtype']})")
     print(f"user: {args.prompt}")
-    print(f"assistant: {base.check(args.prompt, folder, args.max_new_tokens)}")
+    print(f"assistant: {base.ask(args.prompt, folder, args.max_new_tokens)}")
     return 0
 
 
@@ -356,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     base_run = base_commands.add_parser("run", help="build models/base from params.yaml base.source", formatter_class=FORMATTER)
     params_option(base_run)
     base_run.set_defaults(func=cmd_base_run)
-    base_check = base_commands.add_parser(
-        "check", help="load models/base and print a chat reply", formatter_class=FORMATTER
+    # `ask`, not `check`: it answers a prompt and judges nothing (check means validation: data check,
+    # merge.check, quantize.check)
+    base_ask = base_commands.add_parser(
+        "ask", help="load models/base and print its reply to a prompt", formatter_class=FORMATTER
     )
-    base_check.add_argument("--prompt", default="Who are you?", help="user message")
-    base_check.add_argument("--model-dir", default=None, help="model folder (default: models/base)")
-    base_check.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit")
-    base_check.set_defaults(func=cmd_base_check)
+    base_ask.add_argument("--prompt", default="Who are you?", help="user message")
+    base_ask.add_argument("--model-dir", default=None, help="model folder (default: models/base)")
+    base_ask.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit")
+    base_ask.set_defaults(func=cmd_base_ask)
 
     prepare = commands.add_parser(
         "prepare", help="stage prepare: validate, split and tokenize the datasets", formatter_class=FORMATTER

@@ -86,7 +86,7 @@ def test_embedded_smollm2_materializes_and_answers(project):
     config = json.loads((project / "models" / "base" / "config.json").read_text())
     assert "quantization_config" not in config
     result = subprocess.run(
-        [sys.executable, "-m", "ftq", "base", "check", "--prompt", "What is the capital of France?"],
+        [sys.executable, "-m", "ftq", "base", "ask", "--prompt", "What is the capital of France?"],
         cwd=project, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr

@@ -168,7 +168,7 @@ def test_gguf_scoring_in_batches_matches_whole_context_logits(merged):
     whole = Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False)
     whole.eval(ids)
     expected = np.array(whole.scores[: len(ids)])
-    assert batched.shape == expected.shape and runtime._scorer().n_batch == 512
+    assert batched.shape == expected.shape and runtime.llama.n_batch == 512
     assert np.abs(batched - expected).max() < 1e-3
     nll, n = runtime.sequence_nll(ids)
     logprobs = expected[:-1] - np.log(np.exp(expected[:-1] - expected[:-1].max(1, keepdims=True)).sum(1, keepdims=True)) \

@@ -160,7 +160,7 @@ class LlamaCppRuntime:
 
     def next_logits(self, token_id: int) -> np.ndarray:
         """Continues after the tokens the context last evaluated (those of `logits`, where no chat came between)."""
-        n_past = self._scorer().n_tokens
+        n_past = self.llama.n_tokens
         if n_past >= self.n_ctx:
             raise ValueError(f"generation reached the context of {self.n_ctx} tokens")
         return next(self._decode([token_id], n_past))[0]
@@ -190,7 +190,7 @@ class LlamaCppRuntime:
         """Evaluate token_ids after the first n_past cached tokens, n_batch at a time, yielding each batch's
         logits ([k, vocab], a copy). Memory for logits is n_batch x vocabulary, where llama-cpp-python's
         logits_all keeps context x vocabulary (2 GB at 4k x 128k) for the model's lifetime."""
-        llm = self._scorer()
+        llm = self.llama  # the chat model itself scores (see __init__): logits per batch
         llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
         vocab = llm.n_vocab()
         for start in range(0, len(token_ids), llm.n_batch):
@@ -203,10 +203,6 @@ class LlamaCppRuntime:
             llm.n_tokens = n_past + start + len(chunk)
             llm._requires_eval = True
             yield np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), vocab)).copy()
-
-    def _scorer(self):
-        """The chat model itself (see __init__); logits come from _decode, per batch."""
-        return self.llama
 
     def close(self) -> None:
         if self._model is not None:

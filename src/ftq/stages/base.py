@@ -313,7 +313,8 @@ def chat_reply(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     return tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def check(prompt: str, folder: Path | None = None, max_new_tokens: int = 64) -> str:
+def ask(prompt: str, folder: Path | None = None, max_new_tokens: int = 64) -> str:
+    """The base model's reply to one user message (`ftq base ask`)."""
     model, tokenizer = load_base(folder)
     return chat_reply(model, tokenizer, prompt, max_new_tokens)
 

@@ -291,7 +291,8 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
     eval_loss = _final_eval_loss(trainer)
     wall = time.time() - started
     train_rows, eval_rows = loss_rows(trainer.state.log_history)
-    runtime = history.train_seconds or outcome.metrics.get("train_runtime") or wall
+    # seconds of training steps (not a runtime, ftq.runtimes: HF names this duration train_runtime)
+    step_seconds = history.train_seconds or outcome.metrics.get("train_runtime") or wall
     tokens_this_run = trainer.state.num_input_tokens_seen - tokens_before
     report = {
         "method": settings.method,
@@ -306,8 +307,8 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         "initial_eval_loss": eval_rows[0]["eval_loss"] if eval_rows and eval_rows[0]["step"] == 0 else None,
         "eval_loss": eval_loss,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "real_tokens_per_second": round(tokens_this_run / runtime, 2) if runtime else None,
-        "train_step_seconds": round(runtime, 2),
+        "real_tokens_per_second": round(tokens_this_run / step_seconds, 2) if step_seconds else None,
+        "train_step_seconds": round(step_seconds, 2),
         "train_runtime_seconds": round(outcome.metrics.get("train_runtime", wall), 2),  # Trainer's own clock
         "wall_seconds": round(wall, 2),
         **peak_memory(on_gpu=torch.cuda.is_available()),
