@@ -31,6 +31,9 @@ def stop_on_signals() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
+    # a process started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+    # ignored, and Python then leaves it ignored: DVC's and `ftq run`'s stop (a SIGINT) would be lost
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def exit_code(stop: KeyboardInterrupt) -> int:

@@ -181,9 +181,10 @@ def test_gguf_scoring_in_batches_matches_whole_context_logits(merged):
     whole.close()
 
 
-def _start_build(root, name):
+def _start_build(root, name, sigint_ignored=False):
     """`bin/ftq quantize <name>` as DVC runs it, with the build added to params.yaml; returns once its
-    temp folder exists (the stage is mid-build)."""
+    temp folder exists (the stage is mid-build). `sigint_ignored`: started as a background job of a
+    non-interactive shell is (`dvc repro &`, nohup), with SIGINT ignored."""
     import subprocess
     import time
 
@@ -196,7 +197,8 @@ def _start_build(root, name):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = open(root / f"{name}.log", "w")
     process = subprocess.Popen([str(root / "bin" / "ftq"), "quantize", name], cwd=root, env=project_env(root),
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT,
+                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     deadline = time.monotonic() + 300
     while not list((root / "models" / "quantized").glob(f"{name}.tmp-*")):
         assert process.poll() is None, (root / f"{name}.log").read_text()
@@ -208,7 +210,7 @@ def _start_build(root, name):
 @pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_build_removes_its_temp_folder_and_ends_its_run_killed(merged, signum):
     name = f"stopped{signum}"
-    process = _start_build(merged, name)
+    process = _start_build(merged, name, sigint_ignored=signum == signal.SIGINT)  # stopped all the same
     process.send_signal(signum)
     assert process.wait(timeout=120) == 128 + signum, (merged / f"{name}.log").read_text()
     assert "temporary outputs removed" in (merged / f"{name}.log").read_text()
