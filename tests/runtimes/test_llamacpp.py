@@ -78,7 +78,7 @@ def test_the_servers_logprob_runtime_keeps_its_weights_off_the_gpu(gguf_model, c
     weights must stay in RAM, or a GGUF over half the card could not be served with logprobs."""
     from ftq.registry.resolve import Resolved
     from ftq.runtimes import llamacpp
-    from ftq.serve.app import Served
+    from ftq.serve.host import Served
 
     monkeypatch.setattr(llamacpp, "gpu_layers", lambda: -1)
     served = Served(Resolved(reference=str(gguf_model), path=gguf_model, name="tiny"), engine=None, format="gguf")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -283,6 +283,46 @@ def completion_response(kind: str, ident: str, model: str, text: str, prompt_tok
               if kind == "chat.completion" else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
     return {"id": ident, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+@dataclass
+class Chunks:
+    """The server-sent events of one streamed answer, in OpenAI's chunk shape."""
+
+    ident: str
+    kind: str  # "chat.completion" or "text_completion"
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat.completion"
+
+    def event(self, choice: dict | None, extra: dict | None = None) -> bytes:
+        payload = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                   "created": self.created, "model": self.model, "choices": [choice] if choice else []}
+        return b"data: " + orjson.dumps({**payload, **(extra or {})}) + b"\n\n"
+
+    def role(self) -> bytes:
+        """A chat stream's first event: the assistant's turn, with no text yet."""
+        return self.event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+
+    def text(self, text: str, finish: str | None = None) -> bytes:
+        if self.chat:
+            return self.event({"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish})
+        return self.event({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+
+    def tool_calls(self, calls: list[dict]) -> bytes:
+        return self.event({"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+            {"index": i, **call} for i, call in enumerate(calls)]}})
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return self.event(None, {"usage": usage(prompt_tokens, completion_tokens)})
+
+    @staticmethod
+    def error(error: dict) -> bytes:
+        """A failure after the status line was sent: the stream is the only place left to say it."""
+        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
 def new_id(kind: str) -> str:

@@ -16,8 +16,9 @@ from pathlib import Path
 from ftq.errors import UsageError
 from ftq.openai.schema import Limits
 from ftq.serve import API_KEY_ENV, CTX_SIZE, MAX_QUEUED, PARALLEL
-from ftq.serve.app import ModelHost, create_app
+from ftq.serve.app import create_app
 from ftq.serve.guard import Policy
+from ftq.serve.host import ModelHost
 
 log = logging.getLogger(__name__)
 COMMAND_LINE_KEY = (f"--api-key on the command line is visible to every user of this machine (/proc/PID/cmdline, "
