@@ -10,10 +10,10 @@ The rule `promote.policy.select: smallest_tied` (the default) ships the smallest
   * when no build is tied with merged, the best by the metric is the pick (`best`'s rule).
 So the ladder can stop evaluating at the first tied build: a larger one could only win by beating it
 significantly, and a build tied with merged leaves little room above it. `select: best` evaluates every
-build and ranks them by the metric, size and speed breaking ties (promote's `rank`).
+build and ranks them by the metric, size and speed breaking ties (ftq.promotion.policy's `rank`).
 
 A candidate here is a dict with `name`, `scores` (per example id, the rows of reports/eval/...answers.jsonl)
-and `size_bytes`; `merged` likewise.
+and `size_bytes`; `merged` likewise (ftq.promotion.policy.Candidate.scored() gives this view of a build).
 """
 
 from __future__ import annotations
@@ -29,13 +29,19 @@ def per_example_key(metric: str) -> str:
     return PREFERENCE_KEYS.get(metric) or metric[len("task_"):]
 
 
-def compare(a: dict, b: dict, policy: dict, where: str) -> dict:
-    """a minus b on the policy's metric, signed so that > 0 means a is better, with its paired interval."""
+def difference(mine: dict[str, dict], theirs: dict[str, dict], policy: dict, where: str) -> dict:
+    """Per-example scores `mine` minus `theirs` on the policy's metric, signed so that > 0 means mine is
+    better, with its paired interval ({diff, interval, examples}); `where` names the pair in errors."""
     key = per_example_key(policy["metric"])
-    mine, theirs = paired.pair(a["scores"], b["scores"], key, where)
+    a, b = paired.pair(mine, theirs, key, where)
     if policy["direction"] == "min":
-        mine, theirs = theirs, mine
-    return paired.difference(mine, theirs, float(policy["confidence"]))
+        a, b = b, a
+    return paired.difference(a, b, float(policy["confidence"]))
+
+
+def compare(a: dict, b: dict, policy: dict, where: str) -> dict:
+    """Candidate a minus candidate b (see `difference`)."""
+    return difference(a["scores"], b["scores"], policy, where)
 
 
 def vs_merged(candidate: dict, merged: dict, policy: dict) -> dict:
