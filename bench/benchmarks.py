@@ -141,7 +141,7 @@ def guard_checks(base: Path, reference: Path, work: Path, seed: int, threads: in
     from ftq import schema
     from ftq.quantize import gguf
     from ftq.runtimes import open_model
-    from ftq.stages.promote import general_guard
+    from ftq.promotion.policy import Candidate, general_guard
 
     def scored(name: str, path: Path) -> list[dict]:
         runtime = open_model(path, threads=threads, n_ctx=2048)
@@ -156,8 +156,8 @@ def guard_checks(base: Path, reference: Path, work: Path, seed: int, threads: in
         folder = work / f"bad_{build['type']}"
         gguf.build(base, folder, gguf.validate(dict(build), "bench"))
         label = build["type"] + (f" (output {build['output_type'].upper()})" if "output_type" in build else "")
-        verdict = general_guard({"name": label, "benchmark_rows": scored(folder.name, folder / "model.gguf")},
-                                {"metrics": {}, "benchmark_rows": reference_rows},
+        verdict = general_guard(Candidate(label, benchmark_rows=scored(folder.name, folder / "model.gguf")),
+                                Candidate("reference", metrics={}, benchmark_rows=reference_rows),
                                 policy["general_guard"], float(policy["confidence"]))
         verdicts.append({"build": build, "label": label, "size_bytes": (folder / "model.gguf").stat().st_size,
                          "reference": "F16 GGUF of models/base", **verdict})

@@ -62,7 +62,9 @@ def judged(params: dict, folder: Path, name: str, work: Path) -> dict:
     from ftq.evaluation import harness, paired, task
     from ftq.quantize.distance import load as load_reference
     from ftq.runtimes import open_model
-    from ftq.stages import benchmark_data, evaluate, promote, quantize
+    from ftq.promotion.candidates import read_merged
+    from ftq.promotion.policy import Candidate, judge, policy_of
+    from ftq.stages import benchmark_data, evaluate, quantize
 
     root = ROOT
     check_cfg = schema.settings(params, "quantize")["check"]
@@ -78,19 +80,19 @@ def judged(params: dict, folder: Path, name: str, work: Path) -> dict:
         runtime.close()
     answers = work / f"{name}.answers.jsonl"
     answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    policy = promote.policy_of(params)
+    policy = policy_of(params)
     metrics = {f"task_{k}": v for k, v in task.aggregate(rows).items()}
-    candidate = {"name": name, "manifest": {"check": {"passed": True}, "size_bytes": (folder / "model.gguf").stat().st_size},
-                 "metrics": metrics, "scores": paired.load_scores(answers),
-                 "benchmark_rows": evaluate.read_samples(work / f"{name}.samples.jsonl")}
-    merged = promote.evaluation(root, "merged")
-    reasons = promote.judge(candidate, merged, policy)  # the check is reported apart, so judge skips it
-    kept, guard = candidate["retention"], candidate["general_guard"]
-    return {"size_bytes": candidate["manifest"]["size_bytes"],
+    candidate = Candidate(name, manifest={"check": {"passed": True}, "size_bytes": (folder / "model.gguf").stat().st_size},
+                          metrics=metrics, scores=paired.load_scores(answers),
+                          benchmark_rows=evaluate.read_samples(work / f"{name}.samples.jsonl"))
+    merged = read_merged(root, policy["metric"])
+    verdict = judge(candidate, merged, policy)  # the check is reported apart, so judge skips it
+    reasons, kept, guard = verdict.reasons, verdict.retention, verdict.general_guard
+    return {"size_bytes": candidate.size_bytes,
             "quantize_check": {"passed": check["passed"], "failures": check["failures"],
                                **{k: check[k] for k in ("kld_mean", "kld_p99", "top1_agreement")}},
             "task": {"metric": policy["metric"], "value": metrics[policy["metric"]],
-                     "merged": merged["metrics"][policy["metric"]], "retention": kept["ratio"],
+                     "merged": merged.metrics[policy["metric"]], "retention": kept["ratio"],
                      "interval": kept["interval"], "min_retention": policy["min_retention"],
                      "status": "rejected" if kept["interval"][1] < policy["min_retention"] else "pass"},
             "general_guard": guard, "promote_reasons": reasons}

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import load_params, project_env, set_params, set_scores, start_server, stop
 from ftq.io import file_sha256
 from ftq.registry import FILES_TAG, MODEL_TAG
+from ftq.registry.aliases import DECIDE_DELAY_ENV
 from ftq.registry.resolve import VerificationError, resolve
 from ftq.stages import promote, quantize
 
@@ -203,7 +204,7 @@ def test_concurrent_promotes_leave_the_champion_on_the_better_build(evaluated_co
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "ftq", "promote", "--params", f"params-{name}.yaml"], cwd=project,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, promote.DECIDE_DELAY_ENV: "6"}))
+            env={**os.environ, DECIDE_DELAY_ENV: "6"}))
         deadline = time.time() + 180
         while name == better and not client.search_registered_models(f"name = '{lock_name('race')}'"):
             assert time.time() < deadline and processes[0].poll() is None, "the first promote never took the lock"

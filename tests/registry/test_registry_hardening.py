@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from ftq.registry import ARTIFACT_TAG, FILES_TAG, build_digest
 from ftq.registry.upload import REGISTERED_TAG, UploadVerificationError, stored_files, upload_build
-from ftq.stages import promote
+from ftq.promotion.policy import Candidate
+from ftq.registry.versions import ensure_registered_model, register
 
 MODEL = "hard"
 
@@ -34,7 +35,7 @@ def store(tmp_path, monkeypatch):
 
     params = {"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ftq"}}
     mlflow_client = client(params)
-    promote.ensure_registered_model(mlflow_client, MODEL)
+    ensure_registered_model(mlflow_client, MODEL)
     return tmp_path, params, mlflow_client, experiment_id(mlflow_client, params)
 
 
@@ -51,8 +52,8 @@ def make_build(root: Path, name: str = "tiny", content: bytes = b"") -> dict:
     return manifest
 
 
-def candidate(manifest: dict) -> dict:
-    return {"name": manifest["name"], "manifest": manifest, "metrics": {"task_json_field_accuracy": 0.5}}
+def candidate(manifest: dict) -> Candidate:
+    return Candidate(manifest["name"], manifest=manifest, metrics={"task_json_field_accuracy": 0.5})
 
 
 def logged_models(client, exp_id):
@@ -81,18 +82,18 @@ def test_a_promote_that_dies_after_the_upload_is_retried_with_the_same_logged_mo
     with monkeypatch.context() as patch:
         patch.setattr(client, "create_model_version", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            promote.register(client, MODEL, candidate(manifest), root, params, exp_id)
+            register(client, MODEL, candidate(manifest), root, params, exp_id)
     [first] = logged_models(client, exp_id)
     assert str(first.status) == "READY" and not client.search_model_versions(f"name = '{MODEL}'")
     assert not client.search_registered_models(f"name = '{MODEL}.lock'")  # released despite the crash
 
-    version, created = promote.register(client, MODEL, candidate(manifest), root, params, exp_id)
+    version, created = register(client, MODEL, candidate(manifest), root, params, exp_id)
     assert created and [m.model_id for m in logged_models(client, exp_id)] == [first.model_id]  # no second copy
     registered = client.get_model_version(MODEL, version)
     assert registered.source == f"models:/{first.model_id}"
     assert json.loads(registered.tags[FILES_TAG]) == json.loads(first.tags[FILES_TAG])
     assert model_dirs(root) == [first.model_id]
-    assert promote.register(client, MODEL, candidate(manifest), root, params, exp_id) == (version, False)
+    assert register(client, MODEL, candidate(manifest), root, params, exp_id) == (version, False)
 
 
 def test_an_upload_killed_midway_is_deleted_and_uploaded_again(store):
@@ -147,12 +148,12 @@ def test_a_reused_upload_is_read_back_first(store, monkeypatch):
     manifest = make_build(root)
     monkeypatch.setattr(client, "create_model_version", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
-        promote.register(client, MODEL, candidate(manifest), root, params, exp_id)
+        register(client, MODEL, candidate(manifest), root, params, exp_id)
     monkeypatch.undo()
     [orphan] = logged_models(client, exp_id)
     stored = artifact_dir(client, orphan.model_id) / "build" / "model.gguf"
     stored.write_bytes(b"rotted")  # corrupted in the store since
-    version, _ = promote.register(client, MODEL, candidate(manifest), root, params, exp_id)
+    version, _ = register(client, MODEL, candidate(manifest), root, params, exp_id)
     [fresh] = logged_models(client, exp_id)
     assert fresh.model_id != orphan.model_id
     assert client.get_model_version(MODEL, version).source == f"models:/{fresh.model_id}"
@@ -276,7 +277,7 @@ def test_registry_gc_deletes_unneeded_versions_and_uploads(store, capsys):
     made = []
     for _ in range(4):  # four rebuilds of the same build: four versions
         manifest = make_build(root)
-        made.append(promote.register(client, MODEL, candidate(manifest), root, params, exp_id)[0])
+        made.append(register(client, MODEL, candidate(manifest), root, params, exp_id)[0])
     client.set_registered_model_alias(MODEL, "champion", made[0])
     orphan = upload_build(client, MODEL, exp_id, "other", root / "models/quantized/other", make_build(root, "other"),
                           None, root / ".ftq")

@@ -6,8 +6,13 @@
   by the model's sha256 and verified file by file against the version's tags before it is loaded.
 - `pyfunc`: the loader MLflow calls for `mlflow.pyfunc.load_model` and `mlflow models serve`.
 - `lock`: a registry-wide lock, so that concurrent `promote` runs move aliases by compare-and-set.
+- `upload`: a build logged into the artifact store under the lock, read back and verified; an earlier
+  upload of the same bytes that no version references is reused.
+- `versions`: one registry version per distinct build, created from its upload, tagged and linked.
+- `aliases`: the champion read, decided on and moved by compare-and-set (`challenger` beside it).
+- `gc`: `ftq registry gc`, the versions and uploads no alias or recent build needs.
 
-The tags below make a version verifiable: promote writes them, resolve checks the bytes against them.
+The tags below make a version verifiable: `versions` writes them, resolve checks the bytes against them.
 """
 
 from __future__ import annotations

@@ -23,11 +23,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftq import schema
 from ftq.io import atomic_write_json
 from ftq.params import repo_root
+
+if TYPE_CHECKING:
+    from ftq.promotion.policy import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +51,24 @@ def rung(root: Path, name: str) -> dict:
             "evaluated": False}
 
 
-def verdict(root: Path, name: str, merged: dict, policy: dict) -> dict:
+def verdict(root: Path, name: str, merged: Candidate, policy: dict) -> dict:
     """An evaluated build against the policy: its metric, the paired difference from merged, whether it
-    passes the policy (promote's judge) and is tied with merged."""
+    passes the policy (ftq.promotion.policy's judge) and is tied with merged."""
+    from ftq.promotion.candidates import read_candidate
+    from ftq.promotion.policy import judge
     from ftq.selection import vs_merged
-    from ftq.stages.promote import evaluation, judge
 
-    candidate = {"name": name, "manifest": json.loads((root / "models" / "quantized" / name / "manifest.json").read_text()),
-                 **evaluation(root, name, policy["metric"])}
-    reasons = judge(candidate, merged, policy)
-    metrics = candidate["metrics"] or {}
-    d = vs_merged(candidate, merged, policy) if candidate["scores"] is not None and merged.get("scores") else None
+    candidate = read_candidate(root, name, policy["metric"])
+    judged = judge(candidate, merged, policy)
+    metrics = candidate.metrics or {}
+    d = vs_merged(candidate.scored(), merged.scored(), policy) if candidate.scores is not None and merged.scores else None
     return {"metric": metrics.get(policy["metric"]), "metric_ci95": metrics.get(f"{policy['metric']}_ci95"),
             "vs_merged": {k: d[k] for k in ("diff", "interval", "examples")} if d else None,
-            "tied": bool(d and d["tied"]), "eligible": not reasons, "reasons": reasons,
-            "general_guard": candidate.get("general_guard")}
+            "tied": bool(d and d["tied"]), "eligible": judged.passes, "reasons": judged.reasons,
+            "general_guard": judged.general_guard}
 
 
-def quick(params: dict, root: Path, name: str, merged: dict, policy: dict, first_looks: dict) -> dict:
+def quick(params: dict, root: Path, name: str, merged: Candidate, policy: dict, first_looks: dict) -> dict:
     """A build scored on the policy's metric alone (ftq.stages.evaluate.metric_rows: its answers to the
     held-out examples, or the held-out pairs), paired with merged's: the metric and its difference from
     merged, with intervals. The rows go to reports/eval/builds/<name>.quick.jsonl and to `first_looks`, so
@@ -80,7 +83,7 @@ def quick(params: dict, root: Path, name: str, merged: dict, policy: dict, first
     first_looks[name] = rows
     key = per_example_key(policy["metric"])
     values = [r[key] for r in rows if key in r]
-    d = vs_merged({"name": name, "scores": {r["id"]: r for r in rows}}, merged, policy)
+    d = vs_merged({"name": name, "scores": {r["id"]: r for r in rows}}, merged.scored(), policy)
     return {"metric": round(sum(values) / len(values), 4) if values else None,
             "metric_ci95": paired.mean(values, float(policy["confidence"]))["interval"] if values else None,
             "diff": d["diff"], "interval": d["interval"], "tied": d["tied"]}
@@ -130,13 +133,14 @@ def walk(rungs: list[dict], quick, full, select: str) -> list[dict]:
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.stages import evaluate
-    from ftq.stages.promote import evaluation, policy_of
+    from ftq.promotion.candidates import read_merged
+    from ftq.promotion.policy import policy_of
 
     root = repo_root()
     policy = policy_of(params)
     names = schema.settings(params, "quantize")["enabled"]
-    merged = {"name": "merged", **evaluation(root, "merged", policy["metric"])}
-    if merged["metrics"] is None:
+    merged = read_merged(root, policy["metric"])
+    if merged is None:
         raise FileNotFoundError(f"{root / evaluate.REPORT_ROOT / 'merged.json'}: merged is not evaluated; every "
                                 "build is measured against it (`dvc repro evaluate_merged` first)")
     rungs = [rung(root, name) for name in names]
@@ -155,8 +159,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     rungs = walk(rungs, lambda name: quick(params, root, name, merged, policy, first_looks), full, policy["select"])
     report = {"select": policy["select"], "metric": policy["metric"], "confidence": policy["confidence"],
-              "merged_metric": merged["metrics"].get(policy["metric"]),
-              "merged_size_bytes": merged["metrics"].get("size_bytes"),
+              "merged_metric": merged.metrics.get(policy["metric"]),
+              "merged_size_bytes": merged.metrics.get("size_bytes"),
               "evaluated": [r["name"] for r in rungs if r["evaluated"]],
               "rungs": sorted(rungs, key=lambda r: (r["size_bytes"], r["name"]))}
     atomic_write_json(root / REPORT, report)

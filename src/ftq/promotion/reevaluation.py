@@ -1,0 +1,92 @@
+"""The current champion on this run's examples, so that every decision is a paired comparison: this
+run's contender when the champion is one of these builds, otherwise its registered artifact downloaded
+(verified, ftq.registry.resolve) and re-evaluated on the current examples, since its stored tags come from
+another evaluation (other examples, perhaps another task set)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ftq import schema
+from ftq.io import atomic_write_text
+from ftq.promotion.policy import Candidate, Contender, Incumbent, judge
+from ftq.registry.aliases import Registered
+from ftq.selection import PREFERENCE_KEYS, per_example_key
+
+log = logging.getLogger(__name__)
+
+# the champion's answers when it had to be re-evaluated on the current examples (absent otherwise)
+CHAMPION_ANSWERS = Path(".ftq/promotion.champion.answers.jsonl")
+
+
+class ChampionReevaluation:
+    """champion (the alias's registered version) -> the Incumbent scored on this run's examples; a version
+    is re-evaluated at most once per run, however often a conflicting promote makes the caller decide again."""
+
+    def __init__(self, model_name: str, contenders: list[Contender], merged: Candidate | None, policy: dict,
+                 params: dict, root: Path):
+        self.model_name, self.contenders, self.merged = model_name, contenders, merged
+        self.policy, self.params, self.root = policy, params, root
+        self.answers_file: Path | None = None  # written where a champion was re-evaluated
+        self._done: dict[str, Incumbent] = {}
+
+    def __call__(self, champion: Registered | None) -> Incumbent | None:
+        if champion is None:
+            return None
+        for contender in self.contenders:
+            if contender.version == champion.version:
+                return Incumbent(contender, f"evaluated in this run as build {contender.name}")
+        if champion.version not in self._done:
+            self._done[champion.version] = self._reevaluate(champion)
+        return self._done[champion.version]
+
+    def _reevaluate(self, champion: Registered) -> Incumbent:
+        from ftq.registry.resolve import fetch, lookup
+        from ftq.runtimes import open_model
+
+        log.info("champion version %s is not among this run's builds: re-evaluating its registered artifact on the "
+                 "current examples", champion.version)
+        resolved = fetch(lookup(f"models:/{self.model_name}/{champion.version}", self.params), self.params)
+        runtime = open_model(resolved.path)
+        try:
+            answers = self._answers(runtime)
+        finally:
+            runtime.close()
+        self.answers_file = self.root / CHAMPION_ANSWERS
+        atomic_write_text(self.answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers))
+        candidate = self._candidate(champion, answers)
+        contender = Contender(candidate, champion.version, judge(candidate, self.merged, self.policy))
+        return Incumbent(contender, f"not among this run's builds: its registered artifact was re-evaluated on the "
+                                    f"current {len(answers)} examples ({CHAMPION_ANSWERS})")
+
+    def _answers(self, runtime) -> list[dict]:
+        """The champion's per-example rows: on this run's held-out pairs for a preference metric, else its
+        answers to the current task examples."""
+        from ftq.stages.evaluate import answer_all, preference_rows, task_examples
+
+        if self.policy["metric"] in PREFERENCE_KEYS:
+            return preference_rows(runtime, self.params, self.root)
+        cfg = schema.settings(self.params, "evaluate")
+        return answer_all(runtime, task_examples(self.root, cfg), int(cfg["max_new_tokens"]))
+
+    def _candidate(self, champion: Registered, answers: list[dict]) -> Candidate:
+        """The champion as a candidate: its registered metrics (tags eval.*) with the policy's metric
+        replaced by this run's, its size from its tags; its check passed when it was registered."""
+        key = per_example_key(self.policy["metric"])
+        values = [r[key] for r in answers if key in r]
+        metrics = {name[len("eval."):]: float(value) for name, value in champion.tags.items()
+                   if name.startswith("eval.") and is_number(value)}
+        metrics[self.policy["metric"]] = round(sum(values) / len(values), 4) if values else None
+        return Candidate(name=f"v{champion.version} ({champion.tags.get('ftq.build', '?')})",
+                         manifest={"size_bytes": int(champion.tags.get("size_bytes") or 0), "check": {"passed": True}},
+                         metrics=metrics, scores={r["id"]: r for r in answers})
+
+
+def is_number(value: str) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
