@@ -123,8 +123,8 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     params["promote"]["policy"]["min_retention"] = 0.0
     params["train"].update({"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2, "warmup": 0})
     params["quantize"].update({
-        "enabled": ["f16", "q8_0", "q4_0"],
-        "builds": {"f16": {"method": "gguf", "type": "f16"}, "q8_0": {"method": "gguf", "type": "q8_0"},
+        "enabled": ["q8_0", "q4_0"],
+        "builds": {"q8_0": {"method": "gguf", "type": "q8_0"},
                    "q4_0": {"method": "gguf", "type": "q4_0"}},  # 4 bits: quantized with the importance matrix
         "check": {**params["quantize"]["check"], "max_new_tokens": 8},
         "reference": {**params["quantize"]["reference"], "examples": 4, "max_length": 96},
@@ -132,12 +132,12 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     })
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = dvc(project, "repro")
-    for stage in ("merge", "reference", "imatrix", "quantize@f16", "quantize@q8_0", "quantize@q4_0", "evaluate_base",
+    for stage in ("merge", "reference", "imatrix", "quantize@q8_0", "quantize@q4_0", "evaluate_base",
                   "evaluate_merged", "ladder", "compare", "promote"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     assert first.stdout.count("Running stage 'imatrix'") == 1
     ladder = json.loads((project / "reports" / "ladder.json").read_text())
-    assert [r["name"] for r in ladder["rungs"]] == ["q4_0", "q8_0", "f16"]  # smallest first
+    assert [r["name"] for r in ladder["rungs"]] == ["q4_0", "q8_0"]  # smallest first
     assert ladder["evaluated"] == ["q4_0"]  # tied with merged: the larger builds need no evaluation
     assert all(r["why"] == "not evaluated: q4_0, a smaller build, is tied with merged" for r in ladder["rungs"][1:])
     for name in ("base", "merged", "q4_0"):
@@ -147,7 +147,7 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     promotion = json.loads((project / "reports" / "promotion.json").read_text())
     assert promotion["champion"]["note"].startswith("first champion: the smallest build tied with merged")
     assert {c["name"]: c["status"] for c in promotion["candidates"]}["q4_0"] == "champion"
-    for name in ("f16", "q8_0", "q4_0"):
+    for name in ("q8_0", "q4_0"):
         manifest = json.loads((project / "models" / "quantized" / name / "manifest.json").read_text())
         assert manifest["check"]["passed"] and (project / "models" / "quantized" / name / "model.gguf").exists()
         assert (project / "reports" / "quantize" / f"{name}.json").exists()
@@ -162,7 +162,7 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
     assert "Running stage 'quantize@q8_0'" in second.stdout and "Running stage 'ladder'" in second.stdout
-    for stage in ("train", "merge", "reference", "imatrix", "quantize@f16", "quantize@q4_0", "evaluate_merged"):
+    for stage in ("train", "merge", "reference", "imatrix", "quantize@q4_0", "evaluate_merged"):
         assert f"Running stage '{stage}'" not in second.stdout, stage
 
     # DVC shares data and models: push to a remote, clone, pull, and nothing is left to run
@@ -190,7 +190,7 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     assert not rungs["q4_0"]["evaluated"] and rungs["q4_0"]["why"].startswith("failed its screen: mean KL divergence")
     assert rungs["q8_0"]["evaluated"] and not (project / "models" / "quantized" / "q4_0" / "model.gguf").exists()
     assert not (project / report_dir("q4_0") / "q4_0.json").exists()
-    assert (project / "models" / "quantized" / "f16" / "model.gguf").exists()
+    assert (project / "models" / "quantized" / "q8_0" / "model.gguf").exists()
 
 
 def test_queued_experiments_run_in_parallel_into_the_project_store(project):
