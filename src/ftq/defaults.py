@@ -84,7 +84,8 @@ def explain(sections: list[str] | None = None) -> str:
     for key, setting in rows:
         lines.append(f"{key}: {'(required)' if setting.required else _text(setting.default)}")
         lines += textwrap.wrap(f"accepts {setting.expect}", 100, initial_indent="    ", subsequent_indent="      ")
-        lines += textwrap.wrap(setting.explained(), 100, initial_indent="    ", subsequent_indent="    ")
+        lines += textwrap.wrap(setting.explained(), 100, initial_indent="    ", subsequent_indent="    ",
+                               break_on_hyphens=False)  # a link stays whole
     return "\n".join(lines)
 
 
