@@ -230,7 +230,8 @@ def rank(contenders: list[Contender], policy: dict, prefer: str | None = None) -
     if not contenders:
         return []
     metric, sign = policy["metric"], 1 if policy["direction"] == "max" else -1
-    best = max(contenders, key=lambda c: (sign * c.candidate.metrics[metric], breaker_values(c.candidate, policy), c.name))
+    best = max(contenders, key=lambda c: (sign * c.candidate.metrics[metric], breaker_values(c.candidate, policy),
+                                          c.name))
     ranking = []
     for c in contenders:
         d = versus(c, best, policy, f"{c.name} vs {best.name}")
@@ -260,6 +261,7 @@ def decide(contenders: list[Contender], incumbent: Incumbent | None, policy: dic
     pick is the top of the ranking (`select: best`) or the smallest build tied with merged (`smallest_tied`)."""
     eligible = [c for c in contenders if c.passes]
     competing = list(eligible)
+    # a re-evaluated incumbent (not one of this run's builds) competes too, where it still passes the policy
     if incumbent is not None and incumbent.contender.passes and all(c.version != incumbent.version for c in eligible):
         competing.append(incumbent.contender)
     ranking = rank(competing, policy, prefer=incumbent.version if incumbent else None)
@@ -295,7 +297,9 @@ def against_incumbent(ranking: list[Ranked], incumbent: Incumbent | None, policy
     return overtaken(ranking, incumbent, policy)
 
 
-def picked_smallest_tied(pick: Ranked, incumbent: Incumbent, policy: dict, why: str) -> tuple[str | None, str, dict | None]:
+def picked_smallest_tied(pick: Ranked, incumbent: Incumbent, policy: dict,
+                         why: str) -> tuple[str | None, str, dict | None]:
+    """smallest_tied picked a build: it replaces the incumbent unless it is the incumbent."""
     if pick.version == incumbent.version:
         return None, f"the champion is still the pick: {why}", None
     d = versus(pick.contender, incumbent.contender, policy, "vs champion") \
@@ -324,11 +328,13 @@ def overtaken(ranking: list[Ranked], incumbent: Incumbent, policy: dict) -> tupl
     diff = f"{policy['metric']} difference {d['diff']:+.4f} {interval_text(d)} at {level}"
     standing = next((r for r in ranking if r.version == version), None)
     if incumbent.contender.verdict.reasons:
-        why = f"champion version {version} no longer passes the policy ({'; '.join(incumbent.contender.verdict.reasons)})"
+        failed = "; ".join(incumbent.contender.verdict.reasons)
+        why = f"champion version {version} no longer passes the policy ({failed})"
     elif d["interval"][0] > 0:
         why = f"{name} beats champion version {version}: {diff}"
     elif standing is not None and standing.tied:
-        why = f"{name} is tied with champion version {version} ({diff}) and wins the tie-breakers {policy['tie_breakers']}"
+        why = (f"{name} is tied with champion version {version} ({diff}) and wins the tie-breakers "
+               f"{policy['tie_breakers']}")
     else:
         below = standing.vs_best
         why = (f"champion version {version} is below the best build at {level} "

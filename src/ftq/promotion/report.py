@@ -38,8 +38,8 @@ def entry(contender: Contender, decision: Decision, baseline: Contender | None, 
     position = {r.version: i + 1 for i, r in enumerate(decision.ranking)}
     status, why = status_of(contender, decision, position)
     line = {"name": contender.name, "version": contender.version, "registered_now": contender.registered_now,
-            "status": status, "reasons": why, "metric": metrics.get(metric), "metric_ci95": metrics.get(f"{metric}_ci95"),
-            "size_bytes": metrics.get("size_bytes")}
+            "status": status, "reasons": why, "metric": metrics.get(metric),
+            "metric_ci95": metrics.get(f"{metric}_ci95"), "size_bytes": metrics.get("size_bytes")}
     for breaker in policy["tie_breakers"]:
         key = breaker.rsplit(":", 1)[0]
         line.setdefault(key, metrics.get(key))
