@@ -81,7 +81,7 @@ def test_the_servers_logprob_runtime_keeps_its_weights_off_the_gpu(gguf_model, c
     from ftq.serve.host import Served
 
     monkeypatch.setattr(llamacpp, "gpu_layers", lambda: -1)
-    served = Served(Resolved(reference=str(gguf_model), path=gguf_model, name="tiny"), engine=None, format="gguf")
+    served = Served(Resolved(model_uri=str(gguf_model), path=gguf_model, name="tiny"), engine=None, format="gguf")
     runtime = served.logprob_runtime(n_ctx=256)
     runtime.llama  # load it
     assert constructed == [0]

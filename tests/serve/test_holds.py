@@ -255,7 +255,7 @@ def test_tokenize_obeys_the_key_and_the_limits(one_slot):
 def test_health_shows_the_queue_and_hides_paths_without_the_key(one_slot):
     port, _ = one_slot
     anonymous, keyed = health(port, key="wrong"), health(port)
-    assert "path" not in anonymous and "reference" not in anonymous
+    assert "path" not in anonymous and "model_uri" not in anonymous
     assert "/" not in json.dumps({k: v for k, v in anonymous.items() if k != "model"})
     assert keyed["path"].endswith("model.gguf")
     for answer in (anonymous, keyed):

@@ -40,7 +40,7 @@ class VerificationError(UsageError):
 
 @dataclass(frozen=True)
 class Resolved:
-    reference: str
+    model_uri: str
     path: Path                  # the model file or folder a runtime opens
     name: str
     version: str | None = None
@@ -51,7 +51,7 @@ class Resolved:
 @dataclass(frozen=True)
 class Found:
     """A registry version, not yet downloaded."""
-    reference: str
+    model_uri: str
     name: str
     version: str
     alias: str | None
@@ -64,27 +64,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ftq"
 
 
-def resolve(reference: str, params: dict | None = None) -> Resolved:
-    match = URI.match(reference)
+def resolve(model_uri: str, params: dict | None = None) -> Resolved:
+    match = URI.match(model_uri)
     if not match:
-        path = Path(reference).expanduser().resolve()
+        path = Path(model_uri).expanduser().resolve()
         if not path.exists():
-            raise UsageError(f"--model {reference}: no such file or folder, and not a models:/NAME@alias URI")
-        return Resolved(reference, path, path.parent.name if path.is_file() else path.name)
-    return fetch(lookup(reference, params), params)
+            raise UsageError(f"--model {model_uri}: no such file or folder, and not a models:/NAME@alias URI")
+        return Resolved(model_uri, path, path.parent.name if path.is_file() else path.name)
+    return fetch(lookup(model_uri, params), params)
 
 
-def lookup(reference: str, params: dict | None = None) -> Found:
-    match = URI.match(reference)
+def lookup(model_uri: str, params: dict | None = None) -> Found:
+    match = URI.match(model_uri)
     if not match:
-        raise UsageError(f"{reference}: not a models:/NAME@alias or models:/NAME/VERSION URI")
+        raise UsageError(f"{model_uri}: not a models:/NAME@alias or models:/NAME/VERSION URI")
     client = registry_client(params)
     name, alias, version = match["name"], match["alias"], match["version"]
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as exc:  # MlflowException: unknown model, alias or version; unreachable server
-        raise UsageError(f"--model {reference}: {getattr(exc, 'message', exc)}") from exc
-    return Found(reference, name, str(found.version), alias, dict(found.tags))
+        raise UsageError(f"--model {model_uri}: {getattr(exc, 'message', exc)}") from exc
+    return Found(model_uri, name, str(found.version), alias, dict(found.tags))
 
 
 def registry_client(params: dict | None):
@@ -99,7 +99,7 @@ def registry_client(params: dict | None):
 
 
 def expected_files(found: Found) -> dict[str, str]:
-    where = f"{found.reference} (version {found.version})"
+    where = f"{found.model_uri} (version {found.version})"
     if FILES_TAG not in found.tags or MODEL_TAG not in found.tags:
         raise VerificationError(f"{where}: the version has no {FILES_TAG}/{MODEL_TAG} tags, so its bytes cannot be "
                                 "verified; it was not registered by this ftq (run `ftq promote` to register the build "
@@ -122,7 +122,7 @@ def fetch(found: Found, params: dict | None = None) -> Resolved:
         download(found, files, folder, params)
     manifest = json.loads((folder / BUILD_DIR / "manifest.json").read_text())
     path = folder / BUILD_DIR / manifest.get("artifact", "")
-    return Resolved(found.reference, path, found.name, found.version, found.alias, key)
+    return Resolved(found.model_uri, path, found.name, found.version, found.alias, key)
 
 
 def download(found: Found, files: dict[str, str], folder: Path, params: dict | None) -> None:
@@ -152,7 +152,7 @@ def download(found: Found, files: dict[str, str], folder: Path, params: dict | N
 
 
 def verify(folder: Path, files: dict[str, str], found: Found, fix: str | None = None) -> None:
-    where = f"{found.reference} (version {found.version})"
+    where = f"{found.model_uri} (version {found.version})"
     # MLflow's own loader (mlflow.pyfunc.load_model on models:/...) writes `registered_model_meta` into
     # a local artifact store's folder; it is MLflow's bookkeeping, not part of the build
     problems = differences(file_hashes(folder, skip=("registered_model_meta",)), files, "the registry")

@@ -131,7 +131,7 @@ class Gateway:
                   "engine": served.engine.kind, "parallel": gate.slots, "active": gate.active, "queued": gate.queued,
                   "max_queued": gate.max_queued, "loaded_at": served.loaded_at}
         if self.key.keyed(request):  # where the files are is for the key holder only
-            answer.update(reference=resolved.reference, path=str(resolved.path))
+            answer.update(model_uri=resolved.model_uri, path=str(resolved.path))
         return JSONResponse(answer, status_code=200 if alive else 503)
 
     def prometheus(self):

@@ -9,12 +9,12 @@ from ftq.registry.resolve import resolve
 HELP = "commands: /reset (new conversation), /exit (quit)"
 
 
-def chat(reference: str, system: str | None = None, max_tokens: int = 512, temperature: float = 0.7,
+def chat(model_uri: str, system: str | None = None, max_tokens: int = 512, temperature: float = 0.7,
          params: dict | None = None, stdin=None, stdout=None) -> int:
     from ftq.runtimes import open_model
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    resolved = resolve(reference, params)
+    resolved = resolve(model_uri, params)
     runtime = open_model(resolved.path)
     version = f" version {resolved.version}" if resolved.version else ""
     stdout.write(f"ftq chat: {resolved.name}{version} ({runtime.kind}). {HELP}\n")

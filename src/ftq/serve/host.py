@@ -60,22 +60,22 @@ class Served:
 class ModelHost:
     """The served model, swapped in place when `--watch` sees the alias move."""
 
-    def __init__(self, reference: str, params: dict | None = None, threads: int | None = None, n_ctx: int = CTX_SIZE,
+    def __init__(self, model_uri: str, params: dict | None = None, threads: int | None = None, n_ctx: int = CTX_SIZE,
                  parallel: int = PARALLEL):
-        self.reference = reference
+        self.model_uri = model_uri
         self.params = params
         self.threads = threads
         self.n_ctx = n_ctx
         self.parallel = parallel
         self.occupancy = Occupancy()
         self.load_seconds = 1.0
-        self.served: Served | None = self._load(resolve(reference, params))
+        self.served: Served | None = self._load(resolve(model_uri, params))
 
     def _load(self, resolved: Resolved) -> Served:
         from ftq.engines import open_engine
         from ftq.runtimes import artifact_format
 
-        log.info("loading %s (%s)", resolved.path, resolved.reference)
+        log.info("loading %s (%s)", resolved.path, resolved.model_uri)
         started = time.monotonic()
         served = Served(resolved, open_engine(resolved.path, self.threads, self.n_ctx, self.parallel),
                         artifact_format(resolved.path))
@@ -100,7 +100,7 @@ class ModelHost:
         resolved = self.current().resolved
         if resolved.version is None:  # a local path: nothing to follow
             return False
-        found = lookup(self.reference, self.params)  # one registry call; download and verify only on a move
+        found = lookup(self.model_uri, self.params)  # one registry call; download and verify only on a move
         if found.version == resolved.version:
             return False
         self.swap(fetch(found, self.params))  # downloaded and verified while the old version still serves
@@ -117,7 +117,7 @@ class ModelHost:
             try:
                 self.served = self._load(resolved)
             except Exception:
-                log.exception("swap: %s did not start; serving %s again", resolved.reference, old.resolved.reference)
+                log.exception("swap: %s did not start; serving %s again", resolved.model_uri, old.resolved.model_uri)
                 self.served = self._load(old.resolved)
                 raise
             log.info("now serving %s version %s", resolved.name, resolved.version)

@@ -56,7 +56,7 @@ def key_file(path: Path) -> str:
     return key
 
 
-def serve(reference: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           watch: float = 0.0, params: dict | None = None, limits: Limits | None = None, threads: int | None = None,
           parallel: int = PARALLEL, max_queued: int = MAX_QUEUED, n_ctx: int = CTX_SIZE,
           policy: Policy | None = None) -> None:
@@ -67,7 +67,7 @@ def serve(reference: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     if not is_loopback(host) and not api_key:
         raise UsageError(f"binding {host} exposes the model beyond this machine: set ${API_KEY_ENV} or "
                          f"--api-key-file (--api-key works but is visible in /proc)")
-    model_host = ModelHost(reference, params, threads=threads, n_ctx=n_ctx, parallel=parallel)
+    model_host = ModelHost(model_uri, params, threads=threads, n_ctx=n_ctx, parallel=parallel)
     app = create_app(model_host, api_key, limits, max_queued, policy or Policy.for_bind(host))
     stop = threading.Event()
     if watch > 0:
