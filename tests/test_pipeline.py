@@ -158,12 +158,18 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     metrics = dvc(project, "metrics", "show", "--json")
     assert "reports/quantize/q8_0.json" in metrics.stdout and "reports/ladder.json" in metrics.stdout
 
-    params["quantize"]["builds"]["q8_0"] = {"method": "gguf", "type": "q8_0", "output_type": "q8_0"}
+    # one build's options change: it alone is rebuilt. Here the change makes it fail its screen: it is
+    # recorded in the ladder, its model not kept, never evaluated, and the walk moves up to q8_0
+    params["quantize"]["builds"]["q4_0"]["check"] = {"max_kld_mean": 0.0}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")
-    assert "Running stage 'quantize@q8_0'" in second.stdout and "Running stage 'ladder'" in second.stdout
-    for stage in ("train", "merge", "reference", "imatrix", "quantize@q4_0", "evaluate_merged"):
+    assert "Running stage 'quantize@q4_0'" in second.stdout and "Running stage 'ladder'" in second.stdout
+    for stage in ("train", "merge", "reference", "imatrix", "quantize@q8_0", "evaluate_merged"):
         assert f"Running stage '{stage}'" not in second.stdout, stage
+    rungs = {r["name"]: r for r in json.loads((project / "reports" / "ladder.json").read_text())["rungs"]}
+    assert not rungs["q4_0"]["evaluated"] and rungs["q4_0"]["why"].startswith("failed its screen: mean KL divergence")
+    assert rungs["q8_0"]["evaluated"] and not (project / "models" / "quantized" / "q4_0" / "model.gguf").exists()
+    assert not (project / report_dir("q4_0") / "q4_0.json").exists()
 
     # DVC shares data and models: push to a remote, clone, pull, and nothing is left to run
     dvc(project, "remote", "add", "-d", "-f", "shared", str(project.parent / "dvc-remote"))
@@ -180,17 +186,6 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     assert dvc(clone, "status").stdout.split() == ["benchmark_data:", "always", "changed"]
     again = dvc(clone, "repro").stdout
     assert again.count("Running stage") == 1 and "Running stage 'benchmark_data'" in again
-
-    # a build that fails its screen: recorded in the ladder, the model not kept, never evaluated
-    params["quantize"]["builds"]["q4_0"]["check"] = {"max_kld_mean": 0.0}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    screened = dvc(project, "repro")
-    assert "Running stage 'quantize@q4_0'" in screened.stdout and "Running stage 'ladder'" in screened.stdout
-    rungs = {r["name"]: r for r in json.loads((project / "reports" / "ladder.json").read_text())["rungs"]}
-    assert not rungs["q4_0"]["evaluated"] and rungs["q4_0"]["why"].startswith("failed its screen: mean KL divergence")
-    assert rungs["q8_0"]["evaluated"] and not (project / "models" / "quantized" / "q4_0" / "model.gguf").exists()
-    assert not (project / report_dir("q4_0") / "q4_0.json").exists()
-    assert (project / "models" / "quantized" / "q8_0" / "model.gguf").exists()
 
 
 def test_queued_experiments_run_in_parallel_into_the_project_store(project):
