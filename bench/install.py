@@ -66,9 +66,10 @@ def main() -> int:
     if args.table:
         print(table(json.loads(OUT.read_text())))
         return 0
+    from ftq.io import atomic_write_json
+
     report = measure()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(OUT, report)  # a run stopped midway leaves the last report whole
     print(table(report))
     return 0
 

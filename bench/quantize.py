@@ -254,12 +254,13 @@ def main() -> None:
     if not (merged / "config.json").exists():
         sys.exit(f"{merged}: no merged model; run `ftq run merge` first")
     text, windows = heldout_windows(merged, args.windows, args.width)
+    from ftq.io import atomic_write_json
+
     report = json.loads(OUT.read_text()) if OUT.exists() else {}
     if args.ladder:
         sys.path.insert(0, str(ROOT / "src"))
         report["ladder"] = ladder(args.types.split(","), windows, text)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(OUT, report)
         print(table(report))
         return
 
@@ -274,8 +275,7 @@ def main() -> None:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "builds": rows,
         })
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(OUT, report)
 
     with tempfile.TemporaryDirectory(prefix="ftq-bench-quantize-") as scratch:
         windows_file = Path(scratch) / "windows.json"
