@@ -31,10 +31,10 @@ from typing import Any
 from ftq import schema
 from ftq.io import atomic_dir, atomic_write_json, file_sha256
 from ftq.params import repo_root
+from ftq.stages import MERGED_DIR, merged_model
 
 log = logging.getLogger(__name__)
 
-MERGED_DIR = Path("models/merged")
 OUTPUT_DIR = Path("models/imatrix")
 MATRIX = "imatrix.gguf"
 SAMPLE = "sample.txt"
@@ -112,9 +112,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     settings = ImatrixSettings.from_params(params)
     root = repo_root()
-    merged = root / MERGED_DIR
-    if not (merged / "config.json").exists():
-        raise FileNotFoundError(f"{merged}: no merged model; run `dvc repro merge` first")
+    merged = merged_model(root)
     text, sequences = sample_text(root, settings)
     with stage_run("imatrix", params, block_name="quantize", block_values={"imatrix": vars(settings)}) as tracked:
         with atomic_dir(root / OUTPUT_DIR) as tmp:

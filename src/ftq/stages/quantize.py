@@ -28,10 +28,10 @@ from ftq.memory import peak_memory, reset_cuda_peak
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256, tree_md5
 from ftq import schema
 from ftq.params import ParamsError, repo_root
+from ftq.stages import MERGED_DIR, merged_model
 
 log = logging.getLogger(__name__)
 
-MERGED_DIR = Path("models/merged")
 OUTPUT_ROOT = Path("models/quantized")
 REPORT_ROOT = Path("reports/quantize")
 MANIFEST = "manifest.json"
@@ -125,9 +125,7 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
     spec = build_spec(params, name)
     method = backend(spec.method)
     root = repo_root()
-    merged = root / MERGED_DIR
-    if not (merged / "config.json").exists():
-        raise FileNotFoundError(f"{merged}: no merged model; run `dvc repro merge` first")
+    merged = merged_model(root)
     out_dir = root / OUTPUT_ROOT / name
     calibration = None
     if method.NEEDS_CALIBRATION:

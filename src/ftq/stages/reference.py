@@ -16,10 +16,10 @@ from typing import Any
 from ftq.io import atomic_dir
 from ftq import schema
 from ftq.params import repo_root
+from ftq.stages import MERGED_DIR, merged_model
 
 log = logging.getLogger(__name__)
 
-MERGED_DIR = Path("models/merged")
 OUTPUT_DIR = Path("models/reference")
 @dataclass
 class ReferenceSettings:
@@ -41,9 +41,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     settings = ReferenceSettings.from_params(params)
     root = repo_root()
-    merged = root / MERGED_DIR
-    if not (merged / "config.json").exists():
-        raise FileNotFoundError(f"{merged}: no merged model; run `dvc repro merge` first")
+    merged = merged_model(root)
     # seeded, not the first rows: held-out files are often grouped by kind
     sequences = heldout(root, settings.examples, settings.max_length, seed=settings.seed)
     with stage_run("reference", params, block_name="quantize", block_values={"reference": vars(settings)}) as tracked:
