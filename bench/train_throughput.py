@@ -15,6 +15,7 @@ on first use (bench/.venv-llamafactory). Results: reports/bench/train.json.
     env -u OMP_WAIT_POLICY .venv/bin/python bench/train_throughput.py   # ~25 min on 2 CPU cores (LoRA rows)
     .venv/bin/python bench/train_throughput.py --methods lora,full       # full fine-tuning too
     .venv/bin/python bench/train_throughput.py --quick                  # tiny model only
+    .venv/bin/python bench/train_throughput.py --models smollm2-135m --precision bf16   # both tools at bf16
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from ftq.hf import cpu_multiplies_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tiny-model builder the tests use
@@ -156,7 +159,7 @@ def run_ftq(base: Path, data: Path, method: str, cfg: dict, mode: str, work: Pat
             "learning_rate": cfg["learning_rate"], "lr_scheduler": "cosine", "warmup": 0, "epochs": 1,
             "per_device_batch_size": cfg["batch_size"], "gradient_accumulation": 1, "seed": cfg["seed"],
             "group_by_length": mode == "group_by_length", "packing": mode == "packing", "eval_steps": 0, "save_steps": 10_000,
-            "torch_threads": cfg["threads"], "logging_steps": 1,
+            "torch_threads": cfg["threads"], "logging_steps": 1, "precision": cfg["precision"],
         },
         "tracking": {"experiment": "bench"},
     }
@@ -165,6 +168,8 @@ def run_ftq(base: Path, data: Path, method: str, cfg: dict, mode: str, work: Pat
     sh([sys.executable, "-m", "ftq", "prepare"], cwd=project, env=env)
     sh([sys.executable, "-m", "ftq", "train"], cwd=project, env=env)
     report = json.loads((project / "reports" / "train.json").read_text())
+    if report["precision"] != cfg["precision"]:
+        raise AssertionError(f"ftq trained at {report['precision']}, asked for {cfg['precision']}")
     losses = [float(line.split(",")[1]) for line in (project / "reports" / "train_loss.csv").read_text().splitlines()[1:]]
     return {
         "real_tokens_per_second": round(report["tokens_seen"] / report["train_runtime_seconds"], 2),
@@ -214,7 +219,8 @@ def run_llamafactory(python: Path, base: Path, data: Path, method: str, cfg: dic
 
 
 def lf_config(base: Path, folder: Path, dataset: str, cfg: dict) -> dict:
-    """LLaMA-Factory's settings every bench here shares: one epoch on CPU in float32 from `base` over
+    """LLaMA-Factory's settings every bench here shares: one epoch on CPU (float32, or bf16 where
+    cfg["precision"] says: bf16 weights and autocast, its own best bf16 path) from `base` over
     `dataset` (folder/data), the smollm2 template, the tokenized data kept (to count its tokens)."""
     return {
         "model_name_or_path": str(base), "trust_remote_code": False, "do_train": True,
@@ -225,7 +231,7 @@ def lf_config(base: Path, folder: Path, dataset: str, cfg: dict) -> dict:
         "report_to": "none", "plot_loss": False,
         "per_device_train_batch_size": cfg["batch_size"], "gradient_accumulation_steps": 1,
         "learning_rate": cfg["learning_rate"], "lr_scheduler_type": "cosine", "warmup_steps": 0,
-        "num_train_epochs": 1, "seed": cfg["seed"], "bf16": False, "fp16": False, "use_cpu": True,
+        "num_train_epochs": 1, "seed": cfg["seed"], "bf16": cfg["precision"] == "bf16", "fp16": False, "use_cpu": True,
         "dataloader_num_workers": 0,
     }
 
@@ -300,21 +306,59 @@ def assert_equal_work(runs: dict[str, list[dict]], where: str) -> dict:
     return {"real_tokens": flat, "gap": round(gap, 5)}
 
 
+SYSTEM_NAMES = {"ftq_group_by_length": "ftq, group_by_length (default)", "ftq_packing": "ftq, packing",
+                "llamafactory_default": "LLaMA-Factory, default", "llamafactory_packing": "LLaMA-Factory, neat_packing"}
+
+
+def table(report: dict) -> str:
+    """docs/benchmarks.md's table: every row of the committed report, one line per system."""
+    lines = ["| model | method | precision | system | real tokens/s (median) | spread | loss, last third | "
+             "speed vs best LLaMA-Factory (median paired) |", "|---|---|---|---|---|---|---|---|"]
+    for row in report["results"]:
+        for system in SYSTEMS:
+            r = row[system]
+            ratio = r.get("speedup_vs_best_llamafactory")
+            lines.append(f"| {row['model']} | {row['method']} | {row.get('precision', 'fp32')} | {SYSTEM_NAMES[system]} | "
+                         f"{r['real_tokens_per_second']:.0f} | {r['spread']:.0%} | {r['loss']['mean_last_third']:.3f} | "
+                         f"{f'{ratio:.2f}x' if ratio else '–'} |")
+    machine = report["machine"]
+    lines += ["", f"{row['repeats']} repeats per system, interleaved; {machine['threads_per_run']} thread per run on "
+              f"{machine['cpu_count']} cores; LLaMA-Factory {report['versions']['llamafactory']} (transformers "
+              f"{report['versions']['llamafactory_transformers']}), ftq with transformers "
+              f"{report['versions']['ftq_transformers']}. Real tokens per epoch equal within "
+              f"{max(r['equal_work']['gap'] for r in report['results']):.2%} in every row."]
+    by_key = {row_key(r): r for r in report["results"]}
+    for (model, method, precision), row in by_key.items():
+        fp32 = by_key.get((model, method, "fp32"))
+        if precision == "bf16" and fp32:
+            gains = ", ".join(f"{SYSTEM_NAMES[s]} {row[s]['real_tokens_per_second'] / fp32[s]['real_tokens_per_second']:.2f}x"
+                              for s in SYSTEMS)
+            lines.append(f"bf16 over fp32 ({model}, {method}, medians): {gains}.")
+    lines.append(f"Goal in the report: {report['goal']}.")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", action="store_true", help="print docs/benchmarks.md's table from the committed report")
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--examples", type=int, default=None, help="records per run (default: per model)")
     parser.add_argument("--methods", default=None, help="e.g. lora,full (default: per model)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="both tools train at this precision (ftq: train.precision; LLaMA-Factory: bf16)")
     parser.add_argument("--out", default=str(REPO / "reports" / "bench" / "train.json"))
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return 0
     lf_python = ensure_llamafactory()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     results = []
     models = ["tiny"] if args.quick else (args.models.split(",") if args.models else list(CONFIGS))
     for model_name in models:
-        cfg = {**COMMON, **{k: v for k, v in CONFIGS[model_name].items() if k != "methods"}}
+        cfg = {**COMMON, **{k: v for k, v in CONFIGS[model_name].items() if k != "methods"}, "precision": args.precision}
         if args.examples:
             cfg["examples"] = args.examples
         source = str(tiny_source(work / "tiny-source")) if model_name == "tiny" else "embedded"
@@ -328,13 +372,15 @@ def main() -> int:
                           flush=True)
                     runs[system].append(run_system(system, lf_python, base, data, method, cfg, work))
             equal = assert_equal_work(runs, f"{model_name} {method}")
-            row = {"model": model_name, "method": method, "data": data_name, "settings": cfg, "repeats": args.repeats,
+            row = {"model": model_name, "method": method, "precision": args.precision, "data": data_name,
+                   "settings": cfg, "repeats": args.repeats,
                    "equal_work": equal, **summarize(runs)}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "settings"}, indent=1), file=sys.stderr, flush=True)
     report = {
         "benchmark": "train_throughput",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_run": COMMON["threads"]},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_run": COMMON["threads"],
+                    "cpu_bf16_matrix_instructions": cpu_multiplies_bf16()},
         "versions": {"ftq": _version(sys.executable, "ftq"), "llamafactory": _version(lf_python, "llamafactory"),
                      "ftq_transformers": _version(sys.executable, "transformers"),
                      "llamafactory_transformers": _version(lf_python, "transformers")},
@@ -360,12 +406,16 @@ def main() -> int:
     # a partial run (--models) replaces its own rows and keeps the others
     if out.exists():
         previous = json.loads(out.read_text()).get("results", [])
-        fresh = {(r["model"], r["method"]) for r in results}
-        report["results"] = [r for r in previous if (r["model"], r["method"]) not in fresh and "equal_work" in r] + results
+        fresh = {row_key(r) for r in results}
+        report["results"] = [r for r in previous if row_key(r) not in fresh and "equal_work" in r] + results
     out.write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def row_key(row: dict) -> tuple[str, str, str]:
+    return row["model"], row["method"], row.get("precision", "fp32")  # rows from before --precision ran fp32
 
 
 def _version(python, package: str) -> str:
