@@ -223,11 +223,34 @@ def marginal(rows: list[dict]) -> dict:
                                 / extra, 2) for s in large["stages"] if s in small["stages"]}}
 
 
+def table(report: dict) -> str:
+    """docs/benchmarks.md's table: each stage's peak as a multiple of the model's bytes (and in GB)."""
+    stages = [s for s, _ in STAGES]
+    lines = ["| stage | " + " | ".join(f"{r['name']} ({r['dtype']}, {r['model_bytes'] / 1e9:.2f} GB)" for r in report["results"])
+             + " | extra peak per extra model byte |", "|---|" + "---|" * (len(report["results"]) + 1)]
+    marginal_stages = (report.get("marginal") or {}).get("stages", {})
+    for stage in stages:
+        cells = []
+        for row in report["results"]:
+            values = row["stages"].get(stage)
+            cells.append(f"{values['x_model_bytes']:.2f}x ({values['peak_memory_bytes'] / 1e9:.2f} GB)" if values else "–")
+        extra = marginal_stages.get(stage)
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {'–' if extra is None else f'{abs(extra):.2f}' if abs(extra) < 0.005 else f'{extra:.2f}'} |")
+    lines += ["", f"Goal: {report['goal']}. " + "; ".join(
+        f"{r['name']}: worst {r['worst_stage']} {r['worst_x_model_bytes']:.2f}x, goal {'met' if r['meets_goal'] else 'not met'}"
+        for r in report["results"]) + f". Peak: {report['measured']}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["smollm2-135m", *MODELS])
+    parser.add_argument("--table", action="store_true", help="print docs/benchmarks.md's table from the committed report")
     parser.add_argument("--build", choices=list(MODELS), help=argparse.SUPPRESS)  # the child that builds a model
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return
     if args.build:
         build_model(CACHE / f"{args.build}-random-bf16", args.build)
         return

@@ -194,7 +194,8 @@ SCHEMA: dict[str, dict] = {
         "weight_decay": Num(0.0, minimum=0, help="AdamW's decoupled weight decay"),
         "max_grad_norm": Num(1.0, minimum=0, help="gradients are clipped to this global norm"),
         "gradient_checkpointing": Bool(False,
-            help="recompute activations in the backward pass: less memory, more time"),
+            help=("recompute activations in the backward pass, and hand freed memory straight back to the "
+                  "system (train and preference): less memory, more time")),
         "seed": Int(42, minimum=0, help="seeds training (new weights' initialization, the data order)"),
         "precision": Choice("auto", "auto", "fp32", "bf16", "fp16",
             help=("auto: bf16 on GPUs with native bf16, else fp16; on CPU bf16 where the base is bf16 or the "

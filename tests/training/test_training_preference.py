@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -189,3 +191,22 @@ def test_simpo_trains_on_ftq_ids_tokenized_as_trl_would(tokenizer, tiny_model, t
     trainer.train()
     assert_trained_without_reference(trainer, before, {"logps/chosen", "logps/rejected"})
     assert all(row["nll_loss"] == 0.0 for row in trainer.state.log_history if "loss" in row)
+
+
+def test_the_cpu_bound_on_trls_fused_lm_head_reaches_the_constant_trl_reads():
+    """TRL has no setting for its fused LM head's vocabulary chunk: ftq lowers the module constant its
+    forward reads (a float32 copy of each chunk is made on every CPU backward). Renamed in a TRL upgrade,
+    the bound would silently stop applying: this fails instead."""
+    import trl.trainer.utils as trl_utils
+
+    from ftq.training.preference import CPU_LM_HEAD_CHUNK, bound_fused_lm_head
+
+    before = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    assert "_CHUNKED_LOGPROB_CHUNK_SIZE" in inspect.getsource(trl_utils.add_fused_lm_head)
+    try:
+        bound_fused_lm_head(on_cuda=True)
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == before
+        bound_fused_lm_head(on_cuda=False)
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == min(before, CPU_LM_HEAD_CHUNK)
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = before

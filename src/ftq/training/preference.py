@@ -211,6 +211,23 @@ def trainer_and_config(objective: str, cfg: dict[str, Any], common: dict[str, An
     return trainer_class(), args
 
 
+# Vocabulary rows per chunk of TRL's fused LM head (DPO's and KTO's log-probs) off CUDA. Its backward sums
+# each chunk's gradient GEMM in float32, which on CPU it does by copying that chunk of the LM head to float32:
+# TRL's 32768 rows made a 268 MB copy on every backward of a 2048-wide 1B model, the DPO stage's peak
+# (1.69x the model's bytes with the rest of this stage's bounds, 1.56x at 4096 rows; bench/scale.py).
+CPU_LM_HEAD_CHUNK = 4096
+
+
+def bound_fused_lm_head(on_cuda: bool) -> None:
+    """Off CUDA, TRL's fused LM head works through the vocabulary CPU_LM_HEAD_CHUNK rows at a time. TRL has
+    no setting for it; its module constant is read on every forward (a test checks it is still there)."""
+    if on_cuda:
+        return  # there TRL accumulates in float32 inside the GEMM (out_dtype), without a copy
+    import trl.trainer.utils as trl_utils
+
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_LM_HEAD_CHUNK)
+
+
 def reference_free(objective: str) -> bool:
     """Whether the objective trains without a reference model (ORPO, SimPO), so nothing is kept frozen."""
     return objective in ("orpo", "simpo")
