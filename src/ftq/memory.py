@@ -45,15 +45,10 @@ def release() -> None:
     """Hand freed memory back to the system. glibc serves tensors up to 32 MB (most weight matrices) from
     its heap once a large free has raised its mmap threshold, and keeps what is freed there: without a
     trim, a model deleted before the next one loads still counts, and the stage peaks at two models."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
+    _glibc("malloc_trim", 0)
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter (glibc's malloc.h)
@@ -65,9 +60,13 @@ def bound_heap(threshold: int = 256 * 1024) -> None:
     activation-sized tensors come from its heap, and the holes they leave stay in the process: on a 1B
     model's DPO step that was 0.3 GB over the live tensors, and the stage's peak. Setting it also stops
     the threshold from moving. A no-op off glibc."""
+    _glibc("mallopt", M_MMAP_THRESHOLD, threshold)
+
+
+def _glibc(function: str, *args: int) -> None:
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
         pass

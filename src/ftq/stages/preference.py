@@ -246,14 +246,12 @@ def _tune(cfg, train, root, records, tracked, resume, expected) -> PreferenceRes
 
     from ftq.evaluation import preference as scoring
     from ftq.hf import stored_dtype
-    from ftq.memory import bound_heap, peak_memory, release
+    from ftq.memory import peak_memory, release
     from ftq.training import preference
     from ftq.training.callbacks import History, Progress
     from ftq.training.model import load_for_training, precision_flags
 
     started = time.time()
-    if train.gradient_checkpointing:  # memory first: freed blocks go back to the system at once (~40 % slower
-        bound_heap()                  # DPO steps on SmolLM2-135M; 1.58x a 1B model's bytes instead of 1.69x)
     preference.bound_fused_lm_head(torch.cuda.is_available())
     objective, kto = cfg["objective"], cfg["objective"] == "kto"
     flags = precision_flags(train.precision, stored_dtype(root / "models" / "base"))

@@ -184,12 +184,9 @@ def build_trainer(settings, params, root, tracked):
     from ftq.data.collate import make_collator, takes_label_positions
     from ftq.training.callbacks import History, Progress
     from ftq.hf import stored_dtype
-    from ftq.memory import bound_heap
     from ftq.training.model import load_for_training, precision_flags
 
     base_dir = root / "models" / "base"
-    if settings.gradient_checkpointing:  # memory first, as the setting says: freed blocks go back at once
-        bound_heap()
     flags = precision_flags(settings.precision, stored_dtype(base_dir))
     packing = settings.packing
     train_data, eval_data = load_splits(root)

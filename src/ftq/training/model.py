@@ -114,8 +114,11 @@ def load_for_training(settings: TrainSettings, base_dir: Path, flags: dict[str, 
     `adapter`: continue training that LoRA adapter (preference tuning after SFT) instead of a new one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ftq.memory import bound_heap
     from ftq.training.launch import local_device
 
+    if settings.gradient_checkpointing:  # memory over time, as the setting says: freed blocks go back at once
+        bound_heap()                     # (about 40 % slower DPO steps on SmolLM2; scale.py's 1B row in bounds)
     device = device or local_device()
     root = Path(base_dir).parent.parent
     kwargs = load_kwargs(settings, flags, device, root)
