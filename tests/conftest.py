@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FIXTURES = Path(__file__).parent / "fixtures"
 
-os.environ.setdefault("FTQ_TORCH_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
 
 
