@@ -57,19 +57,54 @@ def summary(runs: list[dict]) -> dict:
             "install_inputs": list(INSTALL_INPUTS)}
 
 
+# where each part of `make install` starts and ends: the first line make echoes that contains the text
+# (make prints each recipe line as it starts it; the two jobs' lines interleave)
+MARKS = {
+    "packages": ("-m pip install --quiet \"torch", "ftq.training.deepspeed_ops"),
+    "cpu_adam": ("ftq.training.deepspeed_ops", "touch .venv/.ftq-packages"),
+    "llama_cpp_download": ("pip download --quiet --no-deps --no-binary", "building llama.cpp"),
+    "llama_cpp_build": ("building llama.cpp", ".built"),
+    "link_and_smoke": ("--force-reinstall", None),
+}
+
+
+def phases(timeline: list[tuple[float, str]], seconds: float) -> dict[str, float]:
+    """Each part's seconds, from the time-stamped lines of make's output (None: a mark never printed)."""
+    def first(text: str | None) -> float | None:
+        if text is None:
+            return seconds
+        return next((t for t, line in timeline if text in line), None)
+
+    out = {}
+    for name, (begin, end) in MARKS.items():
+        start, stop = first(begin), first(end)
+        out[name] = None if start is None or stop is None else round(stop - start, 1)
+    return out
+
+
+def timed_lines(command: list[str], **kwargs) -> tuple[int, list[tuple[float, str]], float]:
+    """Run a command, stamping each output line with the seconds since its start."""
+    start = time.monotonic()
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs) as proc:
+        for line in proc.stdout:
+            if not line.startswith("WARNING: Location"):  # pip's note on each index folder this machine lacks
+                lines.append((round(time.monotonic() - start, 1), line.rstrip()[:200]))
+    return proc.returncode, lines, time.monotonic() - start
+
+
 def measure() -> dict:
     with tempfile.TemporaryDirectory(prefix="ftq-install-") as scratch:
         clone = Path(scratch) / "ftq"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
-        start = time.monotonic()
-        result = subprocess.run(["make", "install"], cwd=clone, env=fresh_env(Path(scratch)), capture_output=True, text=True)
-        seconds = time.monotonic() - start
-        if result.returncode:
-            sys.exit(f"make install failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return {"seconds": round(seconds, 1), "git_rev": rev,
+        returncode, timeline, seconds = timed_lines(["make", "install"], cwd=clone, env=fresh_env(Path(scratch)))
+        if returncode:
+            sys.exit(f"make install failed ({returncode}):\n" + "\n".join(line for _, line in timeline[-60:]))
+    return {"seconds": round(seconds, 1), "git_rev": rev, "phases": phases(timeline, seconds),
             "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform()},
-            "caches": "none: new FTQ_CACHE and TORCH_EXTENSIONS_DIR, PIP_NO_CACHE_DIR=1, a fresh clone"}
+            "caches": "none: new FTQ_CACHE and TORCH_EXTENSIONS_DIR, PIP_NO_CACHE_DIR=1, a fresh clone",
+            "timeline": timeline}
 
 
 def table(report: dict) -> str:
@@ -77,8 +112,21 @@ def table(report: dict) -> str:
     runs = report.get("runs") or [report]
     each = ", ".join(f"{r['seconds']:.0f}" for r in runs)
     spread = f" (median of {len(runs)}: {each} s)" if len(runs) > 1 else ""
-    return (f"`make install` on a fresh clone with no caches: {report['seconds']:.0f} s ({minutes} min {seconds} s)"
+    line = (f"`make install` on a fresh clone with no caches: {report['seconds']:.0f} s ({minutes} min {seconds} s)"
             f"{spread} on {report['machine']['cpu_count']} cores ({report['machine']['cpu']}), commit {report['git_rev']}.")
+    parts = median_phases(runs)
+    if parts:
+        line += (f" Its parts (median): the Python packages {parts['packages']:.0f} s, then DeepSpeed's CPU Adam "
+                 f"{parts['cpu_adam']:.0f} s, while llama.cpp downloads ({parts['llama_cpp_download']:.0f} s) and "
+                 f"builds ({parts['llama_cpp_build']:.0f} s); then linking and the smoke test "
+                 f"{parts['link_and_smoke']:.0f} s.")
+    return line
+
+
+def median_phases(runs: list[dict]) -> dict[str, float] | None:
+    """Each part's median over the runs that recorded every part (None: no run did)."""
+    timed = [r["phases"] for r in runs if r.get("phases") and None not in r["phases"].values()]
+    return {name: statistics.median(p[name] for p in timed) for name in MARKS} if timed else None
 
 
 def main() -> int:
@@ -97,7 +145,8 @@ def main() -> int:
     if args.extend and OUT.exists():
         previous = json.loads(OUT.read_text())
         runs = [r for r in previous.get("runs") or [previous] if same_install(r["git_rev"])]
-        runs = [{k: r[k] for k in ("seconds", "git_rev", "machine", "caches")} for r in runs]
+        runs = [{k: r[k] for k in ("seconds", "git_rev", "phases", "machine", "caches", "timeline") if k in r}
+                for r in runs]
     for repeat in range(args.repeats):
         runs.append(measure())
         print(f"run {len(runs)}: {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
