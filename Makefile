@@ -98,9 +98,13 @@ $(STAMP): $(PIP_STAMP) $(LLAMA_BUILD)/.built $(LLAMA_PYTHON_WHEEL) $(LLAMA_LINKE
 	$(BIN)/python -m ftq.llama_build smoke
 	touch $@
 
+# the sdist alone: pip prepares its metadata in an isolated build environment, whose build requirements
+# come as wheels (`--no-binary :all:` would compile each of them from source too: ~165 s instead of ~7 s,
+# all of it before llama.cpp's compile can start)
 $(LLAMA_SDIST):
 	mkdir -p $(dir $@)
-	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP)" -d $(dir $@)
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$(LLAMA_CPP)" -d $(dir $@)
+	test -f $@
 
 # llama-cpp-python's Python package alone (LLAMA_BUILD=OFF: no compiler runs, a few seconds)
 $(LLAMA_PYTHON_WHEEL): $(LLAMA_SDIST)
