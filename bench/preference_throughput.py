@@ -105,9 +105,9 @@ def run_llamafactory(python: Path, base: Path, data: Path, cfg: dict, precision:
     shutil.copy(data, folder / "data" / "pairs.json")
     (folder / "data" / "dataset_info.json").write_text(json.dumps(
         {"pairs": {"file_name": "pairs.json", "ranking": True, "columns": COLUMNS}}))
-    config = {**lf_config(base, folder, "pairs", cfg), "stage": "dpo", "finetuning_type": "lora",
-              "pref_beta": cfg["beta"], "pref_loss": "sigmoid", "lora_rank": cfg["lora_rank"],
-              "lora_alpha": cfg["lora_alpha"], "lora_dropout": 0.0, "lora_target": "all", "bf16": precision == "bf16"}
+    config = {**lf_config(base, folder, "pairs", {**cfg, "precision": precision}), "stage": "dpo",
+              "finetuning_type": "lora", "pref_beta": cfg["beta"], "pref_loss": "sigmoid", "lora_rank": cfg["lora_rank"],
+              "lora_alpha": cfg["lora_alpha"], "lora_dropout": 0.0, "lora_target": "all"}
     (folder / "train.yaml").write_text(yaml.safe_dump(config))
     env = bench_env(cfg["threads"])
     env["CUDA_VISIBLE_DEVICES"] = ""
