@@ -118,7 +118,8 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     from conftest import SMALL_EVAL, SMALL_IMATRIX
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"].update({**SMALL_EVAL, "lm_eval": {**SMALL_EVAL["lm_eval"], "limit": 2}})
+    # one speed measurement per candidate: the repeats and their pairing are tested in test_evaluate
+    params["evaluate"].update({**SMALL_EVAL, "speed_repeats": 1, "lm_eval": {**SMALL_EVAL["lm_eval"], "limit": 2}})
     # the tiny random model scores 0 on the task: no retention against merged is asked
     params["promote"]["policy"]["min_retention"] = 0.0
     params["train"].update({"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2, "warmup": 0})
