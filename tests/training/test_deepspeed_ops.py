@@ -45,12 +45,12 @@ def _wait(condition, timeout_s: float, what: str) -> None:
 
 
 def _kill_working_in(folder: Path) -> None:
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and compiling_in(folder, {Path(os.readlink(entry / "cwd"))}):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            continue
+    for pid, cwd in working_directories().items():
+        if compiling_in(folder, [cwd]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
 
 
 def test_the_lock_of_a_killed_compile_is_cleared_once_its_compilers_are_gone(tmp_path):
@@ -60,14 +60,14 @@ def test_the_lock_of_a_killed_compile_is_cleared_once_its_compilers_are_gone(tmp
     try:
         _wait(lambda: list(tmp_path.glob("ftq_lock_probe/lock")), 60, "torch's lock")
         lock = next(tmp_path.glob("ftq_lock_probe/lock"))
-        _wait(lambda: compiling_in(lock.parent, working_directories()), 60, "ninja to start")
+        _wait(lambda: compiling_in(lock.parent, working_directories().values()), 60, "ninja to start")
         compile_.kill()  # the python process that holds the lock; ninja and the compiler run on
         compile_.wait()
         assert lock.exists()
         assert clear_stale_locks(tmp_path, stale_after_s=0) == [], "a running compile's lock is not stale"
     finally:
         _kill_working_in(tmp_path)  # ninja starts each compiler in a process group of its own
-    _wait(lambda: not compiling_in(lock.parent, working_directories()), 30, "the compilers to exit")
+    _wait(lambda: not compiling_in(lock.parent, working_directories().values()), 30, "the compilers to exit")
     assert lock.exists(), "torch leaves the lock of a killed compile"
 
     waiter = threading.Thread(target=FileBaton(str(lock)).wait, daemon=True)

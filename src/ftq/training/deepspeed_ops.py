@@ -4,7 +4,7 @@ guards each compile with a `lock` file that it removes when the compile ends. A 
 stopped `make install`, a killed test or training run) leaves the file behind, and every later load of the
 op then waits for it to go away, forever and without a word. `make install` and the DeepSpeed launch clear
 such a lock first: one that no process is compiling under (ninja and the compilers run in the op's folder)
-and that is older than a compile's first second.
+and that is over a minute old.
 
 `python -m ftq.training.deepspeed_ops` compiles CPU Adam (make install's step)."""
 
@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,13 @@ def lock_files(root: Path) -> list[Path]:
     return sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
 
 
-def working_directories() -> set[Path]:
-    """Where every process this user can see is working (its current directory)."""
-    found = set()
+def working_directories() -> dict[int, Path]:
+    """Where every process this user can see is working (its current directory), by pid."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                found.add(Path(os.readlink(entry / "cwd")))
+                found[int(entry.name)] = Path(os.readlink(entry / "cwd"))
             except OSError:  # gone, or another user's
                 continue
     return found
@@ -51,7 +52,7 @@ def is_stale(age_s: float, compiling: bool, stale_after_s: float = STALE_AFTER_S
     return not compiling and age_s >= stale_after_s
 
 
-def compiling_in(folder: Path, cwds: set[Path]) -> bool:
+def compiling_in(folder: Path, cwds: Iterable[Path]) -> bool:
     folder = folder.resolve()
     return any(cwd == folder or folder in cwd.parents for cwd in cwds)
 
@@ -62,7 +63,7 @@ def clear_stale_locks(root: Path | None = None, stale_after_s: float = STALE_AFT
     locks = lock_files(root)
     if not locks:
         return []
-    cwds = working_directories()
+    cwds = set(working_directories().values())
     removed = []
     for lock in locks:
         try:
