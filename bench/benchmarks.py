@@ -320,8 +320,10 @@ def main() -> int:
         report["precision"] = precision(args.items, args.seed, args.threads)
     else:
         report = {**measure(args.items, args.seed, args.threads), "precision": precision(args.items, args.seed, args.threads)}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(OUT, stamp(report, script=__file__))
     print(table(report))
     return 0
 

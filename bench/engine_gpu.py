@@ -9,6 +9,7 @@ alone vs in a batch of 8 compared.
     FTQ_TOKENIZER=gpu_check/tokenizer python3 bench/engine_gpu.py      # writes $OUT/cb_gpu.json
 """
 import asyncio, json, os, sys, time
+from pathlib import Path
 
 TOKENIZER = os.environ.get("FTQ_TOKENIZER", "gpu_check/tokenizer")
 import torch
@@ -53,8 +54,10 @@ async def main():
             r = await level(k); r["repeat"] = rep; rows.append(r); print(r, flush=True)
     med = {k: sorted(r["tok_s"] for r in rows if r["clients"] == k)[1] for k in (1, 8, 32)}
     print("median tok/s", med, "8 vs 1:", round(med[8] / med[1], 2), "32 vs 1:", round(med[32] / med[1], 2))
-    os.makedirs(os.environ.get("OUT", "/tmp/out"), exist_ok=True)
-    json.dump({"device": torch.cuda.get_device_name(), "model": "random Llama-3.2-1B-shaped, bf16", "rows": rows, "median_tok_s": med},
-              open(os.path.join(os.environ.get("OUT", "/tmp/out"), "cb_gpu.json"), "w"), indent=2)
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    report = {"device": torch.cuda.get_device_name(), "model": "random Llama-3.2-1B-shaped, bf16", "rows": rows, "median_tok_s": med}
+    atomic_write_json(Path(os.environ.get("OUT", "/tmp/out")) / "cb_gpu.json", stamp(report, script=__file__))
 asyncio.run(main())
 engine.close()

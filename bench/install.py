@@ -140,6 +140,7 @@ def main() -> int:
         print(table(json.loads(OUT.read_text())))
         return 0
     from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
 
     runs = []
     if args.extend and OUT.exists():
@@ -150,7 +151,8 @@ def main() -> int:
     for repeat in range(args.repeats):
         runs.append(measure())
         print(f"run {len(runs)}: {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
-        atomic_write_json(OUT, summary(runs))  # a run stopped midway leaves the last report whole
+        # a run stopped midway leaves the last report whole
+        atomic_write_json(OUT, stamp(summary(runs), script=__file__))
     print(table(summary(runs)))
     return 0
 

@@ -174,8 +174,10 @@ def main() -> int:
               "settings": {"threads": args.threads, "prompt_tokens": PROMPT, "answer_tokens": ANSWER,
                            "repeats": REPEATS, "tool": "llama-bench (llama.cpp 0.3.36's vendored sources)"},
               "variants": variants, "speedup_of_medians": speedup, "kld": kld_rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(OUT, stamp(report, script=__file__))
     for name, ratios in speedup.items():
         print(name, ratios)
     for row in kld_rows:

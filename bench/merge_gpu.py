@@ -105,5 +105,8 @@ class CpuRuntime:
 
 result["gpu_vs_cpu_reference"] = distance.divergence(CpuRuntime(), on_gpu)
 out = Path(os.environ.get("OUT", "."))
-(out / "merge_gpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+from ftq.io import atomic_write_json  # noqa: E402
+from ftq.provenance import stamp  # noqa: E402
+
+atomic_write_json(out / "merge_gpu.json", stamp(result, script=__file__))
 print(json.dumps(result, indent=2, default=str))

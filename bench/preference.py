@@ -184,8 +184,9 @@ def main() -> int:
     report = measure({"objective": "dpo", "loss_type": args.loss_type, "learning_rate": args.learning_rate,
                       "beta": args.beta, "max_steps": args.max_steps})
     from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
 
-    atomic_write_json(OUT, report)
+    atomic_write_json(OUT, stamp(report, script=__file__))
     print(table(report))
     return 0
 

@@ -204,8 +204,9 @@ def main() -> int:
               "ftq_trl": _version(Path(sys.executable), "trl"), "llamafactory_trl": _version(lf_python, "trl"),
               "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"}
     from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
 
-    atomic_write_json(OUT, report)
+    atomic_write_json(OUT, stamp(report, script=__file__))
     shutil.rmtree(work, ignore_errors=True)
     print(table(report))
     return 0

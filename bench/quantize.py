@@ -255,12 +255,13 @@ def main() -> None:
         sys.exit(f"{merged}: no merged model; run `ftq run merge` first")
     text, windows = heldout_windows(merged, args.windows, args.width)
     from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
 
     report = json.loads(OUT.read_text()) if OUT.exists() else {}
     if args.ladder:
         sys.path.insert(0, str(ROOT / "src"))
         report["ladder"] = ladder(args.types.split(","), windows, text)
-        atomic_write_json(OUT, report)
+        atomic_write_json(OUT, stamp(report, script=__file__))
         print(table(report))
         return
 
@@ -275,7 +276,7 @@ def main() -> None:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "builds": rows,
         })
-        atomic_write_json(OUT, report)
+        atomic_write_json(OUT, stamp(report, script=__file__))
 
     with tempfile.TemporaryDirectory(prefix="ftq-bench-quantize-") as scratch:
         windows_file = Path(scratch) / "windows.json"

@@ -271,8 +271,10 @@ def main() -> None:
         "params": PARAMS,
         "results": list(results.values()),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(OUT, stamp(report, script=__file__))
     if report["marginal"]:
         print("extra peak per extra model byte:", report["marginal"]["stages"])
     for row in report["results"]:

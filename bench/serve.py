@@ -244,8 +244,10 @@ def main() -> None:
                         "chat completions on both (llama-server with top_k 1 and min_p 0, ftq's engine's greedy), "
                         "ignore_eos; token counts and greedy text asserted equal per prompt; llama-server's "
                         "/completion (ftq's internal path) measured beside them"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(args.out, stamp(report, script=__file__))
     print(json.dumps({k: v for k, v in report["goals"].items() if k != "per_repeat"}, indent=2))
     print(f"wrote {args.out}")
 

@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         "slowdown_with_dropout": round(statistics.median(ratios), 3),
         "slowdown_runs": [round(r, 3) for r in ratios],
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(OUT, stamp(report, script=__file__))
     print(json.dumps(report["results"], indent=2))
     return 0
 

@@ -124,8 +124,10 @@ def main() -> None:
         "speedup_median_paired": round(statistics.median(ratios), 3),
         "speedups": [round(r, 3) for r in ratios],
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(OUT, stamp(report, script=__file__))
     print(json.dumps(report, indent=2))
 
 

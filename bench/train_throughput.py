@@ -402,13 +402,15 @@ def main() -> int:
         ],
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # a partial run (--models) replaces its own rows and keeps the others
     if out.exists():
         previous = json.loads(out.read_text()).get("results", [])
         fresh = {row_key(r) for r in results}
         report["results"] = [r for r in previous if row_key(r) not in fresh and "equal_work" in r] + results
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    atomic_write_json(out, stamp(report, script=__file__))
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -202,7 +202,7 @@ def set_scores(root: Path, name: str, values, key: str = "json_field_accuracy") 
     """Per-example scores of a candidate (reports/eval/<name>.answers.jsonl and the mean in <name>.json),
     as evaluate writes them: a list of values (rows are made with ids t#0.. unless it matches the number
     of rows already there, whose ids are kept) or one value for every row already there."""
-    from ftq.stages.evaluate import report_dir
+    from ftq.layout import eval_dir as report_dir
 
     folder = root / report_dir(name)
     existing = [json.loads(line) for line in (folder / f"{name}.answers.jsonl").read_text().splitlines() if line]
@@ -233,6 +233,11 @@ def shared_file(*parts: str) -> Path:
 
 
 HELLASWAG = SHARED_DATA / "hellaswag" / "hellaswag_val_full.txt"
+# the promotion policy of the tiny projects: every evaluated build ranked (select best), and margins the tiny
+# project's 4 held-out examples and 8 HellaSwag items can decide (the defaults' error rates and power are
+# tested in tests/promotion/test_simulation.py); the guard where HellaSwag is there (absent, it fails closed)
+TINY_POLICY = {"select": "best", "margin": 0.9,
+               "general_guard": {"task": "hellaswag" if HELLASWAG.exists() else None, "tolerance": 0.9}}
 # llama-imatrix needs two chunks of text: the tiny project's training data holds several of 64 tokens
 SMALL_IMATRIX = {"samples": 32, "max_length": 128, "chunk_size": 64}
 SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4, "perplexity_max_length": 96,
@@ -247,6 +252,7 @@ SMALL_EVAL = {"task_examples": 4, "max_new_tokens": 8, "perplexity_examples": 4,
 def evaluated(tmp_path_factory, tiny_model_dir):
     """A tiny project with base, merged and two GGUF builds, each evaluated, then compared (shared by the
     evaluate, compare and promote tests; promote tests only touch the registry and reports/promotion.json)."""
+    from ftq import layout
     from ftq.stages import base, benchmark_data, compare, evaluate, imatrix, ladder, merge, prepare, quantize, reference, train
 
     project = make_project(tmp_path_factory.mktemp("evaluate") / "project", tiny_model_dir)
@@ -259,9 +265,9 @@ def evaluated(tmp_path_factory, tiny_model_dir):
                    quantize={"enabled": ["q8_0", "q4_0"], "check": {"max_new_tokens": 8, "prompt": "Who are you?"},
                              "reference": {"examples": 4, "max_length": 96}, "imatrix": SMALL_IMATRIX},
                    evaluate=SMALL_EVAL,
-                   # every build evaluated (the ladder's smallest_tied walk is tested on its own); the tiny
-                   # model scores 0 on the task, which anchors no retention
-                   promote={"policy": {"select": "best", "min_retention": 0.0}})
+                   # every build evaluated (the ladder's fixed-sequence walk is tested on its own); the tiny
+                   # project's 4 examples and 8 HellaSwag items decide nothing at the default margins
+                   promote={"policy": TINY_POLICY})
         params = load_params(project)
         for stage in (base, prepare, train, merge, reference, imatrix, benchmark_data):
             stage.run(params)
@@ -269,9 +275,9 @@ def evaluated(tmp_path_factory, tiny_model_dir):
         quantize.run(params, "q4_0")
         merged = evaluate.run(params, "merged")  # first: the others' benchmarks are paired with merged's
         reports = {"base": evaluate.run(params, "base"), "merged": merged}
-        ladder.run(params)  # q4_0 (the smaller), then q8_0
+        ladder.run(params)  # select best: every screened build evaluated
         for name in ("q8_0", "q4_0"):
-            reports[name] = json.loads((project / evaluate.report_dir(name) / f"{name}.json").read_text())
+            reports[name] = json.loads((project / layout.eval_dir(name) / f"{name}.json").read_text())
         compare.run(params)
     yield project, reports
 

@@ -123,7 +123,7 @@ def test_ftq_params_explain_prints_each_settings_default_accepted_values_and_hel
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("promote.policy.metric: task_json_field_accuracy\n    accepts ")
     assert all(metric in result.stdout for metric in schema.PAIRED_METRICS)
-    assert "\n    rejected when the retention interval vs merged lies wholly below this\n" in result.stdout
+    assert "\n    absolute: points of the metric | relative: a share of merged's mean\n" in result.stdout
     assert "promote.model_name" not in result.stdout and "train." not in result.stdout
     unknown = ftq("params", "--explain", "train.lorra", cwd="/")
     assert unknown.returncode == 2 and "--explain train.lorra: no such setting" in unknown.stderr

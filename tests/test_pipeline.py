@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import mlflow_runs, project_env, run
-from ftq.stages.evaluate import report_dir
+from ftq.layout import eval_dir as report_dir
 
 
 def dvc(project, *args, check=True):
@@ -110,18 +110,19 @@ def test_train_stage_through_dvc_and_a_learning_rate_experiment(project):
 
 def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(project):
     """`dvc repro` after train makes models/merged, the importance matrix once, every enabled build
-    (foreach), evaluates base and merged, walks the ladder (the builds that passed their screen, smallest
-    first, until one is tied with merged), compares and promotes; changing one build's options rebuilds it
-    alone (and walks the ladder again); a build that fails its screen is recorded, never evaluated."""
+    (foreach), evaluates base and merged, walks the ladder (the builds that passed their screen, largest
+    first, until one is not shown faithful: fixed-sequence testing), compares and promotes; changing one
+    build's options rebuilds it alone (and walks the ladder again); a build that fails its screen is
+    recorded, never evaluated."""
     import yaml
 
-    from conftest import SMALL_EVAL, SMALL_IMATRIX
+    from conftest import SMALL_EVAL, SMALL_IMATRIX, TINY_POLICY
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     # one speed measurement per candidate: the repeats and their pairing are tested in test_evaluate
     params["evaluate"].update({**SMALL_EVAL, "speed_repeats": 1, "lm_eval": {**SMALL_EVAL["lm_eval"], "limit": 2}})
-    # the tiny random model scores 0 on the task: no retention against merged is asked
-    params["promote"]["policy"]["min_retention"] = 0.0
+    # margins the tiny project's 4 examples can decide; the default select: smallest_faithful
+    params["promote"]["policy"].update({k: v for k, v in TINY_POLICY.items() if k != "select"})
     params["train"].update({"max_steps": 2, "per_device_batch_size": 4, "eval_steps": 0, "save_steps": 2, "warmup": 0})
     params["quantize"].update({
         "enabled": ["q8_0", "q4_0"],
@@ -138,15 +139,19 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
         assert f"Running stage '{stage}'" in first.stdout, stage
     assert first.stdout.count("Running stage 'imatrix'") == 1
     ladder = json.loads((project / "reports" / "ladder.json").read_text())
-    assert [r["name"] for r in ladder["rungs"]] == ["q4_0", "q8_0"]  # smallest first
-    assert ladder["evaluated"] == ["q4_0"]  # tied with merged: the larger builds need no evaluation
-    assert all(r["why"] == "not evaluated: q4_0, a smaller build, is tied with merged" for r in ladder["rungs"][1:])
+    assert [r["name"] for r in ladder["rungs"]] == ["q4_0", "q8_0"]  # the table: smallest first
+    assert ladder["walk"]["order"] == ["q8_0", "q4_0"] and ladder["walk"]["pick"] == "q4_0"  # tested largest first
+    assert "fixed-sequence" in ladder["walk"]["procedure"]
+    tested = {r["name"]: r["test"] for r in ladder["rungs"]}
+    assert all(t["outcome"] == "faithful" and {"margin", "lower", "p_value", "examples"} <= set(t["metric_test"])
+               for t in tested.values())
+    assert ladder["evaluated"] == ["q4_0"]  # the pick alone is evaluated in full
     for name in ("base", "merged", "q4_0"):
         report = json.loads((project / report_dir(name) / f"{name}.json").read_text())
         assert report["lm_eval_ftq_heldout_generate_chrf"] is not None and report["task_examples"] == 4
         assert (project / report_dir(name) / "lm_eval" / f"{name}.samples.jsonl").exists()
     promotion = json.loads((project / "reports" / "promotion.json").read_text())
-    assert promotion["champion"]["note"].startswith("first champion: the smallest build tied with merged")
+    assert promotion["champion"]["note"].startswith("first champion: q4_0, the smallest build shown faithful")
     assert {c["name"]: c["status"] for c in promotion["candidates"]}["q4_0"] == "champion"
     for name in ("q8_0", "q4_0"):
         manifest = json.loads((project / "models" / "quantized" / name / "manifest.json").read_text())
@@ -160,7 +165,7 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     assert "reports/quantize/q8_0.json" in metrics.stdout and "reports/ladder.json" in metrics.stdout
 
     # one build's options change: it alone is rebuilt. Here the change makes it fail its screen: it is
-    # recorded in the ladder, its model not kept, never evaluated, and the walk moves up to q8_0
+    # recorded in the ladder, its model not kept, never evaluated, and the walk ends at q8_0
     params["quantize"]["builds"]["q4_0"]["check"] = {"max_kld_mean": 0.0}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = dvc(project, "repro")

@@ -148,6 +148,15 @@ def cmd_benchmark_data(args) -> int:
     return 0
 
 
+def cmd_machine(args) -> int:
+    from ftq import layout
+    from ftq.stages import machine
+
+    recorded = machine.run(_params(args))
+    print(f"{recorded['device']}, native bf16: {recorded['native_bf16']} -> {layout.MACHINE}")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from ftq import schema
     from ftq.stages import quantize
@@ -171,13 +180,15 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ftq import layout
     from ftq.stages import evaluate
 
     for name in args.candidates:
         report = evaluate.run(_params(args), name)
-        task = ", ".join(f"{k[5:]} {v}" for k, v in report.items() if k.startswith("task_") and not k.endswith("examples"))
+        task = ", ".join(f"{k[5:]} {v}" for k, v in report.items() if k.startswith("task_") and not k.endswith("examples")
+                         and not k.endswith("_ci95"))
         print(f"{name} ({report['runtime']}): {task}; perplexity {report['perplexity']}; "
-              f"{report['tokens_per_second']} tok/s, TTFT {report['ttft_seconds_p50']} s -> {evaluate.report_dir(name) / name}.json")
+              f"{report['tokens_per_second']} tok/s, TTFT {report['ttft_seconds_p50']} s -> {layout.eval_dir(name) / name}.json")
     return 0
 
 
@@ -399,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     params_option(bench_data)
     bench_data.set_defaults(func=cmd_benchmark_data)
 
+    machine = commands.add_parser(
+        "machine", help="stage machine: record the arithmetic this machine computes in (bf16 or not) in "
+                        "data/machine.json, an input of every stage whose numbers depend on it",
+        formatter_class=FORMATTER)
+    params_option(machine)
+    machine.set_defaults(func=cmd_machine)
+
     reference = commands.add_parser(
         "reference", help="stage reference: merged's next-token distribution on held-out data, for the quantize check",
         formatter_class=FORMATTER,
@@ -562,8 +580,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ftq.data.registry import RegistryError
     from ftq.data.tokenize import TemplateError
     from ftq.errors import MergeCheckError, QLoRAUnavailable, UsageError
+    from ftq.evidence import PairingError
     from ftq.evaluation.harness import LmEvalError
     from ftq.params import ParamsError
+    from ftq.promotion.policy import PromotionError
     from ftq.quantize.check import BuildCheckError
     from ftq.registry.lock import RegistryBusy
     from ftq.registry.package import ChangedBuildError
@@ -572,11 +592,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (DataError, RegistryError, TemplateError, ParamsError, SourceError, UsageError, QLoRAUnavailable,
             FileNotFoundError, MergeCheckError, BuildCheckError, LmEvalError, RegistryBusy, ChangedBuildError,
-            TrackingServerUnavailable)
+            TrackingServerUnavailable, PairingError, PromotionError)
 
 
 # the pipeline's stages (dvc.yaml's commands)
-STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_train, cmd_preference, cmd_merge, cmd_reference, cmd_imatrix, cmd_quantize,
+STAGE_COMMANDS = {cmd_base_run, cmd_prepare, cmd_benchmark_data, cmd_machine, cmd_train, cmd_preference, cmd_merge, cmd_reference, cmd_imatrix, cmd_quantize,
                   cmd_evaluate, cmd_ladder,
                   cmd_compare, cmd_promote}
 

@@ -16,6 +16,7 @@ from ftq.errors import UsageError
 from ftq.io import atomic_write_json
 from ftq.params import load_params, repo_root
 from ftq.processes import stop_group
+from ftq.provenance import stamp
 
 # a report, not a DVC output or dependency: it holds no run ids, and no stage reads it
 TIMES = Path("reports/pipeline_times.json")
@@ -107,7 +108,7 @@ def write_pipeline_times(path: Path, parent, children, command: list[str]) -> di
              "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(parent.info.start_time / 1000)),
              "wall_seconds": round(((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000, 1),
              "stage_seconds": round(sum(s["seconds"] for s in stages), 1), "stages": stages}
-    atomic_write_json(path, times)
+    atomic_write_json(path, stamp(times))
     return times
 
 

@@ -26,13 +26,13 @@ def _json(*parts: str) -> dict:
 
 
 def _evaluation(name: str) -> dict:
-    from ftq.stages.evaluate import report_dir
+    from ftq.layout import eval_dir as report_dir
 
     return json.loads((_reports().parent / report_dir(name) / f"{name}.json").read_text())
 
 
 def _evaluated(name: str) -> bool:
-    from ftq.stages.evaluate import report_dir
+    from ftq.layout import eval_dir as report_dir
 
     return (_reports().parent / report_dir(name) / f"{name}.json").exists()
 
@@ -45,20 +45,33 @@ def _signed(bounds) -> str:
     return f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]" if bounds else ""
 
 
+def _test(test: dict | None) -> str:
+    """A non-inferiority test in words: outcome, difference, one-sided bound against the margin, p, n."""
+    if not test:
+        return "–"
+    if test.get("outcome") == "absent":
+        return "absent: " + test.get("reason", "")
+    margin = test.get("tolerance", test.get("margin"))
+    bound = f", one-sided bound {test['lower']:+.3f}" if test.get("lower") is not None else ""
+    return (f"{test['outcome']}: {test['diff']:+.3f}{bound} against -{margin:g}, p = {test['p_value']:.3g}, "
+            f"{test['examples']} examples")
+
+
 def candidates() -> str:
     promotion = _json("promotion.json")
     metric = promotion["policy"]["metric"]
     verdicts = {c["name"]: c for c in promotion["candidates"]}
     names = ["base", "merged", *[c["name"] for c in promotion["candidates"] if _evaluated(c["name"])]]
-    lines = [f"| candidate | {metric} [95 %] | HellaSwag acc_norm [95 %] | vs merged, paired [95 %] | size MB | "
-             f"decode speed vs merged | promotion |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| candidate | {metric} [95 %] | HellaSwag acc_norm [95 %] | HellaSwag vs merged, paired [95 %], p | "
+             f"size MB | decode speed vs merged | promotion |", "|---|---|---|---|---|---|---|"]
     for name in names:
         report = _evaluation(name)
         hs = (report.get("benchmarks") or {}).get("hellaswag") or {"status": "not run"}
         if hs["status"] == "ok":
             s = hs["metrics"]["acc_norm"]
             score = f"{s['mean']:.3f} {_interval(s['interval'])}"
-            vs = f"{s['vs_merged']['diff']:+.3f} {_signed(s['vs_merged']['interval'])}" if "vs_merged" in s else "(reference)"
+            vs = (f"{s['vs_merged']['diff']:+.3f} {_signed(s['vs_merged']['interval'])}, "
+                  f"p = {s['vs_merged']['p_value']:.2g}" if "vs_merged" in s else "(reference)")
         else:
             score, vs = hs["status"].split(":")[0], "–"
         verdict = verdicts.get(name, {}).get("status", "–")
@@ -66,34 +79,42 @@ def candidates() -> str:
                      f"{report['size_bytes'] / 1e6:,.1f} | {report['relative_tokens_per_second']:.2f}x | {verdict} |")
     items = next((hs["items"] for n in names if (hs := (_evaluation(n).get("benchmarks") or {})
                                                   .get("hellaswag", {})).get("status") == "ok"), None)
-    tasks = _json("eval", "merged.json")["task_examples"]
-    lines += ["", f"{tasks} held-out conversations per candidate for {metric}"
-              + (f"; {items} seeded HellaSwag items, the same for every candidate" if items else "") + "."]
+    merged = _json("eval", "merged.json")
+    scored = merged.get(metric + "_examples")
+    train = _json("train.json")
+    lines += ["", f"{metric} scored on {scored} of the {merged['task_examples']} held-out conversations (those it "
+                  f"applies to), the same for every candidate"
+              + (f"; {items} seeded HellaSwag items, the same for every candidate" if items else "")
+              + f". Trained at {train.get('precision', '?')} on {train.get('cpu', '?')}."]
     return "\n".join(lines)
 
 
 def promotion() -> str:
     report = _json("promotion.json")
     champion = report["champion"]
-    lines = [f"Champion: version {champion['version']} ({'moved' if champion['moved'] else 'kept'}): {champion['note']}.", ""]
+    lines = [f"Champion: version {champion['version']} ({'moved' if champion['moved'] else 'kept'}): {champion['note']}.",
+             "", f"Procedure: {report.get('procedure')}.", ""]
     for c in report["candidates"]:
-        guard = c.get("general_guard")
-        guard_text = (f"; general-ability guard {guard['status']}"
-                      + (f" ({guard['task']} {guard['metric']} {guard['diff']:+.3f} {_signed(guard['interval'])})"
-                         if "diff" in guard else "") if guard else "")
-        lines.append(f"- {c['name']} (version {c['version']}): {c['status']}: {'; '.join(c['reasons'])}{guard_text}")
+        tests = ""
+        if c.get("metric_test"):
+            tests = f"; {report['policy']['metric']} {_test(c['metric_test'])}"
+        if c.get("general_guard"):
+            guard = c["general_guard"]
+            tests += f"; guard ({guard.get('task')} {guard.get('metric')}) {_test(guard)}"
+        reasons = "; ".join(c["reasons"]) if c["status"] != "champion" else "the pick"
+        lines.append(f"- {c['name']} (version {c['version']}): {c['status']}: {reasons}{tests}")
     return "\n".join(lines)
 
 
 def builds() -> str:
     """The ladder (reports/ladder.json) beside each build's screen (reports/quantize/<name>.json)."""
-    from ftq.stages.compare import LADDER_HEADER, ladder_rows
+    from ftq.stages.compare import LADDER_HEADER, ladder_rows, ladder_text
 
     ladder = _json("ladder.json")
     lines = ["| " + " | ".join(LADDER_HEADER) + " |", "|---" * len(LADDER_HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in ladder_rows(ladder)]
-    lines += ["", f"Smallest first; promote.policy.select {ladder['select']}, metric {ladder['metric']} "
-                  f"(merged {ladder['merged_metric']:.3f}), paired intervals at {ladder['confidence']:.0%}."]
+    lines += ["", ladder_text(ladder) + f" Merged scored {ladder['merged_metric']:.3f} on "
+                                        f"{ladder.get('merged_metric_examples')} examples."]
     return "\n".join(lines)
 
 

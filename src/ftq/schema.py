@@ -320,7 +320,7 @@ SCHEMA: dict[str, dict] = {
         },
     },
     "evaluate": {
-        "task_examples": Int(48, minimum=0,
+        "task_examples": Int(0, minimum=0,
             help="held-out conversations answered and scored (0: all), each metric with a 95 % interval"),
         "max_new_tokens": Int(40, minimum=1,
             help="each task answer's length (the default set's answers are at most 31 tokens)"),
@@ -362,7 +362,7 @@ SCHEMA: dict[str, dict] = {
                 help="plain text for ftq_text_perplexity (null: the packaged general English text)"),
             "local_data": Entries(LOCAL_TASK, {"hellaswag": {
                 "path": "../shared/data/hellaswag/hellaswag_val_full.txt", "format": "llama.cpp-hellaswag",
-                "split": None, "sample": 300, "seed": 0}}),
+                "split": None, "sample": 200, "seed": 0}}),
         },
         "mt_bench": {
             "path": Str(None, nullable=True,
@@ -386,27 +386,33 @@ SCHEMA: dict[str, dict] = {
                              what="a metric scored per example (promotion compares builds example by example)",
                 help="a per-example metric: {choices} (pref_*: held-out pairs, after preference tuning)"),
             "direction": Choice("max", "max", "min", help="{choices}"),
-            "min_retention": Num(0.95, minimum=0,
-                help="rejected when the retention interval vs merged lies wholly below this"),
+            "margin": Num(0.05, minimum=0, below=1,
+                help=("the largest loss against merged that still counts as faithful, declared before the data "
+                      "(docs/pipeline.md#the-margin): 0.05 is 5 points of the metric (margin_scale absolute) or "
+                      "5 % of merged's score (relative)")),
+            "margin_scale": Choice("absolute", "absolute", "relative",
+                help="absolute: points of the metric | relative: a share of merged's mean"),
             "max_size_bytes": Int(None, minimum=1, nullable=True,
                 help="builds larger are rejected (null: no cap), e.g. 100000000"),
             "confidence": Num(0.95, minimum=0.5, below=1,
-                help="level of every interval a decision rests on (paired bootstrap over examples)"),
+                help=("1 - the error every decision allows: each one-sided test's level, and the family-wise "
+                      "level of the ladder's walk (ftq.evidence)")),
             "general_guard": {
                 "task": Str("hellaswag", nullable=True,
-                    help=("a task of evaluate.lm_eval.local_data (null: no guard; skipped, saying so, where its "
-                          "file is absent)")),
+                    help=("a task of evaluate.lm_eval.local_data; a build must be shown within tolerance of "
+                          "merged on it (absent data fails closed; null switches the guard off)")),
                 "metric": Str("acc_norm", help="the task's metric compared"),
-                "tolerance": Num(0.02, minimum=0,
-                    help=("rejected when the paired difference vs merged lies wholly below -tolerance (0.02: 2 "
-                          "points of accuracy)")),
+                "tolerance": Num(0.04, minimum=0, below=1,
+                    help=("the guard's margin: a build passes only when shown at most this far below merged "
+                          "(0.04: 4 points of accuracy; docs/pipeline.md#the-margin)")),
             },
-            "select": Choice("smallest_tied", "smallest_tied", "best",
-                help=("smallest_tied: the smallest build tied with merged (stage ladder evaluates builds "
-                "smallest first and stops at the first tied one) | best: all evaluated, best by metric")),
+            "select": Choice("smallest_faithful", "smallest_faithful", "best",
+                help=("smallest_faithful: fixed-sequence testing from the largest build down, the smallest "
+                      "shown faithful ships | best: every build evaluated, Holm's procedure, the best shown "
+                      "faithful ships")),
             "tie_breakers": Setting(["size_bytes:min", "relative_tokens_per_second:max"], _tie_breakers,
                                  "a list like [size_bytes:min, relative_tokens_per_second:max]",
-                help="decide among builds tied with the best"),
+                help="select best: decide among faithful builds the best does not beat"),
         },
     },
     "tracking": {
@@ -421,6 +427,8 @@ MOVED = {"evaluate.lm_eval.choices": "ftq_heldout_choice was removed (every cand
                                     "nothing); HellaSwag (evaluate.lm_eval.local_data) measures general ability now",
          "evaluate.lm_eval.seed": "it seeded ftq_heldout_choice, which was removed; a local task's sample has its own "
                                   "seed (evaluate.lm_eval.local_data.<task>.seed)",
+         "promote.policy.min_retention": "retention is a non-inferiority test now: promote.policy.margin with "
+                                         "margin_scale: relative (0.05 keeps 95 % of merged's score)",
          "data.packing": "packing is a training setting now: move it to train.packing (toggling it then reruns "
                          "train alone, not prepare and every evaluation)"}
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL_EVAL, load_params, set_params, shared_file, start_server, stop
 from ftq.evaluation import mt_bench
 from ftq.stages import evaluate
-from ftq.stages.evaluate import report_dir
+from ftq.layout import eval_dir as report_dir
 
 
 def test_parse_rating_like_fastchat():

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import load_params, project_env, set_params, set_scores, start_server, stop
+from conftest import TINY_POLICY, load_params, project_env, set_params, set_scores, start_server, stop
 from ftq.io import file_sha256
 from ftq.registry import FILES_TAG, MODEL_TAG
 from ftq.registry.aliases import DECIDE_DELAY_ENV
@@ -21,7 +21,7 @@ from ftq.registry.resolve import VerificationError, resolve
 from ftq.stages import promote, quantize
 
 # the tiny random model gets no JSON field right: merged is given a score to retain, and no retention is asked
-POLICY = {"metric": "task_json_field_accuracy", "min_retention": 0.0}
+POLICY = {"metric": "task_json_field_accuracy", **TINY_POLICY}
 
 
 def registry(project):
@@ -29,7 +29,7 @@ def registry(project):
 
 
 def promote_as(project, name, **policy):
-    set_scores(project, "merged", 1.0)
+    set_scores(project, "merged", 0.0)  # as the tiny model's builds score: both faithful
     set_params(project, promote={"model_name": name, "policy": {**POLICY, **policy}})
     return promote.run(load_params(project))
 
@@ -187,15 +187,16 @@ def test_concurrent_promotes_leave_the_champion_on_the_better_build(evaluated_co
 
     project = evaluated_copy
     _, reports = evaluated
-    # both score 0 on every example (the tiny random model), so they are tied and the smaller wins: the
-    # one the policy prefers when the two compete
+    # both score 0 on every example (the tiny random model), as merged does: both are faithful and neither
+    # beats the other, so the smaller wins: the one the policy prefers when the two compete
     better, worse = sorted(("q8_0", "q4_0"), key=lambda n: reports[n]["size_bytes"])
     assert reports[better]["task_json_field_accuracy"] == reports[worse]["task_json_field_accuracy"] == 0
-    set_scores(project, "merged", 1.0)
+    set_scores(project, "merged", 0.0)
     client = registry(project)
     client.search_experiments()  # the store exists before the two processes open it
     params = yaml.safe_load((project / "params.yaml").read_text())
-    # select: best, as the fixture sets it (smallest_tied, the default, would keep the champion for another reason)
+    # select: best, as the fixture sets it (smallest_faithful, the default, would keep the champion for another
+    # reason: a larger pick never replaces a smaller faithful champion)
     params["promote"] = {"model_name": "race", "policy": {**POLICY, "select": "best"}}
     processes = []
     for name in (better, worse):

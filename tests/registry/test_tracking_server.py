@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import load_params, set_params, start_server, stop
+from conftest import TINY_POLICY, load_params, set_params, start_server, stop
 from ftq.io import file_sha256
 from ftq.processes import free_port
 from ftq.stages import promote, quantize
@@ -39,7 +39,7 @@ def test_promote_on_the_team_server_then_serve_the_champion_from_an_empty_folder
     project = evaluated_copy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     quantize.run(load_params(project), "q4_0")  # a stage run on the server: the version's source run
-    set_params(project, promote={"model_name": "team", "policy": {"min_retention": 0.0}})
+    set_params(project, promote={"model_name": "team", "policy": TINY_POLICY})
     report = promote.run(load_params(project))
     client = MlflowClient(uri)
     champion = client.get_model_version_by_alias("team", "champion")

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import start_server, stop
+from conftest import TINY_POLICY, start_server, stop
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_serve_resolves_the_champion_alias_and_follows_it_with_watch(evaluated):
     old = os.getcwd()
     os.chdir(project)
     try:
-        set_params(project, promote={"model_name": "served", "policy": {"min_retention": 0.0}})
+        set_params(project, promote={"model_name": "served", "policy": TINY_POLICY})
         report = promote.run(load_params(project))
     finally:
         os.chdir(old)

@@ -94,7 +94,7 @@ def test_embedded_smollm2_materializes_and_answers(project):
     # evaluate answers transformers candidates in batches (left-padded, masked): the real model must give
     # token for token what it answers one at a time, on prompts of different lengths
     from ftq.runtimes.transformers import TransformersRuntime
-    from ftq.stages.evaluate import answers
+    from ftq.evaluation.candidate import answers
 
     runtime = TransformersRuntime(project / "models" / "base")
     prompts = ["Hi", "Convert 3 miles to kilometres and explain each step.", "What is 2+2?", "Name a colour.",

@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 from conftest import load_params, set_params, set_scores
 from ftq.promotion.reevaluation import CHAMPION_ANSWERS
 from ftq.stages import promote
-from ftq.stages.evaluate import report_dir
+from ftq.layout import eval_dir as report_dir
 
-N = 48  # held-out examples, as in the default evaluation
+N = 100  # made-up held-out examples: enough for the policy's tests to decide
+NO_GUARD = {"task": None}  # the tiny project's 8 HellaSwag items decide nothing (the guard: tests/promotion)
 
 
 def registry(project):
@@ -22,8 +23,8 @@ def registry(project):
 
 
 def promote_as(project, name, enabled=("q8_0", "q4_0"), **policy):
-    """Promote under `policy`; select: best unless given (the rules below rank every evaluated build)."""
-    policy.setdefault("select", "best")
+    """Promote under `policy` (the default policy, with the guard off unless given)."""
+    policy.setdefault("general_guard", NO_GUARD)
     set_params(project, promote={"model_name": name, "policy": policy}, quantize={"enabled": list(enabled)})
     return promote.run(load_params(project))
 
@@ -32,61 +33,54 @@ def champion_build(project, name):
     return registry(project).get_model_version_by_alias(name, "champion").tags["ftq.build"]
 
 
-def ones(count, then=0.0, total=N):
-    return [1.0] * count + [then] * (total - count)
+def fields(losses=0, gains=0, total=N):
+    """Field accuracies of 0.75 with `losses` examples a quarter lower and `gains` a quarter higher."""
+    return [0.5] * losses + [1.0] * gains + [0.75] * (total - losses - gains)
 
 
 def by_name(report):
     return {c["name"]: c for c in report["candidates"]}
 
 
-def test_first_champion_ties_and_the_report(evaluated_copy):
+def test_the_smallest_faithful_build_is_the_first_champion_and_the_report_says_why(evaluated_copy):
     project = evaluated_copy
-    set_scores(project, "merged", ones(40))
-    set_scores(project, "q8_0", ones(40))
-    set_scores(project, "q4_0", ones(38))  # two examples worse: tied with q8_0, and smaller
-    report = promote_as(project, "first")
-    assert champion_build(project, "first") == "q4_0" and report["champion"]["note"] == "first champion"
+    set_scores(project, "merged", fields())
+    set_scores(project, "q8_0", fields())
+    set_scores(project, "q4_0", fields(losses=4, gains=2))  # a little lower, shown within the margin, and smaller
+    report = promote_as(project, "first", select="best")
+    assert champion_build(project, "first") == "q4_0" and report["champion"]["note"].startswith("first champion")
     rows = by_name(report)
     assert rows["q4_0"]["status"] == "champion" and rows["q8_0"]["status"] == "challenger"
-    assert rows["q4_0"]["tied_with_best"] and rows["q8_0"]["tied_with_best"]
-    low, high = rows["q4_0"]["diff_vs_best_ci95"]
-    assert low < 0 <= high and rows["q4_0"]["diff_vs_best"] == pytest.approx(-2 / N, abs=1e-4)
-    assert rows["q4_0"]["retention"] == pytest.approx(0.95, abs=1e-4)
-    assert rows["q4_0"]["retention_ci95"][0] < 0.95 < rows["q4_0"]["retention_ci95"][1]
-    assert report["diff_against_version"] == rows["q4_0"]["version"]
-    assert rows["q8_0"]["diff"] == pytest.approx(2 / N, abs=1e-4) and "diff_ci95" in rows["q8_0"]
-    assert report["paired_examples"] == N and report["policy"]["confidence"] == 0.95
+    test = rows["q4_0"]["metric_test"]
+    assert test["outcome"] == "faithful" and test["margin"] == 0.05 and test["examples"] == N
+    assert test["lower"] >= -0.05 and test["p_value"] <= 0.05 and test["test"].startswith("BCa bootstrap")
+    assert "Holm" in report["procedure"] and report["policy"]["confidence"] == 0.95
     on_disk = json.loads((project / "reports" / "promotion.json").read_text())
     assert on_disk["champion"] == report["champion"]
 
 
 def test_the_champion_moves_on_evidence_or_tie_breakers_only(evaluated_copy):
     project = evaluated_copy
-    set_scores(project, "merged", ones(40))
-    set_scores(project, "q8_0", ones(44))
-    set_scores(project, "q4_0", ones(30))  # 75 % of merged, interval wholly below 95 %: rejected
-    first = promote_as(project, "moves")
+    set_scores(project, "merged", fields())
+    set_scores(project, "q8_0", fields())
+    set_scores(project, "q4_0", fields(losses=40))  # 0.1 below merged, twice the margin: worse
+    first = promote_as(project, "moves", select="best")
     assert champion_build(project, "moves") == "q8_0"
-    assert by_name(first)["q4_0"]["status"] == "rejected"
+    assert by_name(first)["q4_0"]["status"] == "rejected" and by_name(first)["q4_0"]["metric_test"]["outcome"] == "worse"
 
-    set_scores(project, "q4_0", ones(44))  # as good as the champion, and smaller: the tie-breakers move it
-    tied = promote_as(project, "moves")
+    set_scores(project, "q4_0", fields())  # as good as the champion, and smaller: the tie-breakers move it
+    tied = promote_as(project, "moves", select="best")
     assert champion_build(project, "moves") == "q4_0" and tied["champion"]["moved"]
-    assert "tied with champion version" in tied["champion"]["note"] and "size_bytes:min" in tied["champion"]["note"]
+    assert "tie-breakers" in tied["champion"]["note"] and "size_bytes:min" in tied["champion"]["note"]
 
-    set_scores(project, "q8_0", ones(45))  # better by one example: not evidence; the smaller champion stays
-    kept = promote_as(project, "moves")
+    set_scores(project, "q8_0", fields(gains=1))  # better by one example: not evidence; the smaller champion stays
+    kept = promote_as(project, "moves", select="best")
     assert champion_build(project, "moves") == "q4_0" and not kept["champion"]["moved"]
-    assert "does not beat champion version" in kept["champion"]["note"]
-    assert kept["vs_champion"]["diff_ci95"][0] <= 0
 
-    set_scores(project, "q8_0", ones(N))  # better on every example the champion missed
-    set_scores(project, "q4_0", ones(40))
-    beaten = promote_as(project, "moves")
+    set_scores(project, "q8_0", fields(gains=30))  # better on many examples
+    beaten = promote_as(project, "moves", select="best")
     assert champion_build(project, "moves") == "q8_0" and beaten["champion"]["moved"]
-    assert "beats champion version" in beaten["champion"]["note"] and beaten["vs_champion"]["diff_ci95"][0] > 0
-    assert not by_name(beaten)["q4_0"]["tied_with_best"]
+    assert "beats champion version" in beaten["champion"]["note"] and beaten["vs_champion"]["p_value"] <= 0.05
 
 
 def test_a_stale_champion_is_re_evaluated_on_the_current_examples(evaluated_copy):
@@ -94,25 +88,26 @@ def test_a_stale_champion_is_re_evaluated_on_the_current_examples(evaluated_copy
     set_scores(project, "merged", 1.0)
     set_scores(project, "q8_0", 1.0)
     set_scores(project, "q4_0", 0.0)
-    promote_as(project, "stale")
+    promote_as(project, "stale", margin=0.9)
     assert champion_build(project, "stale") == "q8_0"
     # the next experiment builds only q4_0, which now scores 1 everywhere: the champion's stored tags are
     # from another evaluation, so its artifact is downloaded and answers the current examples again
     set_scores(project, "q4_0", 1.0)
-    report = promote_as(project, "stale", enabled=("q4_0",), min_retention=0.0)
+    # 4 current examples: a margin of 0.9 lets them decide (each test's own power is tested elsewhere)
+    report = promote_as(project, "stale", enabled=("q4_0",), margin=0.9)
     assert "re-evaluated on the current 4 examples" in report["champion"]["previous_evaluation"]
     answers = [json.loads(line) for line in (project / CHAMPION_ANSWERS).read_text().splitlines()]
     current = [json.loads(line)["id"] for line in (project / report_dir("q4_0") / "q4_0.answers.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in answers) == sorted(current) and all("answer" in r for r in answers)
     # the tiny random model's real answers get no JSON field right
     assert report["champion"]["previous_metric"] == 0.0
-    assert champion_build(project, "stale") == "q4_0" and "beats champion version" in report["champion"]["note"]
+    assert champion_build(project, "stale") == "q4_0" and "no longer passes the policy" in report["champion"]["note"]
 
 
 def test_a_failing_candidate_never_wins(evaluated_copy):
     project = evaluated_copy
-    set_scores(project, "merged", 1.0)
-    set_scores(project, "q8_0", 1.0)
+    set_scores(project, "merged", fields())
+    set_scores(project, "q8_0", fields())
     evaluation = project / report_dir("q4_0") / "q4_0.json"
     evaluation.unlink()  # its evaluation is missing (failed)
     report = promote_as(project, "strict")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from ftq.evaluation.task import interval
+from ftq import evidence
 
 
 def correct(answer: str, expect: list[str]) -> bool:
@@ -26,5 +26,5 @@ def score(questions: list[dict], answers: list[str]) -> tuple[dict, list[dict]]:
     if not rows:
         return {}, rows
     values = [r["correct"] for r in rows]
-    return {"general_accuracy": round(sum(values) / len(values), 4), "general_accuracy_ci95": interval(values),
+    return {"general_accuracy": round(sum(values) / len(values), 4), "general_accuracy_ci95": evidence.mean_interval(values)["interval"],
             "general_questions": len(rows)}, rows

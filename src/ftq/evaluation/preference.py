@@ -12,7 +12,7 @@ Means carry seeded bootstrap intervals; tuned against reference is a paired diff
 
 from __future__ import annotations
 
-from ftq.evaluation import paired
+from ftq import evidence
 
 
 def ranked(margin: float) -> float:
@@ -72,12 +72,30 @@ def summary(rows: list[dict], seed: int = 0) -> dict:
                                                        "ref_logp_accuracy")}
     return {
         "pairs": len(rows),
-        "pref_accuracy": paired.mean(column["pref_accuracy"], seed=seed),
-        "reward_margin": paired.mean(column["reward_margin"], seed=seed),
-        "logp_accuracy": paired.mean(column["logp_accuracy"], seed=seed),
-        "reference_logp_accuracy": paired.mean(column["ref_logp_accuracy"], seed=seed),
-        "logp_accuracy_vs_reference": paired.difference(column["logp_accuracy"], column["ref_logp_accuracy"],
-                                                        seed=seed),
+        "pref_accuracy": evidence.mean_interval(column["pref_accuracy"], seed=seed),
+        "reward_margin": evidence.mean_interval(column["reward_margin"], seed=seed),
+        "logp_accuracy": evidence.mean_interval(column["logp_accuracy"], seed=seed),
+        "reference_logp_accuracy": evidence.mean_interval(column["ref_logp_accuracy"], seed=seed),
+        "logp_accuracy_vs_reference": evidence.difference(column["logp_accuracy"], column["ref_logp_accuracy"],
+                                                          seed=seed),
         # against the coin's 0.5 that the reference scores on every pair: a one-sample paired difference
-        "pref_accuracy_vs_reference": paired.difference(column["pref_accuracy"], [0.5] * len(rows), seed=seed),
+        "pref_accuracy_vs_reference": evidence.difference(column["pref_accuracy"], [0.5] * len(rows), seed=seed),
     }
+
+
+def held_out_reference(params: dict, root: Path) -> tuple[list[dict], float] | None:
+    """The held-out pairs as stage preference tokenized and scored them with the starting model
+    (reference_logps.jsonl: ids, token ids, log-probs) and the beta they were tuned with; None where no
+    preference tuning made the output. Evaluate scores every candidate on exactly these ids."""
+    import json
+
+    from ftq import layout, schema
+
+    folder = root / schema.settings(params, "preference")["output_dir"]
+    info_file = folder / layout.PREFERENCE_INFO
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    if info.get("settings", {}).get("objective", "none") == "none":
+        return None
+    rows = [json.loads(line) for line in (folder / layout.PREFERENCE_REFERENCE_LOGPS).read_text().splitlines()
+            if line.strip()]
+    return rows, float(info["settings"]["beta"])

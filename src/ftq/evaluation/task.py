@@ -1,8 +1,9 @@
 """Task accuracy on the project's held-out conversations: the candidate answers each prompt (all turns
 before the last assistant turn) and is scored against that turn. The metric fits the answer:
 JSON validity and per-field accuracy where the reference is a JSON object, exact match always,
-ROUGE-L F1 for free text. Every mean comes with `<metric>_ci95`, a seeded bootstrap interval over the
-examples: a few dozen examples decide little without one.
+ROUGE-L F1 for free text. Every mean comes with `<metric>_ci95`, its 95 % interval over the examples
+(ftq.evidence.mean_interval: exact for 0/1 scores), and `<metric>_examples`, the examples it was scored on:
+a few dozen examples decide little, and a JSON metric counts only the JSON references.
 
 A conversation with tools is asked for its first function-call turn (or its last answer when it makes
 no call), rendered as prepare rendered it for training. Calls are scored like BFCL's AST match: the
@@ -17,6 +18,7 @@ import json
 import re
 from pathlib import Path
 
+from ftq import evidence
 from ftq.data import tools
 
 
@@ -110,28 +112,16 @@ def score(prediction: str, reference: str, reference_calls: list[dict] | None = 
     return result
 
 
-BOOTSTRAP_SAMPLES = 2000
-
-
-def interval(values: list[float], seed: int = 0) -> list[float]:
-    """95 % percentile-bootstrap interval of the mean over examples (seeded: the same rows give the
-    same interval)."""
-    import numpy as np
-
-    data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(BOOTSTRAP_SAMPLES, len(data)))].mean(axis=1)
-    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
-
-
 def aggregate(rows: list[dict]) -> dict:
     metrics: dict = {}
     for key in ("exact_match", "rouge_l", "json_valid", "json_field_accuracy", "tool_call_name_accuracy",
                 "tool_call_exact", "tool_call_abstained"):
         values = [r[key] for r in rows if key in r]
         if values:
-            metrics[key] = round(sum(values) / len(values), 4)
-            metrics[f"{key}_ci95"] = interval(values)
+            summary = evidence.mean_interval(values)
+            metrics[key] = summary["mean"]
+            metrics[f"{key}_ci95"] = summary["interval"]
+            metrics[f"{key}_examples"] = len(values)  # the examples this metric was scored on
     metrics["examples"] = len(rows)
     metrics["json_examples"] = sum(1 for r in rows if "json_valid" in r)
     if any("tool_call_exact" in r for r in rows):

@@ -1,17 +1,21 @@
 """The promotion policy (params.yaml `promote.policy`), pure: per-example scores in, verdicts, rankings and a
-decision out; no MLflow, no files, so it is tested in milliseconds on made-up scores.
+decision out; no MLflow, no files, so it is tested in milliseconds on made-up scores. Every number comes
+from ftq.evidence, the one module that owns the statistics.
 
-- A candidate may be champion when it was made, passed its quantize check, was evaluated, keeps
-  `min_retention` of merged's metric (the whole retention interval below it rejects), passes the
-  general-ability guard, and fits `max_size_bytes` (`judge`). A merged score of 0 is an error: retention
-  against it is undefined.
-- `rank`: the best by the metric, and every contender whose paired difference from it has an interval
-  reaching 0, are tied; the tie-breakers (size, then relative speed) order them, the incumbent winning
-  exact ties.
-- `decide`: `select: best` takes the top of the ranking; `smallest_tied` (ftq.selection) the smallest build
-  tied with merged. The champion alias moves when the pick beats the incumbent (the interval of the
-  difference lies above 0), when the incumbent is tied with the best and the pick wins the tie-breakers
-  over it, or when the incumbent no longer passes the policy.
+- A build is *faithful* when it is shown within the policy's margin of merged on the policy's metric
+  (non-inferiority, one-sided at `confidence`: `metric_test`) and, where a general-ability guard is set,
+  within the guard's tolerance of merged on its standard task (`guard_test`); a guard whose data is
+  absent fails closed. `judge` adds the size cap. Outcomes are faithful, worse or inconclusive;
+  only faithful ships.
+- `select: smallest_faithful` (the default): stage ladder tests the screened builds by fixed-sequence
+  testing from the largest down (ftq.evidence.fixed_sequence: each test at the full level, the walk stops
+  at the first build not shown faithful, the family-wise error of shipping an unfaithful build is at most
+  1 - confidence) and ships the smallest build shown faithful. `select: best`: every screened build is
+  evaluated, Holm's procedure decides which are shown faithful (the same error budget), and the best of
+  them by the metric ships, size and speed breaking ties among those not shown worse than the best.
+- The champion alias moves to the pick when there is no champion, when the champion no longer passes the
+  policy, when the pick beats it (ftq.evidence.superiority), or (smallest_faithful) when both pass and
+  the pick is smaller; (best) when it is not shown better than the pick and the pick wins the tie-breakers.
 
 Words: a *candidate* is a build (or merged) with what evaluate measured; a *contender* is a candidate with
 its registered version and verdict; the *incumbent* is the current champion scored on this run's examples;
@@ -23,12 +27,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftq import schema
-from ftq.evaluation import benchmark_scores, paired
-from ftq.selection import difference, per_example_key, smallest_tied
+from ftq import evidence, schema
+
+SELECT = ("smallest_faithful", "best")
+# promote.policy.metric -> the per-example key of its rows (preference metrics score held-out pairs)
+PREFERENCE_KEYS = {"pref_accuracy": "pref_accuracy", "pref_logp_accuracy": "logp_accuracy"}
+FIXED_SEQUENCE = ("fixed-sequence testing from the largest build down (each test at the full level; the walk "
+                  "stops at the first build not shown faithful; family-wise error at most 1 - confidence)")
+HOLM = "Holm's step-down procedure over every evaluated build (family-wise error at most 1 - confidence)"
+
 
 class PromotionError(ValueError):
-    """The numbers cannot support a decision (e.g. retention against a reference that scored 0)."""
+    """The numbers cannot support a decision."""
+
+
+def per_example_key(metric: str) -> str:
+    return PREFERENCE_KEYS.get(metric) or metric[len("task_"):]
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,17 +58,13 @@ class Candidate:
     def size_bytes(self) -> int:
         return (self.manifest or {}).get("size_bytes") or 0
 
-    def scored(self) -> dict:
-        """The view ftq.selection compares: name, per-example scores, size."""
-        return {"name": self.name, "scores": self.scores, "size_bytes": self.size_bytes}
-
 
 @dataclass(frozen=True)
 class Verdict:
-    """Why a candidate may not be champion (`reasons`, empty when it passes), and the measurements behind it."""
+    """Why a candidate may not be champion (`reasons`, empty when it passes), and the tests behind it."""
     reasons: list[str] = field(default_factory=list)
-    retention: dict | None = None       # {ratio, interval, ...} against merged, where min_retention asks for it
-    general_guard: dict | None = None   # the guard's verdict, where a guard task is set
+    metric_test: dict | None = None     # ftq.evidence.non_inferiority against merged on the policy's metric
+    general_guard: dict | None = None   # the guard's test, where a guard task is set
 
     @property
     def passes(self) -> bool:
@@ -93,8 +103,8 @@ class Incumbent:
 class Ranked:
     """A contender's place against the best by the metric."""
     contender: Contender
-    vs_best: dict   # its paired difference from the best {diff, interval, examples}
-    tied: bool      # that interval reaches 0: not shown worse than the best
+    vs_best: dict   # ftq.evidence.superiority of the best over it
+    tied: bool      # not shown worse than the best (the best does not beat it)
 
     @property
     def version(self) -> str | None:
@@ -110,6 +120,7 @@ class Decision:
     ranking: list[Ranked]       # the pick first
     incumbent: Incumbent | None
     vs_champion: dict | None = None  # the decisive paired comparison against the incumbent, where one was made
+    procedure: str | None = None     # how several builds shared one error budget
 
     @property
     def champion_version(self) -> str | None:
@@ -122,45 +133,79 @@ def policy_of(params: dict[str, Any]) -> dict[str, Any]:
     return schema.settings(params, "promote")["policy"]
 
 
-def general_guard(candidate: Candidate, merged: Candidate | None, guard: dict, confidence: float) -> dict:
-    """The general-ability guard's verdict: a build whose paired difference from merged on a standard
-    task (HellaSwag by default) lies wholly below -tolerance has lost general ability and is rejected.
-    Skipped, and saying why, where the task was not scored (its file is absent) on both sides."""
+def alpha(policy: dict) -> float:
+    return 1 - float(policy["confidence"])
+
+
+# --- the tests --------------------------------------------------------------------------------------------
+
+def metric_test(mine: dict[str, dict], merged: dict[str, dict], policy: dict, where: str) -> dict:
+    """Non-inferiority of `mine` against merged on the policy's metric and margin, example by example
+    (ftq.evidence.non_inferiority; `diff` signed so that > 0 is better)."""
+    a, b = evidence.pair(mine, merged, per_example_key(policy["metric"]), where)
+    return {"metric": policy["metric"], **evidence.non_inferiority(
+        a, b, float(policy["margin"]), float(policy["confidence"]), relative=policy["margin_scale"] == "relative",
+        lower_is_better=policy["direction"] == "min")}
+
+
+def per_item(rows: list[dict], task: str, metric: str) -> dict[str, dict]:
+    """{doc_id: {metric: value}} of one task's rows in an lm-eval samples file."""
+    return {str(r["doc_id"]): {metric: float(r[metric])} for r in rows if r.get("task") == task and metric in r}
+
+
+def guard_test(benchmark_rows: list[dict] | None, merged: Candidate | None, policy: dict, name: str,
+               bounds: bool = True) -> dict | None:
+    """The general-ability guard: non-inferiority against merged on a standard task (HellaSwag by default),
+    item by item, at the guard's tolerance; None where the guard is switched off (task null). Where either
+    side was not scored on it (its file absent) the outcome is `absent`: the guard fails closed."""
+    guard = policy["general_guard"]
     task, metric, tolerance = guard["task"], guard["metric"], float(guard["tolerance"])
-    verdict = {"task": task, "metric": metric, "tolerance": tolerance, "confidence": confidence}
-    section = ((merged.metrics if merged else None) or {}).get("benchmarks", {}).get(task) or {}
-    mine = benchmark_scores.per_item(candidate.benchmark_rows or [], task, metric)
-    theirs = benchmark_scores.per_item((merged.benchmark_rows if merged else None) or [], task, metric)
+    if not task:
+        return None
+    head = {"task": task, "metric": metric, "tolerance": tolerance, "confidence": float(policy["confidence"])}
+    mine = per_item(benchmark_rows or [], task, metric)
+    theirs = per_item((merged.benchmark_rows if merged else None) or [], task, metric)
     if not mine or not theirs:
-        why = section.get("status") if section.get("status", "ok") != "ok" else (
-            f"{task} {metric} was not scored for {'merged' if not theirs else candidate.name} "
-            f"(evaluate.lm_eval.local_data)")
-        return {**verdict, "status": "skipped", "reason": why}
-    d = benchmark_scores.vs_merged(mine, theirs, confidence, f"{candidate.name} vs merged on {task}")
-    verdict.update(diff=d["diff"], interval=d["interval"], items=d["examples"])
-    low, high = d["interval"]
-    if high < -tolerance:
-        return {**verdict, "status": "rejected",
-                "reason": f"general ability lost: {task} {metric} {d['diff']:+.4f} vs merged [{low:+.4f}, {high:+.4f}] "
-                          f"on {d['examples']} paired items lies wholly below -{tolerance:g} at {confidence:.0%} "
-                          f"confidence (promote.policy.general_guard)"}
-    return {**verdict, "status": "pass"}
+        section = ((merged.metrics if merged else None) or {}).get("benchmarks", {}).get(task) or {}
+        status = section.get("status") if section.get("status", "ok") != "ok" else None
+        who = "merged" if not theirs else name
+        return {**head, "outcome": "absent",
+                "reason": f"{task} {metric} was not scored for {who}" + (f" ({status})" if status else "") +
+                          ": the guard fails closed (switch it off by name: promote.policy.general_guard.task: null)"}
+    a, b = evidence.pair(mine, theirs, metric, f"{name} vs merged on {task}")
+    return {**head, "items": len(a), **evidence.non_inferiority(a, b, tolerance, float(policy["confidence"]),
+                                                                 bounds=bounds)}
 
 
-def retention(candidate: Candidate, merged: Candidate, policy: dict) -> dict:
-    """The candidate's metric as a share of merged's, paired over the same examples, with its interval."""
-    key = per_example_key(policy["metric"])
-    mine, reference = paired.pair(candidate.scores, merged.scores, key, f"{candidate.name} vs merged")
-    if policy["direction"] == "min":
-        mine, reference = reference, mine
-    try:
-        return paired.ratio(mine, reference, float(policy["confidence"]))
-    except ZeroDivisionError:
-        raise PromotionError(
-            f"reports/eval/{'merged' if policy['direction'] == 'max' else candidate.name}.json: "
-            f"{policy['metric']} is 0, so retention against merged is undefined; a fine-tune that scores 0 on "
-            "its own task cannot anchor a promotion (check the task data, or pick another promote.policy.metric)"
-        ) from None
+def outcome_of(metric: dict, guard: dict | None) -> str:
+    """A build is faithful only when every test says so (an intersection-union test: no adjustment needed)."""
+    outcomes = [metric["outcome"]] + ([guard["outcome"]] if guard else [])
+    if all(o == evidence.FAITHFUL for o in outcomes):
+        return evidence.FAITHFUL
+    return evidence.WORSE if evidence.WORSE in outcomes else "absent" if "absent" in outcomes \
+        else evidence.INCONCLUSIVE
+
+
+def p_value_of(metric: dict, guard: dict | None) -> float:
+    """The intersection-union p-value of "not faithful": the largest of the tests' (1 where a guard is absent)."""
+    return max(metric["p_value"], (guard.get("p_value", 1.0) if guard else 0.0))
+
+
+def explain(test: dict, what: str) -> str:
+    """One line a person can check: the outcome, the difference, the one-sided bound against the margin,
+    the p-value, the test and the examples (and how many would decide an inconclusive one)."""
+    if test["outcome"] == "absent":
+        return test["reason"]
+    margin = test.get("tolerance", test["margin"])
+    scale = " of merged's" if test.get("margin_scale") == "relative" else ""
+    line = (f"{what} {test['outcome']}: {test['diff']:+.4f} vs merged, one-sided {test['confidence']:.0%} bound "
+            f"{test['lower']:+.4f} against margin -{margin:g}{scale}, p = {test['p_value']:.4g} "
+            f"({test['test']}, {test['examples']} examples)")
+    if test["outcome"] == evidence.INCONCLUSIVE:
+        needed = test.get("needed_examples")
+        line += (f"; about {needed} examples would show it faithful if the observed difference holds" if needed
+                 else "; the observed difference is beyond the margin: more examples would not show it faithful")
+    return line
 
 
 def unmeasured(candidate: Candidate, metric: str) -> str | None:
@@ -178,32 +223,49 @@ def unmeasured(candidate: Candidate, metric: str) -> str | None:
 
 
 def judge(candidate: Candidate, merged: Candidate | None, policy: dict) -> Verdict:
-    """The candidate against the policy: why it may not be champion (none: it passes), with its retention
-    against merged and the general-ability guard's verdict where they were measured."""
-    metric = policy["metric"]
-    missing = unmeasured(candidate, metric)
+    """The candidate against the policy: why it may not be champion (none: it is faithful on the metric and
+    the guard and fits the size cap), with the tests behind it."""
+    missing = unmeasured(candidate, policy["metric"])
     if missing is not None:
         return Verdict([missing])
-    reasons, kept, guarded = [], None, None
-    if policy["min_retention"] <= 0:  # no retention asked: merged's score (even 0) anchors nothing
-        pass
-    elif merged is None or merged.scores is None:
-        reasons.append("merged is not evaluated (reports/eval/merged.json): retention cannot be measured")
-    else:
-        kept = retention(candidate, merged, policy)
-        low, high = kept["interval"]
-        if high < policy["min_retention"]:
-            reasons.append(f"{metric} retention {kept['ratio']:.1%} of merged [{low:.1%}, {high:.1%}] is below "
-                           f"{policy['min_retention']:.0%} at {policy['confidence']:.0%} confidence")
-    guard = policy["general_guard"]
-    if guard["task"]:
-        guarded = general_guard(candidate, merged, guard, float(policy["confidence"]))
-        if guarded["status"] == "rejected":
-            reasons.append(guarded["reason"])
+    if merged is None or merged.scores is None:
+        return Verdict(["merged is not evaluated (reports/eval/merged.json): faithfulness cannot be shown"])
+    reasons = []
+    metric = metric_test(candidate.scores, merged.scores, policy, f"{candidate.name} vs merged")
+    if metric["outcome"] != evidence.FAITHFUL:
+        reasons.append(explain(metric, policy["metric"]))
+    guard = guard_test(candidate.benchmark_rows, merged, policy, candidate.name)
+    if guard is not None and guard["outcome"] != evidence.FAITHFUL:
+        reasons.append(explain(guard, f"general ability ({guard['task']} {guard['metric']})"))
     cap, size = policy["max_size_bytes"], candidate.manifest["size_bytes"]
     if cap is not None and size > cap:
         reasons.append(f"size {size:,} bytes > max_size_bytes {int(cap):,}")
-    return Verdict(reasons, kept, guarded)
+    return Verdict(reasons, metric, guard)
+
+
+# --- several builds, one error budget ------------------------------------------------------------------
+
+def walk_order(sizes: dict[str, int]) -> list[str]:
+    """The fixed sequence, set before any build is evaluated: largest first (the likeliest to be faithful),
+    names breaking equal sizes."""
+    return sorted(sizes, key=lambda name: (-sizes[name], name))
+
+
+def holm_verdicts(contenders: list[Contender], policy: dict) -> list[Contender]:
+    """`select: best`: Holm's procedure over the builds' intersection-union p-values; a build Holm does
+    not reject gains a reason (its own test at the full level is not enough among several)."""
+    tested = {c.name: p_value_of(c.verdict.metric_test, c.verdict.general_guard) for c in contenders
+              if c.passes and c.verdict.metric_test is not None}
+    rejected = evidence.holm(tested, alpha(policy))
+    out = []
+    for c in contenders:
+        if c.name in tested and not rejected[c.name]:
+            why = (f"not shown faithful once {len(tested)} builds share the error budget (Holm: p = "
+                   f"{tested[c.name]:.4g})")
+            c = Contender(c.candidate, c.version, Verdict([why], c.verdict.metric_test, c.verdict.general_guard),
+                          c.registered_now)
+        out.append(c)
+    return out
 
 
 def breaker_values(candidate: Candidate, policy: dict) -> tuple:
@@ -219,14 +281,17 @@ def breaker_values(candidate: Candidate, policy: dict) -> tuple:
     return tuple(signed(*breaker.rsplit(":", 1)) for breaker in policy["tie_breakers"])
 
 
-def versus(a: Contender, b: Contender, policy: dict, where: str) -> dict:
-    """a minus b on the policy's metric, example by example, with its interval."""
-    return difference(a.candidate.scores, b.candidate.scores, policy, where)
+def beats(a: Contender, b: Contender, policy: dict, where: str) -> dict:
+    """Is a better than b on the policy's metric, example by example (ftq.evidence.superiority)?"""
+    x, y = evidence.pair(a.candidate.scores, b.candidate.scores, per_example_key(policy["metric"]), where)
+    if policy["direction"] == "min":
+        x, y = [-v for v in x], [-v for v in y]
+    return evidence.superiority(x, y, float(policy["confidence"]))
 
 
 def rank(contenders: list[Contender], policy: dict, prefer: str | None = None) -> list[Ranked]:
-    """Best first: the contenders tied with the best (difference interval reaching 0) by tie-breakers (the
-    version `prefer`, the incumbent, winning exact ties), then the rest by the metric."""
+    """Best first: the contenders the best does not beat (tied) ordered by the tie-breakers (the version
+    `prefer`, the incumbent, winning exact ties), then the rest by the metric."""
     if not contenders:
         return []
     metric, sign = policy["metric"], 1 if policy["direction"] == "max" else -1
@@ -234,110 +299,68 @@ def rank(contenders: list[Contender], policy: dict, prefer: str | None = None) -
                                           c.name))
     ranking = []
     for c in contenders:
-        d = versus(c, best, policy, f"{c.name} vs {best.name}")
-        ranking.append(Ranked(c, d, d["interval"][1] >= 0))
+        d = beats(best, c, policy, f"{best.name} vs {c.name}") if c is not best else {
+            "p_value": 1.0, "better": False, "diff": 0.0}
+        ranking.append(Ranked(c, d, not d["better"]))
     return sorted(ranking, key=lambda r: (r.tied, breaker_values(r.contender.candidate, policy) if r.tied else (),
                                           r.version == prefer and prefer is not None,
                                           sign * r.contender.candidate.metrics[metric], r.contender.name),
                   reverse=True)
 
 
-def select_smallest_tied(ranking: list[Ranked], merged: Candidate | None, policy: dict) -> tuple[list[Ranked], str]:
-    """`select: smallest_tied` (ftq.selection): the ranking with the smallest build tied with merged (or a
-    larger one significantly better than every smaller) first, and why; the ranking as it was, and why,
-    when merged is not evaluated or no build is tied with it."""
-    if merged is None or merged.scores is None:
-        return ranking, "merged is not evaluated, so no build can be tied with it: the best by the metric"
-    builds = [{**r.contender.candidate.scored(), "ranked": r} for r in ranking]
-    pick, why = smallest_tied(builds, merged.scored(), policy)
-    if pick is None:
-        return ranking, f"{why}: the best by the metric"
-    return [pick["ranked"], *[r for r in ranking if r is not pick["ranked"]]], why
-
-
-def decide(contenders: list[Contender], incumbent: Incumbent | None, policy: dict,
-           merged: Candidate | None = None) -> Decision:
-    """The incumbent competes with this run's contenders that pass the policy, on the same examples; the
-    pick is the top of the ranking (`select: best`) or the smallest build tied with merged (`smallest_tied`)."""
+def decide(contenders: list[Contender], incumbent: Incumbent | None, policy: dict) -> Decision:
+    """The pick among this run's contenders that pass the policy (smallest_faithful: the smallest; best: the
+    best by the metric after Holm), then the pick against the incumbent."""
+    procedure = FIXED_SEQUENCE if policy["select"] == "smallest_faithful" else HOLM
+    if policy["select"] == "best":
+        contenders = holm_verdicts(contenders, policy)
     eligible = [c for c in contenders if c.passes]
-    competing = list(eligible)
-    # a re-evaluated incumbent (not one of this run's builds) competes too, where it still passes the policy
-    if incumbent is not None and incumbent.contender.passes and all(c.version != incumbent.version for c in eligible):
-        competing.append(incumbent.contender)
-    ranking = rank(competing, policy, prefer=incumbent.version if incumbent else None)
     if not eligible:
-        return Decision(None, None, "no candidate passes the policy; the alias stays where it was", ranking, incumbent)
-    why = None
-    if policy["select"] == "smallest_tied":
-        ranking, why = select_smallest_tied(ranking, merged, policy)
+        ranking = rank([incumbent.contender] if incumbent and incumbent.contender.passes else [], policy)
+        return Decision(None, None, "no build is shown faithful by the policy; the alias stays where it was",
+                        ranking, incumbent, procedure=procedure)
+    if policy["select"] == "smallest_faithful":
+        ordered = sorted(eligible, key=lambda c: (c.candidate.size_bytes, c.name))
+        ranking = [Ranked(c, {}, True) for c in ordered]
+        why = (f"the smallest build shown faithful ({explain(ordered[0].verdict.metric_test, policy['metric'])})")
+    else:
+        ranking = rank(eligible, policy, prefer=incumbent.version if incumbent else None)
+        why = "the best build by the metric among those shown faithful"
     moves_to, note, vs_champion = against_incumbent(ranking, incumbent, policy, why)
     champion = moves_to or (incumbent.version if incumbent else None)
     runner_up = next((r.version for r in ranking if r.version != champion and r.version is not None), None)
-    return Decision(moves_to, runner_up, note, ranking, incumbent, vs_champion)
-
-
-def interval_text(d: dict) -> str:
-    return f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]"
+    return Decision(moves_to, runner_up, note, ranking, incumbent, vs_champion, procedure)
 
 
 def against_incumbent(ranking: list[Ranked], incumbent: Incumbent | None, policy: dict,
-                      why: str | None) -> tuple[str | None, str, dict | None]:
+                      why: str) -> tuple[str | None, str, dict | None]:
     """The pick (ranking[0]) against the incumbent: the version the alias moves to (None: it stays), the
-    note saying why, and the decisive comparison. `why` is smallest_tied's reason for the pick, if it ran."""
+    note saying why, and the decisive comparison."""
     pick = ranking[0]
+    name = pick.contender.name
     if incumbent is None:
-        return pick.version, "first champion" + (f": {why}" if why else ""), None
-    if why is not None:
-        return picked_smallest_tied(pick, incumbent, policy, why)
+        return pick.version, f"first champion: {name}, {why}", None
     if pick.version == incumbent.version:
-        return kept_by_best(ranking, incumbent, policy)
-    if incumbent.contender.candidate.scores is None:  # e.g. the champion's build is enabled but failed evaluation
-        return pick.version, (f"champion version {incumbent.version} has no scores on the current examples "
+        return None, f"the champion is still the pick: {name}, {why}", None
+    version = incumbent.version
+    if incumbent.contender.candidate.scores is None:
+        return pick.version, (f"champion version {version} has no scores on the current examples "
                               f"({'; '.join(incumbent.contender.verdict.reasons)})"), None
-    return overtaken(ranking, incumbent, policy)
-
-
-def picked_smallest_tied(pick: Ranked, incumbent: Incumbent, policy: dict,
-                         why: str) -> tuple[str | None, str, dict | None]:
-    """smallest_tied picked a build: it replaces the incumbent unless it is the incumbent."""
-    if pick.version == incumbent.version:
-        return None, f"the champion is still the pick: {why}", None
-    d = versus(pick.contender, incumbent.contender, policy, "vs champion") \
-        if incumbent.contender.candidate.scores is not None else None
-    against = (f"; vs champion version {incumbent.version}: {policy['metric']} {d['diff']:+.4f} {interval_text(d)}"
-               if d else "")
-    return pick.version, f"{pick.contender.name}: {why}{against}", d
-
-
-def kept_by_best(ranking: list[Ranked], incumbent: Incumbent, policy: dict) -> tuple[None, str, dict | None]:
-    """The incumbent tops the ranking: it stays, and the note compares the best other contender with it."""
-    challenger = next((r for r in ranking if r.version != incumbent.version), None)
-    if challenger is None:
-        return None, "the best candidate is already champion", None
-    d = versus(challenger.contender, incumbent.contender, policy, "vs champion")
-    return None, (f"best candidate {challenger.contender.name} does not beat champion version {incumbent.version}: "
-                  f"{policy['metric']} difference {d['diff']:+.4f} {interval_text(d)} at {policy['confidence']:.0%}; "
-                  "champion kept"), d
-
-
-def overtaken(ranking: list[Ranked], incumbent: Incumbent, policy: dict) -> tuple[str, str, dict]:
-    """Another contender tops the ranking: why it replaces the incumbent."""
-    pick, level = ranking[0], f"{policy['confidence']:.0%}"
-    name, version = pick.contender.name, incumbent.version
-    d = versus(pick.contender, incumbent.contender, policy, "vs champion")
-    diff = f"{policy['metric']} difference {d['diff']:+.4f} {interval_text(d)} at {level}"
-    standing = next((r for r in ranking if r.version == version), None)
-    if incumbent.contender.verdict.reasons:
-        failed = "; ".join(incumbent.contender.verdict.reasons)
-        why = f"champion version {version} no longer passes the policy ({failed})"
-    elif d["interval"][0] > 0:
-        why = f"{name} beats champion version {version}: {diff}"
-    elif standing is not None and standing.tied:
-        why = (f"{name} is tied with champion version {version} ({diff}) and wins the tie-breakers "
-               f"{policy['tie_breakers']}")
-    else:
-        below = standing.vs_best
-        why = (f"champion version {version} is below the best build at {level} "
-               f"({below['diff']:+.4f} {below['interval']}); "
-               f"{name} wins the tie-breakers among the builds tied with the best ({diff})")
-    return pick.version, why, d
+    if not incumbent.contender.passes:
+        return pick.version, (f"champion version {version} no longer passes the policy "
+                              f"({'; '.join(incumbent.contender.verdict.reasons)}); {name}: {why}"), None
+    d = beats(pick.contender, incumbent.contender, policy, "vs champion")
+    shown = f"{policy['metric']} {d['diff']:+.4f} vs champion, p = {d['p_value']:.4g} ({d['test']})"
+    if d["better"]:
+        return pick.version, f"{name} beats champion version {version}: {shown}", d
+    smaller = pick.contender.candidate.size_bytes < incumbent.contender.candidate.size_bytes
+    if policy["select"] == "smallest_faithful" and smaller:
+        return pick.version, (f"{name} and champion version {version} are both shown faithful and {name} is "
+                              f"smaller ({shown})"), d
+    if policy["select"] == "best":
+        back = beats(incumbent.contender, pick.contender, policy, "champion vs pick")
+        if not back["better"] and breaker_values(pick.contender.candidate, policy) > \
+                breaker_values(incumbent.contender.candidate, policy):
+            return pick.version, (f"{name} is not shown worse than champion version {version} ({shown}) and "
+                                  f"wins the tie-breakers {policy['tie_breakers']}"), d
+    return None, f"{name} does not beat champion version {version} ({shown}); champion kept", d

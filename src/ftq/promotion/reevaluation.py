@@ -13,12 +13,14 @@ from ftq import schema
 from ftq.io import atomic_write_text
 from ftq.promotion.policy import Candidate, Contender, Incumbent, judge
 from ftq.registry.aliases import Registered
-from ftq.selection import PREFERENCE_KEYS, per_example_key
+from ftq.promotion.policy import PREFERENCE_KEYS, per_example_key
 
 log = logging.getLogger(__name__)
 
-# the champion's answers when it had to be re-evaluated on the current examples (absent otherwise)
+# the champion's answers when it had to be re-evaluated on the current examples (absent otherwise), and its
+# lm-eval rows (the general-ability guard scores the incumbent like every candidate)
 CHAMPION_ANSWERS = Path(".ftq/promotion.champion.answers.jsonl")
+CHAMPION_LM_EVAL = Path(".ftq/promotion.champion.lm_eval")
 
 
 class ChampionReevaluation:
@@ -52,11 +54,12 @@ class ChampionReevaluation:
         runtime = open_model(resolved.path)
         try:
             answers = self._answers(runtime)
+            benchmark_rows = self._guard_rows(runtime)
         finally:
             runtime.close()
         self.answers_file = self.root / CHAMPION_ANSWERS
         atomic_write_text(self.answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers))
-        candidate = self._candidate(champion, answers)
+        candidate = self._candidate(champion, answers, benchmark_rows)
         contender = Contender(candidate, champion.version, judge(candidate, self.merged, self.policy))
         return Incumbent(contender, f"not among this run's builds: its registered artifact was re-evaluated on the "
                                     f"current {len(answers)} examples ({CHAMPION_ANSWERS})")
@@ -64,14 +67,30 @@ class ChampionReevaluation:
     def _answers(self, runtime) -> list[dict]:
         """The champion's per-example rows: on this run's held-out pairs for a preference metric, else its
         answers to the current task examples."""
-        from ftq.stages.evaluate import answer_all, preference_rows, task_examples
+        from ftq.evaluation.candidate import answer_all, preference_rows, task_examples
 
         if self.policy["metric"] in PREFERENCE_KEYS:
             return preference_rows(runtime, self.params, self.root)
         cfg = schema.settings(self.params, "evaluate")
         return answer_all(runtime, task_examples(self.root, cfg), int(cfg["max_new_tokens"]))
 
-    def _candidate(self, champion: Registered, answers: list[dict]) -> Candidate:
+    def _guard_rows(self, runtime) -> list[dict] | None:
+        """The champion's rows on the lm-eval tasks (the guard's among them), where a guard is set."""
+        from ftq import layout
+        from ftq.evaluation import harness
+
+        if not self.policy["general_guard"]["task"]:
+            return None
+        cfg = schema.settings(self.params, "evaluate")["lm_eval"]
+        plan = harness.plan(cfg, self.root, self.params.get("_path", "params.yaml"),
+                            layout.read_benchmark_manifest(self.root))
+        out = self.root / CHAMPION_LM_EVAL
+        harness.run(runtime, "champion", plan, out)
+        samples = out / "champion.samples.jsonl"
+        return [json.loads(line) for line in samples.read_text().splitlines() if line.strip()] \
+            if samples.exists() else None
+
+    def _candidate(self, champion: Registered, answers: list[dict], benchmark_rows: list[dict] | None) -> Candidate:
         """The champion as a candidate: its registered metrics (tags eval.*) with the policy's metric
         replaced by this run's, its size from its tags; its check passed when it was registered."""
         key = per_example_key(self.policy["metric"])
@@ -81,7 +100,7 @@ class ChampionReevaluation:
         metrics[self.policy["metric"]] = round(sum(values) / len(values), 4) if values else None
         return Candidate(name=f"v{champion.version} ({champion.tags.get('ftq.build', '?')})",
                          manifest={"size_bytes": int(champion.tags.get("size_bytes") or 0), "check": {"passed": True}},
-                         metrics=metrics, scores={r["id"]: r for r in answers})
+                         metrics=metrics, scores={r["id"]: r for r in answers}, benchmark_rows=benchmark_rows)
 
 
 def is_number(value: str) -> bool:

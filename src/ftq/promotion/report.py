@@ -1,24 +1,23 @@
-"""reports/promotion.json: every contender with the reason it was chosen or rejected, the decisive
-comparison and where the champion went. Pure: the decision in, a dict out."""
+"""reports/promotion.json: every contender with the reason it was chosen or rejected, the tests behind it
+(margin, one-sided bound, p-value, outcome, examples), the procedure that shared the error budget and where
+the champion went. Pure: the decision in, a dict out."""
 
 from __future__ import annotations
 
-from ftq.promotion.policy import Candidate, Contender, Decision, versus
+from ftq.promotion.policy import Candidate, Contender, Decision
+
+TEST_KEYS = ("outcome", "diff", "lower", "upper", "margin", "margin_scale", "confidence", "p_value", "test",
+             "examples", "wins", "losses", "needed_examples", "note", "task", "metric", "tolerance", "items",
+             "reason", "better")
 
 
 def ci_key(name: str, confidence: float) -> str:
     return f"{name}_ci{round(confidence * 100):d}"
 
 
-def diff_baseline(decision: Decision) -> Contender | None:
-    """What each contender's `diff` is measured against: the incumbent it competed with, or the new
-    champion where there was none (or the incumbent has no scores on these examples)."""
-    champion = next((r.contender for r in decision.ranking if r.version == decision.champion_version), None)
-    if decision.incumbent is None:
-        return champion
-    if decision.incumbent.contender.candidate.scores is None:
-        return champion
-    return decision.incumbent.contender
+def test_summary(test: dict | None) -> dict | None:
+    """A test's numbers a reader checks (ftq.evidence's result without its internals)."""
+    return {k: test[k] for k in TEST_KEYS if k in test} if test else None
 
 
 def status_of(contender: Contender, decision: Decision, position: dict) -> tuple[str, list[str]]:
@@ -30,63 +29,60 @@ def status_of(contender: Contender, decision: Decision, position: dict) -> tuple
     return status, [f"ranked {position[contender.version]} by the policy"]
 
 
-def entry(contender: Contender, decision: Decision, baseline: Contender | None, policy: dict) -> dict:
-    """One contender's line: status and reasons, metric, tie-breakers, retention, guard, and its paired
-    differences from the best and from the baseline."""
-    confidence, metric = float(policy["confidence"]), policy["metric"]
+def entry(contender: Contender, decision: Decision, policy: dict, walk_tests: dict[str, dict]) -> dict:
+    """One contender's line: status and reasons, metric and the examples it was scored on, tie-breakers,
+    the non-inferiority test on the metric and the guard's (from its full evaluation, or from the ladder's
+    walk where it was tested there only)."""
+    metric = policy["metric"]
     metrics = contender.candidate.metrics or {}
     position = {r.version: i + 1 for i, r in enumerate(decision.ranking)}
     status, why = status_of(contender, decision, position)
+    walked = walk_tests.get(contender.name) or {}
     line = {"name": contender.name, "version": contender.version, "registered_now": contender.registered_now,
             "status": status, "reasons": why, "metric": metrics.get(metric),
-            "metric_ci95": metrics.get(f"{metric}_ci95"), "size_bytes": metrics.get("size_bytes")}
+            "metric_ci95": metrics.get(f"{metric}_ci95"), "metric_examples": metrics.get(f"{metric}_examples"),
+            "size_bytes": metrics.get("size_bytes") or contender.candidate.size_bytes or None,
+            "metric_test": test_summary(contender.verdict.metric_test or walked.get("metric_test")),
+            "general_guard": test_summary(contender.verdict.general_guard or walked.get("general_guard"))}
+    if walked and not contender.verdict.metric_test:
+        line["tested_in"] = "the ladder's walk (reports/ladder.json); not evaluated in full"
     for breaker in policy["tie_breakers"]:
         key = breaker.rsplit(":", 1)[0]
         line.setdefault(key, metrics.get(key))
-    if contender.verdict.general_guard:
-        line["general_guard"] = contender.verdict.general_guard
-    kept = contender.verdict.retention
-    if kept:
-        line.update(retention=kept["ratio"], **{ci_key("retention", confidence): kept["interval"]})
     ranked = next((r for r in decision.ranking if r.contender is contender), None)
-    if ranked is not None:
-        line.update(tied_with_best=ranked.tied, diff_vs_best=ranked.vs_best["diff"],
-                    **{ci_key("diff_vs_best", confidence): ranked.vs_best["interval"]})
-    if baseline is not None and contender.candidate.scores is not None and contender.passes:
-        d = versus(contender, baseline, policy, f"{contender.name} vs champion")
-        line.update(diff=d["diff"], **{ci_key("diff", confidence): d["interval"]})
+    if ranked is not None and ranked.vs_best:
+        line.update(not_beaten_by_best=ranked.tied, vs_best=test_summary(ranked.vs_best))
     return line
 
 
 def promotion_report(model_name: str, policy: dict, contenders: list[Contender], decision: Decision,
-                     merged: Candidate | None) -> dict:
-    confidence, metric = float(policy["confidence"]), policy["metric"]
+                     merged: Candidate | None, walk_tests: dict[str, dict] | None = None) -> dict:
+    metric = policy["metric"]
     champion_version = decision.champion_version
     previous = decision.incumbent.version if decision.incumbent else None
-    baseline = diff_baseline(decision)
-    previous_ranked = next((r for r in decision.ranking if r.version == previous), None)
     merged_metrics = (merged.metrics if merged else None) or {}
     vs = decision.vs_champion
+    incumbent = decision.incumbent.contender if decision.incumbent else None
     return {
         "model_name": model_name,
         "policy": policy,
+        # how several builds shared one error budget (fixed-sequence or Holm)
+        "procedure": decision.procedure,
         # False when the champion kept its alias only because nothing passes the policy now
         "champion_passes_policy": any(r.version == champion_version for r in decision.ranking),
         "merged_metric": merged_metrics.get(metric),
         "merged_metric_ci95": merged_metrics.get(f"{metric}_ci95"),
+        "merged_metric_examples": merged_metrics.get(f"{metric}_examples"),
         "champion": {"version": champion_version, "moved": decision.moves_to is not None, "note": decision.note,
                      "previous": previous,
                      # how the previous champion was scored on this run's examples
                      "previous_evaluation": decision.incumbent.evaluation if decision.incumbent else None,
-                     "previous_metric": previous_ranked.contender.candidate.metrics.get(metric)
-                     if previous_ranked else None},
-        # the decisive paired comparison: the pick (or the runner-up, when the champion stays) minus the champion
-        "vs_champion": {"diff": vs["diff"], ci_key("diff", confidence): vs["interval"], "examples": vs["examples"]}
-        if vs else None,
+                     "previous_metric": (incumbent.candidate.metrics or {}).get(metric) if incumbent else None,
+                     "previous_tests": {"metric_test": test_summary(incumbent.verdict.metric_test),
+                                        "general_guard": test_summary(incumbent.verdict.general_guard),
+                                        "reasons": incumbent.verdict.reasons} if incumbent else None},
+        # the decisive paired comparison of the pick with the champion (superiority), where one was made
+        "vs_champion": test_summary(vs) if vs else None,
         "challenger": decision.challenger,
-        # `diff` and its interval in each candidate: the candidate minus this version, example by example
-        "diff_against_version": baseline.version if baseline else None,
-        "candidates": [entry(c, decision, baseline, policy) for c in contenders],
-        # the examples a comparison rests on: those scored on the metric (JSON answers for JSON metrics)
-        "paired_examples": next((r.vs_best["examples"] for r in decision.ranking), None),
+        "candidates": [entry(c, decision, policy, walk_tests or {}) for c in contenders],
     }

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256
 from ftq import schema
 from ftq.params import ParamsError, repo_root
+from ftq.provenance import stamp
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def run(params: dict[str, Any]) -> BaseResult:
             "load_seconds": round(load_seconds, 3),
             "total_seconds": round(time.time() - started, 3),
         }
-        atomic_write_json(root / REPORT, metrics | {"dtype": info["dtype"], "source_kind": source.kind})
+        atomic_write_json(root / REPORT, stamp(metrics | {"dtype": info["dtype"], "source_kind": source.kind}))
         tracked.log_metrics(metrics)
         tracked.set_tags({"base.source_kind": source.kind, "base.dtype": info["dtype"]})
         tracked.log_artifact(out_dir / "base.json")

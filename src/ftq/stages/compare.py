@@ -70,7 +70,7 @@ ORDER = ("base", "merged")
 
 def load_reports(root: Path, names: list[str]) -> dict[str, dict]:
     """The evaluations of base, merged and the evaluated builds, in that order."""
-    from ftq.stages.evaluate import report_dir
+    from ftq.layout import eval_dir as report_dir
 
     missing = [n for n in names if not (root / report_dir(n) / f"{n}.json").exists()]
     if missing:
@@ -93,7 +93,7 @@ def candidates(params: dict[str, Any], ladder: dict | None) -> list[str]:
 
 
 def load_answers(root: Path, names: list[str]) -> dict[str, list[dict]]:
-    from ftq.stages.evaluate import report_dir
+    from ftq.layout import eval_dir as report_dir
 
     answers = {}
     for name in names:
@@ -200,30 +200,35 @@ def chart(reports: dict[str, dict], keys: list[str], title: str, path: Path) -> 
     return save_figure(fig, path)
 
 
-LADDER_HEADER = ["build", "type", "imatrix", "size MB", "KLD mean", "KLD p99", "top-1", "screen", "evaluated in full",
-                 "metric [95 %]", "vs merged, paired [95 %]", "verdict"]
+LADDER_HEADER = ["build", "type", "imatrix", "size MB", "KLD mean", "KLD p99", "top-1", "screen", "walk",
+                 "metric vs merged [one-sided bound], p, n", "guard vs merged [one-sided bound], p, n", "outcome"]
+
+
+def test_cell(test: dict | None) -> str:
+    """A non-inferiority test as one cell: the difference, its one-sided lower bound, the p-value, the examples."""
+    if not test:
+        return "–"
+    if test.get("outcome") == "absent":
+        return "absent (fails closed)"
+    bound = f" [{test['lower']:+.3f}]" if test.get("lower") is not None else ""
+    return f"{test['diff']:+.3f}{bound}, p = {test['p_value']:.3g}, n = {test['examples']}"
 
 
 def ladder_rows(ladder: dict | None) -> list[list[str]]:
-    """Every rung of the quantization ladder, smallest first: what the screen measured, and what the full
-    evaluation found, or why there was none."""
+    """Every rung of the quantization ladder, smallest first: what the screen measured, its place in the walk,
+    its tests (or why it was not tested) and the outcome."""
     rows = []
+    order = (ladder or {}).get("walk", {}).get("order") or []
     for r in (ladder or {}).get("rungs", []):
-        scored = r if r.get("metric") is not None else r.get("quick") or {}  # in full, or on the metric alone
-        metric = (f"{scored['metric']:.3f} [{scored['metric_ci95'][0]:.3f}, {scored['metric_ci95'][1]:.3f}]"
-                  if scored.get("metric") is not None and scored.get("metric_ci95") else "–")
-        vs = r.get("vs_merged") or ({"diff": scored["diff"], "interval": scored["interval"]} if "diff" in scored else None)
-        diff = f"{vs['diff']:+.3f} [{vs['interval'][0]:+.3f}, {vs['interval'][1]:+.3f}]" if vs else "–"
-        if not r["evaluated"]:
-            verdict = r.get("why", "")
-        elif r.get("reasons"):
-            verdict = "rejected: " + "; ".join(r["reasons"])
-        else:
-            verdict = "tied with merged" if r.get("tied") else "below merged"
+        test = r.get("test") or {}
+        outcome = test.get("outcome") or r.get("why") or ("evaluated in full" if r.get("evaluated") else "")
+        if r.get("name") == (ladder or {}).get("walk", {}).get("pick"):
+            outcome += " (the pick: evaluated in full)"
         rows.append([r["name"], str(r.get("type") or r["method"]), "yes" if r.get("imatrix") else "no",
                      f"{r['size_bytes'] / 1e6:,.1f}", f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
                      f"{r['top1_agreement']:.3f}", "passed" if r["screen_passed"] else "failed",
-                     "yes" if r["evaluated"] else "no", metric, diff, verdict])
+                     str(order.index(r["name"]) + 1) if r["name"] in order else "–",
+                     test_cell(test.get("metric_test")), test_cell(test.get("general_guard")), outcome])
     return rows
 
 
@@ -255,21 +260,39 @@ def ladder_chart(ladder: dict | None, path: Path) -> Path | None:
     left.plot([x for x, _ in on_front], [y for _, y in on_front], color="#4c72b0", alpha=0.4)
     left.set(xlabel="size (MB)", ylabel="KL divergence vs merged (mean)", title="screen (red: failed)")
     left.set_yscale("log")
-    evaluated = [r for r in rungs if r["evaluated"] and r.get("metric") is not None]
-    for r in evaluated:
-        low, high = r["metric_ci95"] or (r["metric"], r["metric"])
-        right.errorbar(r["size_bytes"] / 1e6, r["metric"], yerr=[[r["metric"] - low], [high - r["metric"]]], fmt="o",
-                       color="#4c72b0" if r.get("tied") and not r.get("reasons") else "#dd8452")
-        right.annotate(r["name"], (r["size_bytes"] / 1e6, r["metric"]), fontsize=7, xytext=(3, 3),
+    tested = [r for r in rungs if (r.get("test") or {}).get("metric_test")]
+    for r in tested:
+        t = r["test"]["metric_test"]
+        faithful = r["test"]["outcome"] == "faithful"
+        right.errorbar(r["size_bytes"] / 1e6, t["diff"], yerr=[[t["diff"] - t["lower"]], [0]], fmt="o", capsize=3,
+                       color="#4c72b0" if faithful else "#dd8452")
+        right.annotate(r["name"], (r["size_bytes"] / 1e6, t["diff"]), fontsize=7, xytext=(3, 3),
                        textcoords="offset points")
-    if ladder.get("merged_metric") is not None:
-        right.axhline(ladder["merged_metric"], color="grey", linestyle="--", label="merged")
+    if tested:
+        margin = ladder.get("margin")
+        right.axhline(0, color="grey", linewidth=0.8)
+        right.axhline(-margin, color="#c44e52", linestyle="--", label=f"-margin ({margin:g})")
         right.legend(fontsize=7)
-    right.set(xlabel="size (MB)", ylabel=ladder.get("metric", "metric"), title="evaluated (blue: tied with merged)")
+    right.set(xlabel="size (MB)", ylabel=f"{ladder.get('metric', 'metric')} - merged",
+              title="tested: difference and one-sided bound (blue: faithful)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def ladder_text(ladder: dict) -> str:
+    """What the ladder's table shows: the screen, the walk's procedure and order, the margin and the tests."""
+    walk = ladder.get("walk") or {}
+    guard = ladder.get("general_guard") or {}
+    scale = " of merged's score" if ladder.get("margin_scale") == "relative" else ""
+    return (f"Every build of quantize.enabled, smallest first: screened by KL divergence and top-1 agreement against "
+            f"merged, then tested for non-inferiority against merged on the same examples: {ladder['metric']} "
+            f"within a margin of {ladder['margin']:g}{scale} and, where it was, {guard.get('task')} "
+            f"{guard.get('metric')} within {guard.get('tolerance')}, each one-sided at {ladder['confidence']:.0%} "
+            f"(ftq.evidence). Procedure: {walk.get('procedure')}. Order: {', '.join(walk.get('order') or []) or '–'}; "
+            f"stopped at {walk.get('stopped_at') or '– (every build tested was faithful)'}; the pick: "
+            f"{walk.get('pick') or 'none'}.")
 
 
 def markdown(reports, rows, answers, charts, ladder=None) -> str:
@@ -287,10 +310,7 @@ def markdown(reports, rows, answers, charts, ladder=None) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in benchmarks]
     rungs = ladder_rows(ladder)
     if rungs:
-        lines += ["", "## Quantization ladder", "",
-                  f"Every build of quantize.enabled, smallest first: screened by KL divergence and top-1 agreement "
-                  f"against merged, then evaluated from the smallest up (promote.policy.select: {ladder['select']}); "
-                  f"the metric is {ladder['metric']}, the difference paired with merged on the same examples.", "",
+        lines += ["", "## Quantization ladder", "", ladder_text(ladder), "",
                   "| " + " | ".join(LADDER_HEADER) + " |", "|---" * len(LADDER_HEADER) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rungs]
     lines += [""] + [f"![{c.stem}](compare/{c.name})" for c in charts]
@@ -325,7 +345,8 @@ def html_page(reports, rows, answers, charts, ladder=None) -> str:
                 + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in benchmarks)
                 + "</table>") if benchmarks else ""
     rungs = ladder_rows(ladder)
-    standard += ("<h2>Quantization ladder</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in LADDER_HEADER)
+    standard += ("<h2>Quantization ladder</h2>" + f"<p>{esc(ladder_text(ladder))}</p><table><tr>"
+                 + "".join(f"<th>{esc(h)}</th>" for h in LADDER_HEADER)
                  + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rungs)
                  + "</table>") if rungs else ""
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"

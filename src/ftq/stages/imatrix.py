@@ -31,6 +31,7 @@ from typing import Any
 from ftq import schema
 from ftq.io import atomic_dir, atomic_write_json, file_sha256
 from ftq.params import repo_root
+from ftq.provenance import stamp
 from ftq.stages import MERGED_DIR, merged_model
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                     "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "convert_seconds": convert_seconds,
                     **measured, "sha256": file_sha256(tmp / MATRIX), "source": MERGED_DIR.as_posix(),
                     "tool_versions": gguf.versions()}
-            atomic_write_json(tmp / INFO, info)
+            atomic_write_json(tmp / INFO, stamp(info))  # imatrix.json: the stage's only record
         tracked.log_metrics({"tokens": info["tokens"], "chunks": info["chunks"] or 0, "seconds": info["seconds"]})
         tracked.log_artifact(root / OUTPUT_DIR / INFO)
     log.info("imatrix: %s chunks of %d tokens from %d training conversations (%d tokens), %.1f s",

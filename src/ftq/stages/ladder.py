@@ -1,20 +1,25 @@
-"""Stage `ladder`: the builds of quantize.enabled, screened, then evaluated from the smallest up.
+"""Stage `ladder`: the builds of quantize.enabled, screened, then tested for faithfulness with one error budget.
 
 Every build has passed or failed its screen in stage quantize (KL divergence and top-1 agreement against
 merged's reference, a coherent reply: ftq.quantize.check). A build that failed is recorded here and never
-evaluated. The builds that passed are taken in order of size, smallest first. With `promote.policy.select:
-smallest_tied` each is first scored on the policy's metric alone (its held-out answers: seconds), paired
-with merged; one that is not tied with merged there cannot be the smallest tied build and needs no full
-evaluation. The first one tied is evaluated in full (stage evaluate's measurement, ftq.stages.evaluate:
-the general-ability benchmark, perplexity, speed), and if it passes the policy (ftq.selection) the walk
-stops: the larger builds need no evaluation at all. With `select: best` every build that passed its
-screen is evaluated in full.
+evaluated. The rule (ftq.promotion.policy, statistics from ftq.evidence):
 
-Outputs:
-  reports/eval/builds/   each evaluated build's reports (as stage evaluate writes them for merged), and
-                         <name>.quick.jsonl: a build's rows on the metric alone
-  reports/ladder.json    every rung: type, importance matrix, size, KLD, top-1, screen, evaluated or why
-                         not, the metric with its interval, the paired difference from merged, the verdict
+* `promote.policy.select: smallest_faithful` (the default): fixed-sequence testing. The screened builds are
+  ordered before any is evaluated, largest first; each in turn is answered on the held-out examples (the
+  policy's metric alone: seconds) and tested for non-inferiority against merged at the policy's margin,
+  then, where that shows it faithful, scored on the lm-eval tasks and tested on the general-ability guard
+  at its tolerance. The walk stops at the first build not shown faithful on both; the last one shown
+  faithful (the smallest so far) is the pick and is evaluated in full (perplexity, speed, ...), reusing
+  the answers and lm-eval rows the walk decided on. Shipping an unfaithful build then has probability at
+  most 1 - confidence, however many builds the ladder holds.
+* `select: best`: every screened build is evaluated in full; promote applies Holm's procedure.
+
+Outputs (ftq.layout):
+  reports/eval/builds/   each tested build's answers (<name>.quick.jsonl) and lm-eval rows, and the full
+                         evaluation of the pick (as stage evaluate writes merged's)
+  reports/ladder.json    every rung (type, importance matrix, size, KLD, top-1, screen) and the walk: the
+                         procedure, the order, each test (margin, one-sided bound, p-value, outcome,
+                         examples) and where it stopped
 """
 
 from __future__ import annotations
@@ -25,22 +30,23 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftq import schema
+from ftq import layout, schema
 from ftq.io import atomic_write_json
 from ftq.params import repo_root
+from ftq.provenance import stamp
 
 if TYPE_CHECKING:
     from ftq.promotion.policy import Candidate
 
 log = logging.getLogger(__name__)
 
-REPORT = Path("reports/ladder.json")
+REPORT = layout.LADDER
 
 
 def rung(root: Path, name: str) -> dict:
     """One build as stage quantize left it: its report (size, distances, screen) and options."""
-    report_path = root / "reports" / "quantize" / f"{name}.json"
-    manifest_path = root / "models" / "quantized" / name / "manifest.json"
+    report_path = root / layout.QUANTIZE_REPORTS / f"{name}.json"
+    manifest_path = root / layout.QUANTIZED / name / "manifest.json"
     if not report_path.exists() or not manifest_path.exists():
         raise FileNotFoundError(f"{report_path}: build '{name}' is not made; run `dvc repro quantize@{name}` first")
     report, manifest = json.loads(report_path.read_text()), json.loads(manifest_path.read_text())
@@ -51,122 +57,112 @@ def rung(root: Path, name: str) -> dict:
             "evaluated": False}
 
 
-def verdict(root: Path, name: str, merged: Candidate, policy: dict) -> dict:
-    """An evaluated build against the policy: its metric, the paired difference from merged, whether it
-    passes the policy (ftq.promotion.policy's judge) and is tied with merged."""
-    from ftq.promotion.candidates import read_candidate
-    from ftq.promotion.policy import judge
-    from ftq.selection import vs_merged
+class Tester:
+    """A build's test in the walk (the I/O: answers, lm-eval), remembering what it scored so that the full
+    evaluation of the pick reuses it."""
 
-    candidate = read_candidate(root, name, policy["metric"])
-    judged = judge(candidate, merged, policy)
-    metrics = candidate.metrics or {}
-    d = vs_merged(candidate.scored(), merged.scored(), policy) if candidate.scores is not None and merged.scores else None
-    return {"metric": metrics.get(policy["metric"]), "metric_ci95": metrics.get(f"{policy['metric']}_ci95"),
-            "vs_merged": {k: d[k] for k in ("diff", "interval", "examples")} if d else None,
-            "tied": bool(d and d["tied"]), "eligible": judged.passes, "reasons": judged.reasons,
-            "general_guard": judged.general_guard}
+    def __init__(self, params: dict, root: Path, merged: Candidate, policy: dict):
+        self.params, self.root, self.merged, self.policy = params, root, merged, policy
+        self.rows: dict[str, list[dict]] = {}
+        self.lm_eval: dict[str, dict] = {}
 
+    def __call__(self, name: str) -> dict:
+        from ftq.evaluation.candidate import lm_eval_rows, metric_rows
+        from ftq.io import atomic_write_text
+        from ftq.promotion.policy import guard_test, metric_test, outcome_of, p_value_of
 
-def quick(params: dict, root: Path, name: str, merged: Candidate, policy: dict, first_looks: dict) -> dict:
-    """A build scored on the policy's metric alone (ftq.stages.evaluate.metric_rows: its answers to the
-    held-out examples, or the held-out pairs), paired with merged's: the metric and its difference from
-    merged, with intervals. The rows go to reports/eval/builds/<name>.quick.jsonl and to `first_looks`, so
-    that a full evaluation reuses them: the verdicts on the metric alone and in full rest on the same answers."""
-    from ftq.evaluation import paired
-    from ftq.io import atomic_write_text
-    from ftq.selection import per_example_key, vs_merged
-    from ftq.stages.evaluate import BUILDS_ROOT, metric_rows
-
-    rows = metric_rows(params, name, policy["metric"])
-    atomic_write_text(root / BUILDS_ROOT / f"{name}.quick.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    first_looks[name] = rows
-    key = per_example_key(policy["metric"])
-    values = [r[key] for r in rows if key in r]
-    d = vs_merged({"name": name, "scores": {r["id"]: r for r in rows}}, merged.scored(), policy)
-    return {"metric": round(sum(values) / len(values), 4) if values else None,
-            "metric_ci95": paired.mean(values, float(policy["confidence"]))["interval"] if values else None,
-            "diff": d["diff"], "interval": d["interval"], "tied": d["tied"]}
+        rows = metric_rows(self.params, name, self.policy["metric"])
+        atomic_write_text(self.root / layout.BUILDS_ROOT / f"{name}.quick.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.rows[name] = rows
+        metric = metric_test({r["id"]: r for r in rows}, self.merged.scores, self.policy, f"{name} vs merged")
+        guard = None
+        if metric["outcome"] == "faithful" and self.policy["general_guard"]["task"]:
+            self.lm_eval[name], samples = lm_eval_rows(self.params, name)
+            guard = guard_test(samples, self.merged, self.policy, name)
+        # p_value: the intersection-union p-value (where the guard did not run, the metric's alone: a lower bound)
+        return {"outcome": outcome_of(metric, guard), "p_value": p_value_of(metric, guard), "metric_test": metric,
+                "general_guard": guard}
 
 
-def walk(rungs: list[dict], quick, full, select: str) -> list[dict]:
-    """The ladder's walk over the rungs that passed their screen, smallest first. `quick(name)` scores a
-    build on the policy's metric alone (its held-out answers, seconds) and returns {tied, ...}; `full(name)`
-    evaluates it in full and returns promote's verdict {eligible, tied, ...}. Both are the caller's I/O, so
-    the walk tests without models.
+def walk(rungs: list[dict], test, policy: dict) -> dict:
+    """The walk over the rungs that passed their screen (smallest_faithful): fixed-sequence testing in
+    walk_order; `test(name)` is the caller's I/O ({outcome, ...}), so the walk tests without models.
+    Returns {procedure, order, tests, stopped_at, pick}."""
+    from ftq import evidence
+    from ftq.promotion.policy import FIXED_SEQUENCE, walk_order
 
-    smallest_tied: a build not tied with merged on the metric needs no full evaluation (it cannot be the
-    smallest tied one); the first build tied on the metric is evaluated in full, and if it passes the
-    policy the walk stops. When none is tied, the best on the metric is evaluated in full, so promote can
-    rank it. best: every build is evaluated in full. Every rung gets `evaluated`, `quick` where it was
-    scored, and `why` where it was not evaluated in full."""
-    from ftq.selection import by_size
+    order = walk_order({r["name"]: r["size_bytes"] for r in rungs if r["screen_passed"]})
+    tests, pick = evidence.fixed_sequence(order, test)
+    stopped = tests[-1]["name"] if tests and tests[-1]["outcome"] != evidence.FAITHFUL else None
+    return {"procedure": FIXED_SEQUENCE, "order": order, "tests": tests, "stopped_at": stopped, "pick": pick}
 
-    ordered = by_size([r for r in rungs if r["screen_passed"]])
-    stop = None
-    for r in ordered:
-        if stop is not None:
-            r["why"] = f"not evaluated: {stop}, a smaller build, is tied with merged"
-            continue
-        if select == "smallest_tied":
-            r["quick"] = quick(r["name"])
-            if not r["quick"]["tied"]:
-                r["why"] = "not evaluated in full: not tied with merged on the metric"
-                continue
-        r.update(evaluated=True, **full(r["name"]))
-        if select == "smallest_tied" and r["eligible"] and r["tied"]:
-            stop = r["name"]
-    if select == "smallest_tied" and stop is None:
-        # none tied and eligible: the best on the metric, evaluated in full for promote to rank (unless a build
-        # evaluated in full already is at least as good)
-        scored = [r for r in ordered if "quick" in r]
-        if scored:
-            best = max(scored, key=lambda r: (r["quick"]["diff"], -r["size_bytes"]))
-            if not best["evaluated"]:
-                best.pop("why", None)
-                best.update(evaluated=True, **full(best["name"]))
+
+def annotate(rungs: list[dict], walked: dict | None) -> list[dict]:
+    """Each rung's part in the walk: its test, or why it was not tested."""
+    tests = {t["name"]: t for t in (walked or {}).get("tests", [])}
     for r in rungs:
         if not r["screen_passed"]:
             r["why"] = "failed its screen: " + "; ".join(r["screen_failures"])
+        elif walked is not None and r["name"] in tests:
+            r["test"] = {k: v for k, v in tests[r["name"]].items() if k != "name"}
+        elif walked is not None:
+            r["why"] = f"not tested: the walk stopped at {walked['stopped_at']}, a larger build not shown faithful"
     return rungs
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    from ftq.stages import evaluate
+    from ftq.evaluation.candidate import evaluate
     from ftq.promotion.candidates import read_merged
-    from ftq.promotion.policy import policy_of
+    from ftq.promotion.policy import PREFERENCE_KEYS, policy_of
 
     root = repo_root()
     policy = policy_of(params)
     names = schema.settings(params, "quantize")["enabled"]
     merged = read_merged(root, policy["metric"])
-    if merged is None:
-        raise FileNotFoundError(f"{root / evaluate.REPORT_ROOT / 'merged.json'}: merged is not evaluated; every "
+    if merged is None or merged.scores is None:
+        raise FileNotFoundError(f"{root / layout.EVAL_ROOT / 'merged.json'}: merged is not evaluated; every "
                                 "build is measured against it (`dvc repro evaluate_merged` first)")
     rungs = [rung(root, name) for name in names]
-    builds = root / evaluate.BUILDS_ROOT
+    builds = root / layout.BUILDS_ROOT
     shutil.rmtree(builds, ignore_errors=True)  # an earlier walk's evaluations (DVC removes them too)
     builds.mkdir(parents=True)
-    first_looks: dict[str, list[dict]] = {}
+    on_pairs = policy["metric"] in PREFERENCE_KEYS
 
-    def full(name: str) -> dict:
-        from ftq.selection import PREFERENCE_KEYS
+    def full(name: str, tester: Tester | None = None) -> None:
+        rows = tester.rows.get(name) if tester else None
+        evaluate(params, name, task_rows=None if on_pairs else rows, preference_scores=rows if on_pairs else None,
+                 lm_eval_done=tester.lm_eval.get(name) if tester else None)
 
-        rows = first_looks.get(name)
-        on_pairs = policy["metric"] in PREFERENCE_KEYS
-        evaluate.run(params, name, task_rows=None if on_pairs else rows, preference_scores=rows if on_pairs else None)
-        return verdict(root, name, merged, policy)
-
-    rungs = walk(rungs, lambda name: quick(params, root, name, merged, policy, first_looks), full, policy["select"])
-    report = {"select": policy["select"], "metric": policy["metric"], "confidence": policy["confidence"],
+    walked = None
+    if policy["select"] == "smallest_faithful":
+        tester = Tester(params, root, merged, policy)
+        walked = walk(rungs, tester, policy)
+        if walked["pick"] is not None:
+            full(walked["pick"], tester)
+    else:
+        for r in rungs:
+            if r["screen_passed"]:
+                full(r["name"])
+    for r in rungs:
+        r["evaluated"] = (root / layout.BUILDS_ROOT / f"{r['name']}.json").exists()
+    report = {"select": policy["select"], "metric": policy["metric"], "margin": policy["margin"],
+              "margin_scale": policy["margin_scale"], "confidence": policy["confidence"],
+              "general_guard": policy["general_guard"],
               "merged_metric": merged.metrics.get(policy["metric"]),
+              "merged_metric_examples": merged.metrics.get(f"{policy['metric']}_examples"),
               "merged_size_bytes": merged.metrics.get("size_bytes"),
+              "walk": ({k: v for k, v in walked.items() if k != "tests"} if walked else
+                       {"procedure": "select best: every screened build evaluated; Holm's procedure in promote"}),
               "evaluated": [r["name"] for r in rungs if r["evaluated"]],
-              "rungs": sorted(rungs, key=lambda r: (r["size_bytes"], r["name"]))}
+              "rungs": sorted(annotate(rungs, walked), key=lambda r: (r["size_bytes"], r["name"]))}
+    report = stamp(report)
     atomic_write_json(root / REPORT, report)
     for r in report["rungs"]:
-        state = "evaluated" if r["evaluated"] else r["why"]
-        tied = f", tied with merged: {r['tied']}" if r["evaluated"] else ""
-        log.info("%s (%s, %s bytes, KLD %.4f): %s%s", r["name"], r["type"] or r["method"], f"{r['size_bytes']:,}",
-                 r["kld_mean"], state, tied)
+        test = r.get("test")
+        state = (f"{test['outcome']} (p = {test['p_value']})" if test and test.get("p_value") is not None
+                 else test["outcome"] if test else r["why"] if "why" in r else "evaluated")
+        log.info("%s (%s, %s bytes, KLD %.4f): %s", r["name"], r["type"] or r["method"], f"{r['size_bytes']:,}",
+                 r["kld_mean"], state)
+    log.info("pick: %s", (walked or {}).get("pick"))
     return report

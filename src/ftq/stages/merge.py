@@ -38,6 +38,7 @@ from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, dir_size
 from ftq.memory import release
 from ftq import schema
 from ftq.params import block, params_hash, repo_root
+from ftq.provenance import stamp
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +457,7 @@ def run(params: dict[str, Any]) -> MergeResult:
             "device": device,
             **peak_memory(on_gpu),
         }
-        atomic_write_json(root / REPORT, report)
+        atomic_write_json(root / REPORT, stamp(report))
         tracked.log_metrics({k: float(v) for k, v in report.items() if k not in ("method", "dtype", "device")})
         tracked.set_tags({"merge.method": method, "merge.dtype": dtype,
                           "lineage.train_run_id": info["lineage"]["train_mlflow_run_id"]})

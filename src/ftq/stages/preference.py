@@ -33,14 +33,14 @@ from ftq import schema
 from ftq.data.errors import DataError
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text
 from ftq.params import ParamsError, params_hash, repo_root
+from ftq.provenance import stamp
 
 log = logging.getLogger(__name__)
 
 REPORT = Path("reports/preference.json")
 PAIRS = Path("reports/preference.pairs.jsonl")
 LOG_CSV = Path("reports/preference_log.csv")
-INFO_FILE = "ftq_preference.json"
-REFERENCE_LOGPS = "reference_logps.jsonl"
+from ftq.layout import PREFERENCE_INFO as INFO_FILE, PREFERENCE_REFERENCE_LOGPS as REFERENCE_LOGPS
 CURVES = ("rewards/", "logps/", "logits/", "log_odds", "nll_loss", "kl")
 CSV_COLUMNS = ["step", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
                "rewards/margins", "rewards/accuracies"]
@@ -93,7 +93,7 @@ def _pass_through(cfg: dict[str, Any], root: Path) -> PreferenceResult:
     report = {"objective": "none"}
     with atomic_dir(root / cfg["output_dir"]) as tmp:
         atomic_write_json(tmp / INFO_FILE, report)
-    atomic_write_json(root / REPORT, report)
+    atomic_write_json(root / REPORT, stamp(report))
     atomic_write_text(root / PAIRS, "")
     atomic_write_text(root / LOG_CSV, ",".join(CSV_COLUMNS) + "\n")
     log.info("preference.objective none: merge takes train's output")
@@ -297,6 +297,7 @@ def _tune(cfg, train, root, records, tracked, resume, expected) -> PreferenceRes
                    zip(held_out_ids, held_out, reference))
     del trainer, model
     release()
+    report = stamp(report)
     _write_reports(root, report, pair_scores, curve)
     _log_to_mlflow(tracked, report, curve, root, target, train.method)
     if not cfg["keep_checkpoints"]:
@@ -321,18 +322,6 @@ def checkpoints_without_reference():
                 shutil.rmtree(config.parent)
 
     return CheckpointsWithoutReference()
-
-
-def held_out_reference(params: dict[str, Any], root: Path) -> tuple[list[dict], float] | None:
-    """The held-out pairs as this stage tokenized and scored them with the starting model
-    (reference_logps.jsonl: ids, token ids, log-probs) and the beta they were tuned with; None where no
-    preference tuning made the output. Evaluate scores every candidate on exactly these ids."""
-    folder = root / schema.settings(params, "preference")["output_dir"]
-    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).exists() else {}
-    if info.get("settings", {}).get("objective", "none") == "none":
-        return None
-    rows = [json.loads(line) for line in (folder / REFERENCE_LOGPS).read_text().splitlines() if line.strip()]
-    return rows, float(info["settings"]["beta"])
 
 
 def curve_rows(log_history: list[dict]) -> list[dict]:

@@ -27,6 +27,7 @@ from ftq.data.tokenize import tokenize_conversation, tool_rendering
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure, tree_md5
 from ftq import schema
 from ftq.params import ParamsError, repo_root
+from ftq.provenance import stamp
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def run(params: dict[str, Any]) -> PrepareResult:
         report["train"].update(train_stats)
         report["eval"].update(eval_stats)
         report["tool_rendering"] = rendering
+        report = stamp(report)
         atomic_write_json(root / REPORT, report)
         plot_lengths(train_rows["length"], eval_rows["length"], settings.max_length, root / HISTOGRAM)
 

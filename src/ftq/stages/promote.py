@@ -2,9 +2,11 @@
 `champion` to the best one by the policy in params.yaml `promote`. It composes rooms of one job each:
 
 - ftq.promotion.candidates reads each build's manifest, evaluation and per-example scores;
-- ftq.promotion.policy (pure) judges each against the policy (retention against merged, the
-  general-ability guard, the size cap), ranks them and decides, every comparison paired on the same
-  held-out examples (reports/eval/<name>.answers.jsonl, seeded bootstrap; ftq.evaluation.paired);
+- ftq.promotion.policy (pure) judges each against the policy (non-inferiority against merged at the
+  policy's margin, the general-ability guard at its tolerance, the size cap) and decides (the smallest
+  build shown faithful, as stage ladder's fixed-sequence walk found it; or, with select best, Holm's
+  procedure and the best by the metric), every test paired on the same held-out examples
+  (reports/eval/<name>.answers.jsonl; statistics from ftq.evidence);
 - ftq.registry.versions registers one version per distinct build (uploaded, verified, tagged);
 - ftq.promotion.reevaluation scores the current champion on this run's examples (its registered
   artifact re-evaluated when it is not one of these builds);
@@ -20,9 +22,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ftq import schema
+from ftq import layout, schema
 from ftq.io import atomic_write_json
 from ftq.params import repo_root
+from ftq.provenance import stamp
 from ftq.promotion.candidates import read_candidate, read_merged
 from ftq.promotion.policy import Candidate, Contender, decide, judge, policy_of
 from ftq.promotion.reevaluation import CHAMPION_ANSWERS, ChampionReevaluation
@@ -32,7 +35,7 @@ from ftq.registry.versions import ensure_registered_model, register
 
 log = logging.getLogger(__name__)
 
-REPORT = Path("reports/promotion.json")
+REPORT = layout.PROMOTION
 
 
 def registrable(candidate: Candidate) -> bool:
@@ -49,6 +52,15 @@ def contender(client, model_name: str, candidate: Candidate, merged: Candidate |
     version, created = register(client, model_name, candidate, root, params, exp_id) \
         if registrable(candidate) else (None, False)
     return Contender(candidate, version, verdict, created)
+
+
+def walk_tests(root: Path) -> dict[str, dict]:
+    """Each build's test in stage ladder's walk (reports/ladder.json), by name."""
+    import json
+
+    path = root / layout.LADDER
+    rungs = json.loads(path.read_text()).get("rungs", []) if path.exists() else []
+    return {r["name"]: r["test"] for r in rungs if "test" in r}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
@@ -68,8 +80,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         (root / CHAMPION_ANSWERS).unlink(missing_ok=True)  # an earlier run's; written again if needed
         reevaluation = ChampionReevaluation(model_name, contenders, merged, policy, params, root)
         decision = move_champion(client, model_name,
-                                 lambda champion: decide(contenders, reevaluation(champion), policy, merged))
-        report = promotion_report(model_name, policy, contenders, decision, merged)
+                                 lambda champion: decide(contenders, reevaluation(champion), policy))
+        report = promotion_report(model_name, policy, contenders, decision, merged, walk_tests(root))
+        report = stamp(report)
         atomic_write_json(root / REPORT, report)
         tracked.log_artifact(root / REPORT)
         if reevaluation.answers_file is not None:

@@ -28,6 +28,7 @@ from ftq.memory import peak_memory, reset_cuda_peak
 from ftq.io import atomic_dir, atomic_write_json, dir_size, file_sha256, tree_md5
 from ftq import schema
 from ftq.params import ParamsError, repo_root
+from ftq.provenance import stamp
 from ftq.stages import MERGED_DIR, merged_model
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def run(params: dict[str, Any], name: str) -> QuantizeResult:
                 manifest.update(artifact=None, kept=False)
             atomic_write_json(tmp / MANIFEST, manifest)
         report = summary(manifest)
-        atomic_write_json(root / REPORT_ROOT / f"{name}.json", report)
+        atomic_write_json(root / REPORT_ROOT / f"{name}.json", stamp(report))
         tracked.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
         tracked.set_tags({"quantize.build": name, "quantize.method": spec.method,
                           "quantize.screen": "passed" if check["passed"] else "failed",

@@ -32,6 +32,7 @@ import torch
 from ftq.io import atomic_write_json, atomic_write_text, save_figure
 from ftq.memory import peak_memory, release
 from ftq.params import params_hash, repo_root
+from ftq.provenance import machine, stamp
 from ftq.training import launch
 from ftq.training.settings import TrainSettings
 
@@ -317,6 +318,7 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
         "optim": settings.optim,
         # what `auto` chose here, as the Trainer ran it
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "cpu": machine()["cpu"],  # what that precision ran on (bf16 is native on some CPUs, emulated on others)
         "load": load_facts,
         "resumed_from_step": _step_of(resume),
     }
@@ -328,6 +330,7 @@ def _train(settings, params, root, tracked, resume, expected) -> TrainResult | N
     release()
     if not launch.is_main_process():
         return None
+    report = stamp(report)
     atomic_write_json(root / REPORT, report)
     write_csv(root / LOSS_CSV, train_rows, ["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
     write_csv(root / EVAL_CSV, eval_rows, ["step", "eval_loss"])
