@@ -54,22 +54,19 @@ def old_decision(rng, ladder, policy) -> str | None:
 
 
 def scenarios(margin: float, tolerance: float):
+    """Ladders of q8_0 (almost no example differs), then q4 and q3 with the truth named (largest first)."""
     from ftq.promotion.simulation import Truth
 
-    near, equal = (Truth(0.02), Truth(0.01)), (Truth(0.10), Truth(0.06))
-    return {
-        "equal": [("q8_0", *near), ("q4", *equal), ("q3", *equal)],
-        "worse by the margin (task)": [("q8_0", *near), ("q4", Truth(0.10, margin), Truth(0.06)),
-                                       ("q3", Truth(0.10, margin), Truth(0.06))],
-        "worse by twice the margin (task)": [("q8_0", *near), ("q4", Truth(0.10, 2 * margin), Truth(0.06)),
-                                             ("q3", Truth(0.10, 2 * margin), Truth(0.06))],
-        "rare failures, twice the margin (task)": [("q8_0", *near), ("q4", Truth(0.10, 2 * margin, "fail"), Truth(0.06)),
-                                                   ("q3", Truth(0.10, 2 * margin, "fail"), Truth(0.06))],
-        "worse by the tolerance (guard)": [("q8_0", *near), ("q4", Truth(0.10), Truth(0.06, tolerance)),
-                                           ("q3", Truth(0.10), Truth(0.06, tolerance))],
-        "worse by twice the tolerance (guard)": [("q8_0", *near), ("q4", Truth(0.10), Truth(0.06, 2 * tolerance)),
-                                                 ("q3", Truth(0.10), Truth(0.06, 2 * tolerance))],
+    near = (Truth(0.02), Truth(0.01))
+    truths = {
+        "equal": (Truth(0.15), Truth(0.06)),
+        "worse by the margin (task)": (Truth(0.15, margin), Truth(0.06)),
+        "worse by twice the margin (task)": (Truth(0.15, 2 * margin), Truth(0.06)),
+        "rare failures, twice the margin (task)": (Truth(0.15, 2 * margin, "fail"), Truth(0.06)),
+        "worse by the tolerance (guard)": (Truth(0.15), Truth(0.06, tolerance)),
+        "worse by twice the tolerance (guard)": (Truth(0.15), Truth(0.06, 2 * tolerance)),
     }
+    return {name: [("q8_0", *near), ("q4", *truth), ("q3", *truth)] for name, truth in truths.items()}
 
 
 def measure(repeats: int) -> dict:

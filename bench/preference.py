@@ -10,7 +10,7 @@ run, `ftq run --exp -S preference.objective=dpo -S 'preference.loss_type=[sigmoi
 target evaluate_merged runs only `preference` (DPO on data/raw/ftq_default/preference.json, the stage's
 defaults but for what -S sets), `merge`, `benchmark_data` and `evaluate_merged`. The DPO model
 is then set beside the demo's own merged SFT model, both as the evaluate stage scored them, on the same
-held-out task examples and the same HellaSwag items (pairs by example id: ftq.evaluation.paired and
+held-out task examples and the same HellaSwag items (pairs by example id: ftq.evidence and
 ftq.evaluation.benchmark_scores). Writes reports/bench/preference.json, and the DPO model's answers to
 reports/bench/preference.answers.jsonl.
 """
@@ -71,17 +71,18 @@ def tune(project: Path, settings: dict) -> tuple[str, float]:
 
 
 def task_comparison(sft: Path, dpo: Path) -> dict:
-    from ftq.evaluation import paired
+    from ftq import evidence
+    from ftq.promotion.candidates import load_scores
 
-    a, b = paired.load_scores(dpo), paired.load_scores(sft)
+    a, b = load_scores(dpo), load_scores(sft)
     out = {}
     for metric in TASK_METRICS:
         if not any(metric in row for row in a.values()):
             continue
         # the examples that carry the metric (json_* only on the orders whose reference is JSON)
-        mine, theirs = paired.pair(a, b, metric, f"{dpo} vs {sft}")
+        mine, theirs = evidence.pair(a, b, metric, f"{dpo} vs {sft}")
         out[metric] = {"dpo": round(sum(mine) / len(mine), 4), "sft": round(sum(theirs) / len(theirs), 4),
-                       "dpo_minus_sft": paired.difference(mine, theirs)}
+                       "dpo_minus_sft": evidence.difference(mine, theirs)}
     return out
 
 

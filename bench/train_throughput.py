@@ -335,6 +335,12 @@ def table(report: dict) -> str:
                               for s in SYSTEMS)
             lines.append(f"bf16 over fp32 ({model}, {method}, medians): {gains}.")
     lines.append(f"Goal in the report: {report['goal']}.")
+    commits = sorted({str(r.get("commit")) for r in report["results"]})
+    if len(commits) > 1 or commits == ["None"]:
+        lines.append("These rows were not measured at one revision: " + "; ".join(
+            f"{r['model']} {r['method']} {r.get('precision', 'fp32')} at "
+            f"{r.get('commit') or 'a revision not recorded (measured before reports recorded their commit)'}"
+            for r in report["results"]) + ".")
     return "\n".join(lines)
 
 
@@ -372,9 +378,12 @@ def main() -> int:
                           flush=True)
                     runs[system].append(run_system(system, lf_python, base, data, method, cfg, work))
             equal = assert_equal_work(runs, f"{model_name} {method}")
+            from ftq.provenance import record
+
+            # each row its own commit: --models extends a report whose other rows may come from another revision
             row = {"model": model_name, "method": method, "precision": args.precision, "data": data_name,
                    "settings": cfg, "repeats": args.repeats,
-                   "equal_work": equal, **summarize(runs)}
+                   "equal_work": equal, **summarize(runs), "commit": record(__file__)["commit"]}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "settings"}, indent=1), file=sys.stderr, flush=True)
     report = {

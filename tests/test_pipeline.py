@@ -164,6 +164,16 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     metrics = dvc(project, "metrics", "show", "--json")
     assert "reports/quantize/q8_0.json" in metrics.stdout and "reports/ladder.json" in metrics.stdout
 
+    # the machine's arithmetic is an input: on a machine without native bf16 (the file as stage machine
+    # writes it there), what train and the evaluations made here at bf16 is out of date, not reused
+    recorded = (project / "data" / "machine.json").read_text()
+    other = json.loads(recorded)
+    other["native_bf16"] = not other["native_bf16"]
+    (project / "data" / "machine.json").write_text(json.dumps(other))
+    status = dvc(project, "status").stdout
+    assert all(f"{stage}:" in status for stage in ("train", "evaluate_merged", "evaluate_base", "ladder")), status
+    (project / "data" / "machine.json").write_text(recorded)
+
     # one build's options change: it alone is rebuilt. Here the change makes it fail its screen: it is
     # recorded in the ladder, its model not kept, never evaluated, and the walk ends at q8_0
     params["quantize"]["builds"]["q4_0"]["check"] = {"max_kld_mean": 0.0}
@@ -187,11 +197,13 @@ def test_merge_and_quantize_builds_through_dvc_rerun_only_the_changed_build(proj
     dvc(clone, "pull")
     for path in ("models/base", "data/processed", "models/adapter", "models/merged", "models/quantized/q8_0/model.gguf"):
         assert (clone / path).exists(), path
-    # benchmark_data always runs (it hashes the benchmark files, which DVC does not track); its output is
-    # unchanged, so nothing after it runs
-    assert dvc(clone, "status").stdout.split() == ["benchmark_data:", "always", "changed"]
+    # benchmark_data and machine always run (they hash the benchmark files, which DVC does not track, and
+    # record the machine's arithmetic); their outputs are unchanged, so nothing after them runs
+    assert dvc(clone, "status").stdout.split() == ["benchmark_data:", "always", "changed",
+                                                   "machine:", "always", "changed"]
     again = dvc(clone, "repro").stdout
-    assert again.count("Running stage") == 1 and "Running stage 'benchmark_data'" in again
+    assert again.count("Running stage") == 2 and "Running stage 'benchmark_data'" in again
+    assert "Running stage 'machine'" in again
 
 
 def test_queued_experiments_run_in_parallel_into_the_project_store(project):

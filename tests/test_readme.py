@@ -33,14 +33,24 @@ def test_a_generated_block_equals_what_its_script_prints_from_reports(page, comm
 
 
 # A measured figure: a number with a unit of time, size, speed, ratio or share, or a decimal. Outside a
-# generated block it must not appear in prose: code (settings, commands, cited published figures in
-# backticks) and fenced examples are exempt, as are versions named after their package and the
+# generated block it must not appear in prose, nor with its unit alone in backticks (`811 s` is a figure,
+# not code); code that holds more than a number (`max_kld_mean: 0.05`, a command), a setting's bare value
+# in backticks and fenced examples are exempt, as are versions named after their package and the
 # confidence level of an interval.
 FIGURE = re.compile(r"(?<![\w.\-/])\d[\d,]*(?:\.\d+)?\s?(?:%|x(?![\w])|s(?![\w])|ms\b|min\b|minutes\b|seconds\b|MB\b|MiB\b"
                     r"|GB\b|GiB\b|KB\b|tok/s|tokens/s)|(?<![\w.\-/])\d+\.\d+(?![\w.])")
+# a measured figure with a unit (a docstring's or a comment's bare decimal is a setting's value or an example)
+UNIT_FIGURE = re.compile(r"(?<![\w.\-/])\d[\d,]*(?:\.\d+)?\s?(?:%|x(?![\w])|s(?![\w])|ms\b|min\b|minutes\b|seconds\b|MB\b"
+                         r"|MiB\b|GB\b|GiB\b|KB\b|tok/s|tokens/s)")
+# a figure in words: "a fifth of the accuracy", "15 percent", "twofold", "twice as fast" ("a third
+# implementation" is an ordinal, not a figure)
+NUMBER_WORDS = re.compile(r"\b(?:(?:a|one|two|three|four) (?:half|third|quarter|fifth|sixth|tenth)s? of\b|\d+ percent\b"
+                          r"|(?:two|three|four|five|ten)fold\b|(?:twice|half) as (?:fast|slow|large|small|many|much)\b)", re.I)
 VERSIONED = re.compile(r"\b(Python|transformers|DVC|MLflow|llm-compressor|xdist|Llama|GPTQModel|torch|pytest|lm-eval|TRL"
                        r"|Qwen|PostgreSQL) \d+\.\d+")
-METHOD = re.compile(r"95 % (?:interval|confidence|bootstrap)|\[95 %\]")
+METHOD = re.compile(r"95 %\s+(?:interval|confidence|bootstrap)|\[95 %\]")
+# a figure with its unit alone in backticks (a bare decimal in backticks is a setting's value)
+BARE_CODE = re.compile(r"`\s*[~≈]?(" + UNIT_FIGURE.pattern + r")\s*`")
 
 
 def hand_typed_figures(text: str) -> list[str]:
@@ -52,10 +62,18 @@ def hand_typed_figures(text: str) -> list[str]:
             continue
         if fenced:
             continue
+        bare = [m.group(1) for m in BARE_CODE.finditer(line)]
         prose = METHOD.sub("", VERSIONED.sub("", re.sub(r"`[^`\n]*`", "", line)))
         found += [f"line {number} (outside generated blocks): {m.group(0)!r} in {line.strip()[:90]!r}"
-                  for m in FIGURE.finditer(prose)]
+                  for m in [*FIGURE.finditer(prose), *NUMBER_WORDS.finditer(prose)]]
+        found += [f"line {number}: a figure alone in backticks, {b!r}, in {line.strip()[:90]!r}" for b in bare]
     return found
+
+
+def measured_claims(text: str) -> list[str]:
+    """Figures with units and figures in words in a docstring or a comment (bare decimals are settings)."""
+    text = METHOD.sub("", text)
+    return [m.group(0) for m in [*UNIT_FIGURE.finditer(text), *NUMBER_WORDS.finditer(text)]]
 
 
 @pytest.mark.parametrize("page", [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))], ids=lambda p: p.name)
@@ -65,6 +83,45 @@ def test_no_measured_figure_is_typed_by_hand(page):
     assert hand_typed_figures(page.read_text()) == []
 
 
+def test_params_yaml_comments_and_docstrings_claim_no_measured_figure():
+    """A measurement quoted in a setting's help or a docstring goes stale as silently as one in README: it
+    belongs in a report, which the text may name."""
+    import ast
+
+    found = [f"params.yaml line {number}: {claims}" for number, line in
+             enumerate((REPO / "params.yaml").read_text().splitlines(), 1)
+             if "#" in line and (claims := measured_claims(line.split("#", 1)[1]))]
+    for path in sorted((REPO / "src" / "ftq").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                claims = measured_claims(ast.get_docstring(node, clean=False) or "")
+                if claims:
+                    found.append(f"{path.relative_to(REPO)}: {getattr(node, 'name', 'module')}: {claims}")
+    assert found == []
+
+
 def test_the_figure_check_finds_a_typed_figure():
     assert hand_typed_figures("the pipeline took 811 s and q8_0 scored 0.76\n") != []
     assert hand_typed_figures("`max_kld_mean: 0.05` with a 95 % interval, Python 3.11\n") == []
+    assert hand_typed_figures("the install took `421 s` here\n") != []  # a figure hidden in backticks
+    assert hand_typed_figures("q4_0 loses a fifth of the task accuracy, 15 percent of it\n") != []
+    assert measured_claims("a bf16 GEMM ran 3x the fp32 rate") == ["3x"]
+    assert measured_claims("each metric with its 95 % interval; a half-written file; 0.05 by default") == []
+
+
+def test_reports_that_quote_each_other_agree():
+    """reports/bench/guard.json quotes the demo's own tests from reports/ladder.json: they must be the
+    same numbers (one state of the code), as must promotion.json's tests of the champion and ladder.json's."""
+    import json
+
+    ladder = json.loads((REPO / "reports" / "ladder.json").read_text())
+    walked = {r["name"]: r["test"] for r in ladder["rungs"] if r.get("test")}
+    guard = json.loads((REPO / "reports" / "bench" / "guard.json").read_text())
+    for row in guard["baseline"]:
+        assert row["task"] == walked[row["build"]]["metric_test"], row["build"]
+        assert row["general_guard"] == walked[row["build"]]["general_guard"], row["build"]
+    promotion = json.loads((REPO / "reports" / "promotion.json").read_text())
+    for line in promotion["candidates"]:
+        if line["name"] in walked and line.get("metric_test"):
+            for key in ("diff", "lower", "p_value", "outcome", "examples"):
+                assert line["metric_test"][key] == walked[line["name"]]["metric_test"][key], (line["name"], key)

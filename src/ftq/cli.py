@@ -197,10 +197,11 @@ def cmd_ladder(args) -> int:
 
     report = ladder.run(_params(args))
     for rung in report["rungs"]:
-        state = (f"evaluated, {report['metric']} {rung['metric']}, tied with merged: {rung['tied']}"
-                 if rung["evaluated"] else rung["why"])
+        test = rung.get("test")
+        state = (f"{test['outcome']} (p = {test['p_value']:.3g})" if test else
+                 rung.get("why") or ("evaluated in full" if rung["evaluated"] else "not evaluated"))
         print(f"{rung['name']}: {rung['size_bytes']:,} bytes, KLD {rung['kld_mean']:.4f}: {state}")
-    print(f"-> {ladder.REPORT}")
+    print(f"pick: {report['walk'].get('pick', '-')} ({report['walk']['procedure']}) -> {ladder.REPORT}")
     return 0
 
 
@@ -448,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     ladder = commands.add_parser(
-        "ladder", help="stage ladder: the builds that passed their screen, evaluated smallest first until one is "
-                       "tied with merged", formatter_class=FORMATTER,
+        "ladder", help="stage ladder: the builds that passed their screen, tested for non-inferiority to merged "
+                       "from the largest down until one is not shown faithful", formatter_class=FORMATTER,
     )
     params_option(ladder)
     ladder.set_defaults(func=cmd_ladder)

@@ -78,7 +78,8 @@ def non_inferiority(build, reference, margin: float, confidence: float = 0.95, r
                     lower_is_better: bool = False, seed: int = 0, bounds: bool = True,
                     resamples: int = BOOTSTRAP_SAMPLES) -> dict:
     """Is `build` (per-example scores, larger is better unless `lower_is_better`) within `margin` of
-    `reference` (the same examples in the same order)? Returns the test's name, the examples, the observed difference, the one-sided
+    `reference` (the same examples in the same order)? Returns the test's name, the examples, the observed
+    difference, the one-sided
     bounds at `confidence` (`lower`, `upper`), the p-value of H0 "worse by the margin or more", the
     p-value of the mirror H0 ("not worse by the margin"), the outcome, and for an inconclusive one the
     examples that would decide it (`needed_examples`). `bounds=False` leaves out the exact test's bounds
@@ -93,15 +94,16 @@ def non_inferiority(build, reference, margin: float, confidence: float = 0.95, r
     factor = 1 + margin if lower_is_better else 1 - margin  # relative: the build keeps `factor` of merged
     if lower_is_better:  # flipped so that larger is better (0/1 scores stay 0/1)
         x, y = (1 - x, 1 - y) if is_binary(x, y) and not relative else (-x, -y)
+    span = max(1.0, float(np.abs(np.concatenate([x, y])).max()))  # the scores' range (0..1 for every metric)
     if relative:
-        result = _bca(x - factor * y, 0.0, confidence, seed, resamples)
+        result = _bca(x - factor * y, 0.0, confidence, seed, resamples, span)
         result.update(test=f"BCa bootstrap of build - {factor:g} x merged ({resamples} resamples)",
                       margin_scale="relative", diff=_round(x.mean() - y.mean()))
     elif is_binary(x, y):
         wins, losses = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
         result = _exact_paired_binary(wins, losses, len(x), margin, confidence, bounds)
     else:
-        result = _bca(x - y, margin, confidence, seed, resamples)
+        result = _bca(x - y, margin, confidence, seed, resamples, span)
         result["test"] = f"BCa bootstrap of the mean difference ({resamples} resamples)"
     alpha = 1 - confidence
     outcome = FAITHFUL if result["p_value"] <= alpha else WORSE if result["p_worse"] <= alpha else INCONCLUSIVE
@@ -119,15 +121,32 @@ def needed_examples(result: dict, margin: float, confidence: float, power: float
     gap = result["diff_tested"] + (0 if result.get("margin_scale") == "relative" else margin)
     if gap <= 0:
         return None
-    sd = max(result["sd"], 1e-9)
-    return max(result["examples"] + 1, math.ceil(((_z(confidence) + _z(power)) * sd / gap) ** 2))
+    if result["sd"] == 0:  # no example differed: the examples at which none differing shows the margin
+        return max(result["examples"] + 1, math.ceil(math.log(1 - confidence) / math.log(1 - min(gap, 0.999))))
+    return max(result["examples"] + 1, math.ceil(((_z(confidence) + _z(power)) * result["sd"] / gap) ** 2))
 
 
 def _round(v: float) -> float:
     return round(float(v), 4)
 
 
-def _bca(d: np.ndarray, margin: float, confidence: float, seed: int, resamples: int = BOOTSTRAP_SAMPLES) -> dict:
+def _unvaried(mean: float, n: int, margin: float, confidence: float, span: float) -> dict:
+    """Every one of n paired differences equal to `mean`: no resampling can say how rare a different one
+    is. Distribution-free and exact instead: if a share q of examples differed from the rest, by at most
+    `span` (the scores' range) each, seeing none of them in n has probability (1 - q)^n, so q is at most
+    1 - alpha^(1/n) and the true mean at least mean - span (1 - alpha^(1/n)). The p-value of "worse by the
+    margin or more" is then (1 - (mean + margin) / span)^n (1 where the observed mean is already beyond it)."""
+    alpha = 1 - confidence
+    reach = span * (1 - alpha ** (1 / n))
+    gap = (mean + margin) / span
+    return {"lower": _round(mean - reach), "upper": _round(mean + reach),
+            "p_value": float((1 - gap) ** n) if 0 < gap <= 1 else 0.0 if gap > 1 else 1.0,
+            "p_worse": float((1 + gap) ** n) if -1 <= gap < 0 else 0.0 if gap < -1 else 1.0,
+            "note": f"all {n} paired differences are {mean:+.4g}: bounded by the scores' range, not resampled"}
+
+
+def _bca(d: np.ndarray, margin: float, confidence: float, seed: int, resamples: int = BOOTSTRAP_SAMPLES,
+         span: float = 1.0) -> dict:
     """The BCa bootstrap (Efron 1987) of mean(d) against -margin: its one-sided bounds at `confidence` and
     both one-sided p-values, the achieved significance levels that invert the same bounds (so a p-value at
     most alpha and a bound clearing -margin always agree). Bias correction z0 from the resampled means
@@ -139,8 +158,7 @@ def _bca(d: np.ndarray, margin: float, confidence: float, seed: int, resamples: 
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     base = {"examples": n, "diff": _round(mean), "diff_tested": mean, "sd": sd}
     if sd == 0:  # every difference equal: nothing varies to resample
-        return {**base, "lower": _round(mean), "upper": _round(mean), "p_value": 0.0 if mean > -margin else 1.0,
-                "p_worse": 0.0 if mean < -margin else 1.0, "note": f"all {n} paired differences are {mean:+.4g}"}
+        return {**base, **_unvaried(mean, n, margin, confidence, span)}
     rng = np.random.default_rng(seed)
     means = np.sort(np.concatenate([d[rng.integers(0, n, size=(min(1000, resamples - start), n))].mean(axis=1)
                                     for start in range(0, resamples, 1000)]))  # in chunks: n x 1000 at a time
@@ -290,7 +308,8 @@ def superiority(a, b, confidence: float = 0.95, seed: int = 0) -> dict:
 
 def difference(a, b, confidence: float = 0.95, seed: int = 0) -> dict:
     """a - b on the same examples, described rather than decided: the mean difference with its two-sided
-    interval at `confidence` (the exact test's bounds for 0/1 scores, the BCa bootstrap's otherwise) and the two-sided p-value of "no difference" (McNemar's exact test, or the exact sign-flip
+    interval at `confidence` (the exact test's bounds for 0/1 scores, the BCa bootstrap's otherwise) and the
+    two-sided p-value of "no difference" (McNemar's exact test, or the exact sign-flip
     permutation test); {diff, interval, p_value, test, examples}."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1 or len(x) == 0:

@@ -30,9 +30,9 @@ def load_kwargs(root: Path | None = None) -> dict[str, Any]:
 
 
 def cpu_multiplies_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16). Measured on 2 cores: a
-    bf16 GEMM ran 3x the fp32 rate on an AVX512-BF16 EPYC (LoRA training 1.6x faster), while an AVX2 CPU,
-    which emulates bf16, ran it 8x slower than fp32."""
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16): where it has them a bf16
+    GEMM outruns fp32 (training's bf16 and fp32 rows in reports/bench/train.json), where it has not (AVX2
+    only) bf16 is emulated and far slower than fp32."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -55,7 +55,7 @@ def native_bf16() -> bool:
 def compute_dtype(setting: str, stored: str) -> str:
     """The dtype a plain HF model runs in for `setting` (auto | float32 | bfloat16 | float16): auto keeps
     what is stored, except that float32 runs in bfloat16 where the hardware multiplies bf16 natively (half
-    the memory traffic, ~1.9x the scoring throughput of float32 on 2 AVX512-BF16 cores)."""
+    the memory traffic, and faster scoring than float32; reports/bench/benchmarks.json measures both)."""
     if setting != "auto":
         return setting
     return "bfloat16" if stored == "float32" and native_bf16() else stored

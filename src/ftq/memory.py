@@ -42,8 +42,8 @@ def peak_memory(on_gpu: bool | None = None) -> dict[str, int]:
 
 
 def release() -> None:
-    """Hand freed memory back to the system. glibc serves tensors up to 32 MB (most weight matrices) from
-    its heap once a large free has raised its mmap threshold, and keeps what is freed there: without a
+    """Hand freed memory back to the system. glibc serves tensors up to its largest mmap threshold (most
+    weight matrices) from its heap once a large free has raised its mmap threshold, and keeps what is freed there: without a
     trim, a model deleted before the next one loads still counts, and the stage peaks at two models."""
     import gc
 
@@ -56,9 +56,9 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter (glibc's malloc.h)
 
 def bound_heap(threshold: int = 256 * 1024) -> None:
     """Serve allocations of `threshold` bytes or more from mmap, handed back to the system when freed.
-    glibc's own threshold moves up to the largest block freed (up to 32 MB), after which a training step's
-    activation-sized tensors come from its heap, and the holes they leave stay in the process: on a 1B
-    model's DPO step that was 0.3 GB over the live tensors, and the stage's peak. Setting it also stops
+    glibc's own threshold moves up to the largest block freed (up to DEFAULT_MMAP_THRESHOLD_MAX), after
+    which a training step's activation-sized tensors come from its heap, and the holes they leave stay in
+    the process: on a 1B model's DPO step they made the stage's peak (reports/bench/scale.json). Setting it also stops
     the threshold from moving. A no-op off glibc."""
     _glibc("mallopt", M_MMAP_THRESHOLD, threshold)
 

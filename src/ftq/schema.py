@@ -175,7 +175,7 @@ SCHEMA: dict[str, dict] = {
             "rank": Int(16, minimum=1, help="the rank of each LoRA update"),
             "alpha": Num(32, above=0, help="LoRA's scale: updates are multiplied by alpha / rank"),
             "dropout": Num(0.0, minimum=0, below=1,
-                help=("PEFT's and LLaMA-Factory's default: dropout's Bernoulli masks were a quarter of a CPU "
+                help=("PEFT's and LLaMA-Factory's default: dropout's Bernoulli masks were a large share of a CPU "
                 "training step here (bench/train_dropout.py)")),
             "target_modules": Setting("all-linear", _targets, "all-linear or a list of module names",
                 help="all-linear, or a list of module names, e.g. [q_proj, v_proj]"),
@@ -301,8 +301,11 @@ SCHEMA: dict[str, dict] = {
             "seed": Int(0, minimum=0, help="seeds the sample"),
         },
         "reference": {
+            "split": Choice("train", "train", "eval",
+                help=("the prepared split the examples come from: {choices}; train keeps the screen's examples "
+                      "apart from the held-out ones the promotion tests are scored on")),
             "examples": Int(64, minimum=1,
-                help="a seeded sample of held-out examples (all of them when there are fewer)"),
+                help="a seeded sample of the split's examples (all of them when there are fewer)"),
             "max_length": Int(512, minimum=1, help="each cut to this many tokens"),
             "seed": Int(0, minimum=0, help="seeds the sample"),
             "top_k": Int(256, minimum=1,
@@ -389,7 +392,7 @@ SCHEMA: dict[str, dict] = {
             "margin": Num(0.05, minimum=0, below=1,
                 help=("the largest loss against merged that still counts as faithful, declared before the data "
                       "(docs/pipeline.md#the-margin): 0.05 is 5 points of the metric (margin_scale absolute) or "
-                      "5 % of merged's score (relative)")),
+                      "a 0.05 share of merged's score (relative)")),
             "margin_scale": Choice("absolute", "absolute", "relative",
                 help="absolute: points of the metric | relative: a share of merged's mean"),
             "max_size_bytes": Int(None, minimum=1, nullable=True,

@@ -136,12 +136,14 @@ def test_the_champion_moves_on_evidence_only():
     assert decision.moves_to == "2" and "no longer passes the policy" in decision.note
 
 
-def test_four_wins_and_no_loss_of_forty_do_not_beat_the_champion():
-    """The issue's case: the percentile bootstrap called it 'beats'; the exact sign-flip test gives 0.0625."""
+def test_four_wins_and_no_loss_do_not_beat_the_champion():
+    """The issue's case (4 wins of a quarter field, no loss): the percentile bootstrap called it 'beats';
+    the exact sign-flip test gives 0.0625. 80 examples, so that the champion, equal to merged on every one,
+    is itself shown faithful (on 40 identical examples it would not be: test_evidence)."""
     best = {**NO_GUARD, "select": "best"}
-    reference = merged(field_scores(total=40))
-    champion = build("q8_0", field_scores(total=40))
-    challenger = build("q4_0", field_scores(gains=4, total=40), size=300)
+    reference = merged(field_scores(total=80))
+    champion = build("q8_0", field_scores(total=80))
+    challenger = build("q4_0", field_scores(gains=4, total=80), size=300)
     decision, report, _ = promote([champion, challenger], reference, champion="1", policy=best)
     assert decision.moves_to is None  # the champion stays
     kept = next(r for r in decision.ranking if r.version == "1")
@@ -156,6 +158,23 @@ def test_select_best_shares_the_error_budget_by_holm():
                                         reference, policy=best)
     assert "Holm" in report["procedure"] and decision.champion_version in ("1", "2")
     assert all(c.passes for c in entered)
+
+
+def test_holm_counts_every_tested_build_not_only_those_that_passed_alone():
+    """Three builds tested, one at p = 0.03 (faithful on its own at 5 %), two not shown faithful: among three,
+    Holm asks p <= 0.05 / 3 of the best one, so none is shown faithful."""
+    from ftq.promotion.policy import Verdict, holm_verdicts
+
+    def tested(name, p):
+        test = {"p_value": p, "outcome": "faithful" if p <= 0.05 else "inconclusive"}
+        reasons = [] if p <= 0.05 else ["not shown faithful"]
+        return Contender(build(name, field_scores()), name, Verdict(reasons, test, None))
+
+    best = {**NO_GUARD, "select": "best"}
+    judged = holm_verdicts([tested("a", 0.03), tested("b", 0.40), tested("c", 0.60)], best)
+    assert not any(c.passes for c in judged)
+    assert "Holm" in judged[0].verdict.reasons[0]
+    assert holm_verdicts([tested("a", 0.01), tested("b", 0.02)], best)[1].passes  # 0.02 <= 0.05 / 1
 
 
 def test_policy_is_validated():

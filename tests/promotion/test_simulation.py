@@ -20,9 +20,10 @@ POLICY = schema.defaults("promote")["policy"]
 ALPHA = 1 - POLICY["confidence"]
 SLACK = 3 * np.sqrt(ALPHA * (1 - ALPHA) / REPEATS)  # three Monte Carlo standard errors
 MARGIN, TOLERANCE = POLICY["margin"], POLICY["general_guard"]["tolerance"]
-# q8_0-like: almost no example differs; q4_k_m-like: the spread of the demo's q4_k_m differences from merged
+# q8_0-like: almost no example differs; q4_k_m-like: as the demo's q4_k_m differed from merged (6 of 40
+# orders by one step, 8 of 300 HellaSwag items)
 NEAR = (Truth(0.02), Truth(0.01))
-EQUAL = (Truth(0.10), Truth(0.06))
+EQUAL = (Truth(0.15), Truth(0.06))
 
 
 def test_the_simulation_has_the_demo_s_sizes():
@@ -35,9 +36,9 @@ def test_the_simulation_has_the_demo_s_sizes():
 
 
 @pytest.mark.parametrize("task, guard", [
-    (Truth(0.10, 2 * MARGIN), Truth(0.06)),               # a step lost on a fifth of the examples
-    (Truth(0.10, 2 * MARGIN, "fail"), Truth(0.06)),       # rare answers that score 0
-    (Truth(0.10), Truth(0.06, 2 * TOLERANCE)),            # general ability lost, the task kept
+    (Truth(0.15, 2 * MARGIN), Truth(0.06)),               # a step lost on many examples
+    (Truth(0.15, 2 * MARGIN, "fail"), Truth(0.06)),       # rare answers that score 0
+    (Truth(0.15), Truth(0.06, 2 * TOLERANCE)),            # general ability lost, the task kept
 ], ids=["metric-steps", "metric-failures", "guard"])
 def test_a_build_worse_by_twice_the_margin_ships_at_most_alpha_of_the_time(task, guard):
     rates = simulation.rates([("q8_0", *NEAR), ("q4_k_m", task, guard), ("q3_k_m", task, guard)], POLICY,
@@ -46,8 +47,16 @@ def test_a_build_worse_by_twice_the_margin_ships_at_most_alpha_of_the_time(task,
     assert shipped_bad <= ALPHA + SLACK, rates
 
 
+def test_at_the_margin_itself_the_level_holds_within_monte_carlo_error():
+    """The null's boundary, where a test's level is decided: a build truly worse by exactly the margin ships
+    about 1 - confidence of the time (the BCa bootstrap's level is approximate, not exact: within slack)."""
+    rates = simulation.rates([("q8_0", *NEAR), ("q4_k_m", Truth(0.15, MARGIN), Truth(0.06))], POLICY,
+                             repeats=REPEATS, seed=3)
+    assert rates.get("q4_k_m", 0) <= ALPHA + SLACK, rates
+
+
 def test_a_build_equal_to_merged_ships_with_power_at_least_0_8():
-    worse = (Truth(0.10, 2 * MARGIN), Truth(0.06))
+    worse = (Truth(0.15, 2 * MARGIN), Truth(0.06))
     rates = simulation.rates([("q8_0", *NEAR), ("q4_k_m", *EQUAL), ("q4_k_m_no_imatrix", *worse)], POLICY,
                              repeats=REPEATS, seed=2)
     assert rates.get("q4_k_m", 0) >= 0.8, rates

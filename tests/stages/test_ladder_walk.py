@@ -9,7 +9,8 @@ POLICY = schema.defaults("promote")["policy"]
 
 
 def rungs(*specs):
-    return [{"name": n, "size_bytes": size, "screen_passed": passed, "screen_failures": [] if passed else ["KLD"],
+    return [{"name": n, "size_bytes": size, "type": n.replace("_no_imatrix", ""), "imatrix": "no_imatrix" not in n,
+             "screen_passed": passed, "screen_failures": [] if passed else ["KLD"],
              "evaluated": False} for n, size, passed in specs]
 
 

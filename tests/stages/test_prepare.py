@@ -30,9 +30,9 @@ def test_prepare_default_data(based):
     out = based / "data" / "processed"
     report = json.loads((based / "reports" / "data.json").read_text())
     replay = len(json.loads((based / "data" / "raw" / "ftq_default" / "replay.json").read_text()))
-    assert report["records_in"] == 348 + replay and report["rejected"] == 0
-    assert report["train"]["examples"] == 300 + replay and report["eval"]["examples"] == 48
-    assert report["datasets"]["ftq_default_heldout"]["eval"] == 48
+    assert report["records_in"] == 388 + replay and report["rejected"] == 0
+    assert report["train"]["examples"] == 300 + replay and report["eval"]["examples"] == 88
+    assert report["datasets"]["ftq_default_heldout"]["eval"] == 88
     assert report["datasets"]["ftq_default_replay"]["train"] == replay
     assert report["train"]["length"]["p50"] > 0 and result.report == report
     train = load_from_disk(str(out / "train"))

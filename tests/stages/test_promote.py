@@ -9,7 +9,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import load_params, set_params, set_scores
+from conftest import HELLASWAG, load_params, set_params, set_scores
 from ftq.promotion.reevaluation import CHAMPION_ANSWERS
 from ftq.stages import promote
 from ftq.layout import eval_dir as report_dir
@@ -42,7 +42,7 @@ def by_name(report):
     return {c["name"]: c for c in report["candidates"]}
 
 
-def test_the_smallest_faithful_build_is_the_first_champion_and_the_report_says_why(evaluated_copy):
+def test_the_best_faithful_build_is_the_first_champion_and_the_report_says_why(evaluated_copy):
     project = evaluated_copy
     set_scores(project, "merged", fields())
     set_scores(project, "q8_0", fields())
@@ -93,8 +93,12 @@ def test_a_stale_champion_is_re_evaluated_on_the_current_examples(evaluated_copy
     # the next experiment builds only q4_0, which now scores 1 everywhere: the champion's stored tags are
     # from another evaluation, so its artifact is downloaded and answers the current examples again
     set_scores(project, "q4_0", 1.0)
-    # 4 current examples: a margin of 0.9 lets them decide (each test's own power is tested elsewhere)
-    report = promote_as(project, "stale", enabled=("q4_0",), margin=0.9)
+    # 4 current examples: a margin of 0.9 lets them decide (each test's own power is tested elsewhere); the
+    # guard on where HellaSwag is here: the re-evaluated champion is scored on it like every candidate
+    guard = {"task": "hellaswag", "tolerance": 0.9} if HELLASWAG.exists() else NO_GUARD
+    report = promote_as(project, "stale", enabled=("q4_0",), margin=0.9, general_guard=guard)
+    if HELLASWAG.exists():
+        assert report["champion"]["previous_tests"]["general_guard"]["items"] > 0
     assert "re-evaluated on the current 4 examples" in report["champion"]["previous_evaluation"]
     answers = [json.loads(line) for line in (project / CHAMPION_ANSWERS).read_text().splitlines()]
     current = [json.loads(line)["id"] for line in (project / report_dir("q4_0") / "q4_0.answers.jsonl").read_text().splitlines()]
@@ -102,6 +106,21 @@ def test_a_stale_champion_is_re_evaluated_on_the_current_examples(evaluated_copy
     # the tiny random model's real answers get no JSON field right
     assert report["champion"]["previous_metric"] == 0.0
     assert champion_build(project, "stale") == "q4_0" and "no longer passes the policy" in report["champion"]["note"]
+
+
+def test_a_guard_whose_data_is_absent_fails_closed(evaluated_copy):
+    """merged was not scored on the guard's task (its rows are gone): no build can be shown to keep general
+    ability, so none ships, and the reason says how to switch the guard off by name."""
+    project = evaluated_copy
+    set_scores(project, "merged", fields())
+    set_scores(project, "q8_0", fields())
+    samples = project / report_dir("merged") / "lm_eval" / "merged.samples.jsonl"
+    samples.write_text("".join(line + "\n" for line in samples.read_text().splitlines()
+                               if json.loads(line).get("task") != "hellaswag"))
+    report = promote_as(project, "closed", enabled=("q8_0",), general_guard={"task": "hellaswag"})
+    line = by_name(report)["q8_0"]
+    assert line["status"] == "rejected" and line["general_guard"]["outcome"] == "absent"
+    assert "general_guard.task: null" in line["reasons"][0] and report["champion"]["version"] is None
 
 
 def test_a_failing_candidate_never_wins(evaluated_copy):

@@ -75,7 +75,7 @@ def test_gguf_build_with_output_type_and_manifest(merged):
 
 
 def test_a_build_that_fails_its_screen_is_recorded_without_its_model_and_never_evaluated(merged):
-    from ftq.stages import evaluate
+    from ftq.evaluation import candidate
 
     params = with_builds(merged, broken={"method": "gguf", "type": "q2_k", "check": {"min_top1_agreement": 1.01}})
     manifest = quantize.run(params, "broken").manifest
@@ -88,8 +88,8 @@ def test_a_build_that_fails_its_screen_is_recorded_without_its_model_and_never_e
     assert report["size_bytes"] > 0 and report["kld_mean"] >= 0  # recorded: size and distances
     [run] = quantize_runs(merged, "broken")
     assert run.info.status == "FINISHED" and run.data.tags["quantize.screen"] == "failed"
-    with pytest.raises(evaluate.ScreenedOut, match="build 'broken' failed its screen"):
-        evaluate.candidate_path(merged, "broken")
+    with pytest.raises(candidate.ScreenedOut, match="build 'broken' failed its screen"):
+        candidate.candidate_path(merged, "broken")
 
 
 def test_the_importance_matrix_is_computed_once_and_used_where_a_build_asks(merged):

@@ -8,7 +8,7 @@
 - at_label_positions (either layout): the model computes logits only where the next token is a label.
 
 The logits are a training step's largest tensor on a small model with a large vocabulary (SmolLM2:
-49,152 columns, float32, upcast again for the loss) and the lm_head a fifth of its matmul work, yet
+49,152 columns, float32, upcast again for the loss) and the lm_head a large share of its matmul work, yet
 chat data puts labels on the answers alone: prompts and padding need neither.
 """
 

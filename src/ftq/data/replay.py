@@ -2,7 +2,7 @@
 base model itself, so that fine-tuning on the narrow task keeps what the base could already do.
 
 Training on a few hundred identity and JSON examples alone pulls a 135M model away from everything
-else (measured: general-text word perplexity +17 %, "What is the capital of France?" answered with an
+else (general-text word perplexity rose, and "What is the capital of France?" was answered with an
 introduction). Mixing in the base model's own greedy answers to general prompts is replay
 (self-distillation): the loss on those rows is lowest where the model stays as it was, and no text is
 copied from anywhere. The prompts avoid identity questions (the task teaches a new name) and the
@@ -12,7 +12,7 @@ The answers are sampled at temperature 1 (seeded), not greedy: a sample from the
 distribution leaves that distribution where it was (the expected gradient of its log-likelihood is
 zero at the base model), so replay pulls the fine-tune back toward the base without sharpening it.
 Greedy answers are the mode, and training on them made the model over-confident: plain-text word
-perplexity rose 27 % with greedy replay against 17 % without any (LoRA lr 1e-3, measured here).
+perplexity rose more with greedy replay than without any replay (LoRA lr 1e-3).
 
 Regenerate with `ftq data make-default --replay` (needs models/base: `dvc repro base`); seeded, so
 deterministic on a given machine. A test checks the committed prompts match GENERAL_PROMPTS.

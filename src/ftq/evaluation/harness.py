@@ -50,8 +50,8 @@ def go_offline() -> None:
 
 
 def task_manager(root: Path, cfg: dict):
-    """ftq's tasks and the include_path folders; lm-eval's ~15,000 built-in task names are indexed
-    (~17 s) only when a requested name isn't among those."""
+    """ftq's tasks and the include_path folders; lm-eval's ~15,000 built-in task names are indexed (slow)
+    only when a requested name isn't among those."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(PROJECT_TASKS)] + [str(p if Path(p).is_absolute() else root / p) for p in cfg["include_path"]]
@@ -178,7 +178,7 @@ class Plan:
 
 def catalogue_manager(task: str):
     """A TaskManager that knows `task` from lm-eval's catalogue: its own folder's (lm_eval/tasks/<task>,
-    well under a second) when that holds it, else the whole catalogue's (~17 s to index)."""
+    fast) when that holds it, else the whole catalogue's (slow to index)."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 

@@ -19,7 +19,7 @@ def continuation_score(logits: np.ndarray, continuation: list[int]) -> tuple[flo
     """(summed log-probability of `continuation`, whether each of its tokens is the argmax) from the
     logits that predict its tokens ([len(continuation), vocab]). Only the targets' log-probabilities are
     formed (logit - logsumexp): exponentials in float32, as llama.cpp's own scorer takes them, summed in
-    float64; a full float64 log-softmax of every row took a tenth of a GGUF candidate's HellaSwag time."""
+    float64; a full float64 log-softmax of every row was a large share of a GGUF candidate's HellaSwag time."""
     logits = np.asarray(logits, dtype=np.float32)
     targets = np.asarray(continuation)
     peak = logits.max(axis=1)

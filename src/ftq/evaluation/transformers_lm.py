@@ -3,7 +3,7 @@ each context once, then its continuations (a multiple-choice item's endings: Hel
 items packed into one row under an attention mask that keeps continuations and items apart, the LM head
 run only where a log-probability is read. lm-eval's own HFLM scores every context + continuation from
 scratch, which costs an item about twice the tokens; a padded batch of continuations from the context's
-KV cache (this module's first design) still spent ~40 % of HellaSwag's tokens on padding, compute a CPU
+KV cache (this module's first design) still spent many of HellaSwag's tokens on padding, compute a CPU
 pays in full. Everything else (generation, rolling log-likelihoods, requests with a context of their own)
 is lm-eval's HFLM unchanged."""
 

@@ -139,13 +139,13 @@ def alpha(policy: dict) -> float:
 
 # --- the tests --------------------------------------------------------------------------------------------
 
-def metric_test(mine: dict[str, dict], merged: dict[str, dict], policy: dict, where: str) -> dict:
+def metric_test(mine: dict[str, dict], merged: dict[str, dict], policy: dict, where: str, **options) -> dict:
     """Non-inferiority of `mine` against merged on the policy's metric and margin, example by example
-    (ftq.evidence.non_inferiority; `diff` signed so that > 0 is better)."""
+    (ftq.evidence.non_inferiority, `options` passed on; `diff` signed so that > 0 is better)."""
     a, b = evidence.pair(mine, merged, per_example_key(policy["metric"]), where)
     return {"metric": policy["metric"], **evidence.non_inferiority(
         a, b, float(policy["margin"]), float(policy["confidence"]), relative=policy["margin_scale"] == "relative",
-        lower_is_better=policy["direction"] == "min")}
+        lower_is_better=policy["direction"] == "min", **options)}
 
 
 def per_item(rows: list[dict], task: str, metric: str) -> dict[str, dict]:
@@ -197,10 +197,10 @@ def explain(test: dict, what: str) -> str:
     if test["outcome"] == "absent":
         return test["reason"]
     margin = test.get("tolerance", test["margin"])
-    scale = " of merged's" if test.get("margin_scale") == "relative" else ""
+    against = (f"{test['lower']:+.4f} of build - {1 - margin:g} x merged against 0" if test.get("margin_scale")
+               == "relative" else f"{test['lower']:+.4f} against margin -{margin:g}")
     line = (f"{what} {test['outcome']}: {test['diff']:+.4f} vs merged, one-sided {test['confidence']:.0%} bound "
-            f"{test['lower']:+.4f} against margin -{margin:g}{scale}, p = {test['p_value']:.4g} "
-            f"({test['test']}, {test['examples']} examples)")
+            f"{against}, p = {test['p_value']:.4g} ({test['test']}, {test['examples']} examples)")
     if test["outcome"] == evidence.INCONCLUSIVE:
         needed = test.get("needed_examples")
         line += (f"; about {needed} examples would show it faithful if the observed difference holds" if needed
@@ -245,21 +245,29 @@ def judge(candidate: Candidate, merged: Candidate | None, policy: dict) -> Verdi
 
 # --- several builds, one error budget ------------------------------------------------------------------
 
-def walk_order(sizes: dict[str, int]) -> list[str]:
-    """The fixed sequence, set before any build is evaluated: largest first (the likeliest to be faithful),
-    names breaking equal sizes."""
-    return sorted(sizes, key=lambda name: (-sizes[name], name))
+def walk_order(rungs: list[dict]) -> list[str]:
+    """The fixed sequence, set before any build is evaluated: largest first (the likeliest to be faithful);
+    builds of one type (the same quantization with and without the importance matrix, a few bytes of
+    metadata apart) in a place of their own, the one with the importance matrix first (a priori the more
+    faithful), whatever their bytes say. Rungs: {name, size_bytes, type, imatrix}."""
+    largest: dict = {}
+    for r in rungs:
+        largest[r.get("type") or r["name"]] = max(largest.get(r.get("type") or r["name"], 0), r["size_bytes"])
+    return [r["name"] for r in sorted(rungs, key=lambda r: (-largest[r.get("type") or r["name"]],
+                                                               r.get("type") or r["name"], not r.get("imatrix"),
+                                                               r["name"]))]
 
 
 def holm_verdicts(contenders: list[Contender], policy: dict) -> list[Contender]:
-    """`select: best`: Holm's procedure over the builds' intersection-union p-values; a build Holm does
-    not reject gains a reason (its own test at the full level is not enough among several)."""
+    """`select: best`: Holm's procedure over every tested build's intersection-union p-value (those that
+    failed on their own count in the family too: leaving them out would spend the budget only on the
+    winners); a build Holm does not reject gains a reason (its own test at the full level is not enough)."""
     tested = {c.name: p_value_of(c.verdict.metric_test, c.verdict.general_guard) for c in contenders
-              if c.passes and c.verdict.metric_test is not None}
+              if c.verdict.metric_test is not None}
     rejected = evidence.holm(tested, alpha(policy))
     out = []
     for c in contenders:
-        if c.name in tested and not rejected[c.name]:
+        if c.name in tested and not rejected[c.name] and c.passes:
             why = (f"not shown faithful once {len(tested)} builds share the error budget (Holm: p = "
                    f"{tested[c.name]:.4g})")
             c = Contender(c.candidate, c.version, Verdict([why], c.verdict.metric_test, c.verdict.general_guard),

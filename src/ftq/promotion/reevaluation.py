@@ -72,7 +72,7 @@ class ChampionReevaluation:
         if self.policy["metric"] in PREFERENCE_KEYS:
             return preference_rows(runtime, self.params, self.root)
         cfg = schema.settings(self.params, "evaluate")
-        return answer_all(runtime, task_examples(self.root, cfg), int(cfg["max_new_tokens"]))
+        return answer_all(runtime, task_examples(self.root, cfg), int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
 
     def _guard_rows(self, runtime) -> list[dict] | None:
         """The champion's rows on the lm-eval tasks (the guard's among them), where a guard is set."""

@@ -38,6 +38,11 @@ def entry(contender: Contender, decision: Decision, policy: dict, walk_tests: di
     position = {r.version: i + 1 for i, r in enumerate(decision.ranking)}
     status, why = status_of(contender, decision, position)
     walked = walk_tests.get(contender.name) or {}
+    if policy["select"] == "smallest_faithful" and walked.get("outcome") == "faithful" \
+            and contender.candidate.metrics is None:
+        # shown faithful in the walk, which went on to a smaller build: not evaluated in full, not registered
+        status, why = "faithful, not the smallest", ["shown faithful in the ladder's walk; a smaller build was "
+                                                      "shown faithful after it (reports/ladder.json)"]
     line = {"name": contender.name, "version": contender.version, "registered_now": contender.registered_now,
             "status": status, "reasons": why, "metric": metrics.get(metric),
             "metric_ci95": metrics.get(f"{metric}_ci95"), "metric_examples": metrics.get(f"{metric}_examples"),

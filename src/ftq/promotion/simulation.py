@@ -6,15 +6,17 @@ ftq.promotion.policy, the pick shipped). Pure and seeded; used by tests/promotio
 
 The data mimic the demo's: `task_json_field_accuracy` on 80 held-out examples (merged's per-example scores
 drawn from its observed distribution: 1.0, 0.75, 0.5, 0.25 with shares 14, 19, 5, 2 of 40) and HellaSwag
-acc_norm on 200 items (merged right on 39 %).
+acc_norm on 200 items (merged right on GUARD_RIGHT of them).
 
 How a build differs from merged:
-* `equal(noise)`: each example, with probability `noise`, is scored afresh from merged's own distribution
-  (independently of merged's score there): the pair is exchangeable, so the true difference is exactly 0,
-  and `noise` sets how many examples differ (a q4_k_m-like build: 0.25 on the metric, 0.06 on the guard).
-* `worse(delta)`: on top of that noise, each example loses one step (0.25 of the field accuracy, or a right
-  HellaSwag answer becoming wrong) with the probability that makes the true difference exactly -delta.
-* `fails(delta)`: rare total failures instead (an answer scoring 0), again to a true difference of -delta.
+* `Truth(noise)`: each example differs from merged's with probability `noise`, with a true difference of
+  exactly 0: a graded score moves one step up or down (the two balanced so that the mean move is 0), a 0/1
+  item is scored afresh from merged's own distribution (exchangeable). A q4_k_m-like build: 0.15 on the
+  metric (the demo's q4_k_m differed from merged on 6 of 40 orders, by one step each) and 0.06 on the
+  guard (8 of 300 HellaSwag items differed).
+* `Truth(noise, delta)`: on top of that noise, each example loses one step (0.25 of the field accuracy,
+  or a right HellaSwag answer becoming wrong) with the probability that makes the true difference -delta.
+* `Truth(noise, delta, "fail")`: rare total failures instead (an answer scoring 0), again to -delta.
 """
 
 from __future__ import annotations
@@ -49,8 +51,16 @@ def draw_build(rng, merged: np.ndarray, truth: Truth, values: np.ndarray, shares
     """A build's scores on merged's examples, merged's per-example scores being distributed as `values`
     with `shares`."""
     build = merged.copy()
-    resampled = rng.random(len(build)) < truth.noise
-    build[resampled] = rng.choice(values, size=int(resampled.sum()), p=shares)
+    moved = rng.random(len(build)) < truth.noise
+    if len(values) == 2:  # 0/1 scores: the moved items are scored afresh (exchangeable with merged)
+        build[moved] = rng.choice(values, size=int(moved.sum()), p=shares)
+    else:  # graded scores: a moved example is one step up or down, the two balanced to a mean move of 0
+        step = float(values[values > 0].min())
+        top, bottom = values.max(), values.min()
+        interior = shares[(values != top) & (values != bottom)].sum()
+        up_share = (shares[values == top].sum() - shares[values == bottom].sum() + interior) / (2 * interior)
+        up = np.where(build == bottom, True, np.where(build == top, False, rng.random(len(build)) < up_share))
+        build[moved] += np.where(up[moved], step, -step)
     if truth.delta > 0:
         if truth.kind == "fail":  # a failure scores 0: its chance times merged's mean is delta
             build[rng.random(len(build)) < truth.delta / float(values @ shares)] = 0.0
@@ -70,8 +80,10 @@ def lm_eval_rows(values: np.ndarray, task: str, metric: str) -> list[dict]:
 
 
 def decide_once(rng, ladder: list[tuple[str, Truth, Truth]], policy: dict, resamples: int = 999) -> str | None:
-    """One draw of merged and of every build (name, task truth, guard truth; largest first), then the
-    pipeline's decision on it: the build shipped, or None."""
+    """One draw of merged and of every build (name, task truth, guard truth; listed largest first, and
+    given sizes in that order), then the pipeline's decision on it, with the policy's own functions: the
+    walk's order (walk_order), fixed-sequence testing, the metric's test (metric_test) and the guard's
+    (guard_test), each build faithful only when both are. Returns the build shipped, or None."""
     from ftq import evidence
     from ftq.promotion import policy as rules
 
@@ -87,16 +99,16 @@ def decide_once(rng, ladder: list[tuple[str, Truth, Truth]], policy: dict, resam
 
     def test(name: str) -> dict:
         task_scores, guard_scores = builds[name]
-        a, b = evidence.pair(rows(task_scores, task_key), merged.scores, task_key, name)
-        metric = evidence.non_inferiority(a, b, float(policy["margin"]), float(policy["confidence"]),
-                                          bounds=False, resamples=resamples)
+        metric = rules.metric_test(rows(task_scores, task_key), merged.scores, policy, name, bounds=False,
+                                   resamples=resamples)
         if metric["outcome"] != evidence.FAITHFUL:
             return {"outcome": metric["outcome"]}
         checked = rules.guard_test(lm_eval_rows(guard_scores, guard["task"], guard["metric"]), merged, policy, name,
                                    bounds=False)
         return {"outcome": rules.outcome_of(metric, checked)}
 
-    _, pick = evidence.fixed_sequence([name for name, _, _ in ladder], test)
+    sizes = [{"name": name, "size_bytes": len(ladder) - i} for i, (name, _, _) in enumerate(ladder)]  # as listed
+    _, pick = evidence.fixed_sequence(rules.walk_order(sizes), test)
     return pick
 
 

@@ -70,7 +70,7 @@ def distributions(runtime, sequences: Sequences):
 
 def top_k_indices(values: np.ndarray, k: int) -> np.ndarray:
     """Each row's k largest entries' indices, largest first, ties by lower index: exactly
-    `np.argsort(-values, kind="stable")[:, :k]`, without sorting whole vocabulary rows (a quarter of the
+    `np.argsort(-values, kind="stable")[:, :k]`, without sorting whole vocabulary rows (a large share of the
     reference stage's time at 49,152 entries a row)."""
     k = min(k, values.shape[-1])
     part = np.argpartition(-values, k - 1, axis=-1)[:, :k]

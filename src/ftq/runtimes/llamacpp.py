@@ -189,7 +189,8 @@ class LlamaCppRuntime:
     def _decode(self, token_ids: list[int], n_past: int) -> Iterator[np.ndarray]:
         """Evaluate token_ids after the first n_past cached tokens, n_batch at a time, yielding each batch's
         logits ([k, vocab], a copy). Memory for logits is n_batch x vocabulary, where llama-cpp-python's
-        logits_all keeps context x vocabulary (2 GB at 4k x 128k) for the model's lifetime."""
+        logits_all keeps context x vocabulary float32 logits (gigabytes at a 4k context and a 128k
+        vocabulary) for the model's lifetime."""
         llm = self.llama  # the chat model itself scores (see __init__): logits per batch
         llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
         vocab = llm.n_vocab()

@@ -148,7 +148,7 @@ def torch_dtype(name: str):
 def gguf_parsed_once() -> Iterator[None]:
     """transformers parses a GGUF file afresh for its config, its tokenizer and its weights (four
     GGUFReader passes over 590,000 fields) and rebuilds gguf's tensor-name table for each of its ~400
-    tensors: 28 of the embedded base's 47 s load. Within this block each file is read once and each
+    tensors: most of the embedded base's load time. Within this block each file is read once and each
     table built once; both are only read from (transformers imports the two names from `gguf` at call
     time, so rebinding them here is what it sees)."""
     import functools

@@ -4,7 +4,7 @@ items every candidate is scored on, or that it is absent and how to get it.
 
 The files are not the project's (HellaSwag lies in ../shared/data here, in a download for a user), so
 DVC cannot track them as ordinary dependencies: a missing one would stop the whole pipeline. Instead
-this stage runs on every `dvc repro` (always_changed: reading and hashing 8 MB takes under a second)
+this stage runs on every `dvc repro` (always_changed: reading and hashing the files is quick)
 and its output changes only when a file does, so the evaluations that depend on it rerun exactly then.
 It logs no MLflow run: it measures nothing; every evaluation's run records the entry it used."""
 

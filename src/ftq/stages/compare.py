@@ -224,6 +224,8 @@ def ladder_rows(ladder: dict | None) -> list[list[str]]:
         outcome = test.get("outcome") or r.get("why") or ("evaluated in full" if r.get("evaluated") else "")
         if r.get("name") == (ladder or {}).get("walk", {}).get("pick"):
             outcome += " (the pick: evaluated in full)"
+        elif r.get("evaluated") and test:
+            outcome += " (evaluated in full)"
         rows.append([r["name"], str(r.get("type") or r["method"]), "yes" if r.get("imatrix") else "no",
                      f"{r['size_bytes'] / 1e6:,.1f}", f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.3f}",
                      f"{r['top1_agreement']:.3f}", "passed" if r["screen_passed"] else "failed",

@@ -92,10 +92,23 @@ def walk(rungs: list[dict], test, policy: dict) -> dict:
     from ftq import evidence
     from ftq.promotion.policy import FIXED_SEQUENCE, walk_order
 
-    order = walk_order({r["name"]: r["size_bytes"] for r in rungs if r["screen_passed"]})
+    order = walk_order([r for r in rungs if r["screen_passed"]])
     tests, pick = evidence.fixed_sequence(order, test)
     stopped = tests[-1]["name"] if tests and tests[-1]["outcome"] != evidence.FAITHFUL else None
     return {"procedure": FIXED_SEQUENCE, "order": order, "tests": tests, "stopped_at": stopped, "pick": pick}
+
+
+def tested_in_full(root: Path, name: str, merged: Candidate, policy: dict) -> dict:
+    """select best: a build's tests from its full evaluation (each at the full level; promote shares the
+    error budget among them by Holm's procedure)."""
+    from ftq.promotion.candidates import read_candidate
+    from ftq.promotion.policy import guard_test, metric_test, outcome_of, p_value_of
+
+    candidate = read_candidate(root, name, policy["metric"])
+    metric = metric_test(candidate.scores, merged.scores, policy, f"{name} vs merged")
+    guard = guard_test(candidate.benchmark_rows, merged, policy, name)
+    return {"outcome": outcome_of(metric, guard), "p_value": p_value_of(metric, guard), "metric_test": metric,
+            "general_guard": guard}
 
 
 def annotate(rungs: list[dict], walked: dict | None) -> list[dict]:
@@ -134,7 +147,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         evaluate(params, name, task_rows=None if on_pairs else rows, preference_scores=rows if on_pairs else None,
                  lm_eval_done=tester.lm_eval.get(name) if tester else None)
 
-    walked = None
+    import time
+
+    started, walked = time.time(), None
     if policy["select"] == "smallest_faithful":
         tester = Tester(params, root, merged, policy)
         walked = walk(rungs, tester, policy)
@@ -144,6 +159,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         for r in rungs:
             if r["screen_passed"]:
                 full(r["name"])
+                r["test"] = tested_in_full(root, r["name"], merged, policy)
     for r in rungs:
         r["evaluated"] = (root / layout.BUILDS_ROOT / f"{r['name']}.json").exists()
     report = {"select": policy["select"], "metric": policy["metric"], "margin": policy["margin"],
@@ -155,6 +171,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
               "walk": ({k: v for k, v in walked.items() if k != "tests"} if walked else
                        {"procedure": "select best: every screened build evaluated; Holm's procedure in promote"}),
               "evaluated": [r["name"] for r in rungs if r["evaluated"]],
+              "seconds": round(time.time() - started, 1),  # the walk's tests and the pick's full evaluation
               "rungs": sorted(annotate(rungs, walked), key=lambda r: (r["size_bytes"], r["name"]))}
     report = stamp(report)
     atomic_write_json(root / REPORT, report)

@@ -9,7 +9,7 @@ Outputs:
 The check, with its baseline: on a fixed batch of held-out examples, the fine-tune's effect is how far
 base + adapter's logits are from the base's (`adapter_effect_max_abs`), and the merge's residual is how
 far the saved merged model's logits are from base + adapter's (`merge_residual_max_abs`). The residual
-must be at most `merge.check.max_residual_ratio` (1 % in float32) of the effect, the effect above 0, and
+must be at most `merge.check.max_residual_ratio` (its auto value in float32: 0.01) of the effect, the effect above 0, and
 every logit finite; otherwise nothing is written. A merge that drops the adapter has a residual equal to
 the effect and fails however small the adapter's effect is, where an absolute tolerance would pass it.
 For a full fine-tune the "adapter" is the trained model itself.

@@ -55,12 +55,15 @@ def contender(client, model_name: str, candidate: Candidate, merged: Candidate |
 
 
 def walk_tests(root: Path) -> dict[str, dict]:
-    """Each build's test in stage ladder's walk (reports/ladder.json), by name."""
+    """Each build's test in stage ladder's walk (reports/ladder.json), by name; none where the ladder did
+    not walk (select best evaluates every build in full, and promote tests them itself)."""
     import json
 
     path = root / layout.LADDER
-    rungs = json.loads(path.read_text()).get("rungs", []) if path.exists() else []
-    return {r["name"]: r["test"] for r in rungs if "test" in r}
+    ladder = json.loads(path.read_text()) if path.exists() else {}
+    if ladder.get("select") != "smallest_faithful":
+        return {}
+    return {r["name"]: r["test"] for r in ladder.get("rungs", []) if "test" in r}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:

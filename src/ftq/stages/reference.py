@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 OUTPUT_DIR = Path("models/reference")
 @dataclass
 class ReferenceSettings:
+    split: str
     examples: int
     max_length: int
     seed: int
@@ -35,7 +36,7 @@ class ReferenceSettings:
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.quantize import distance
-    from ftq.quantize.calibration import heldout
+    from ftq.quantize.calibration import sample
     from ftq.runtimes import open_model
     from ftq.tracking import stage_run
 
@@ -43,7 +44,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     root = repo_root()
     merged = merged_model(root)
     # seeded, not the first rows: held-out files are often grouped by kind
-    sequences = heldout(root, settings.examples, settings.max_length, seed=settings.seed)
+    sequences = sample(root, settings.split, settings.examples, settings.max_length, seed=settings.seed)
     with stage_run("reference", params, block_name="quantize", block_values={"reference": vars(settings)}) as tracked:
         started = time.time()
         runtime = open_model(merged)

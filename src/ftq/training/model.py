@@ -179,8 +179,8 @@ def add_lora(model, settings: TrainSettings):
 @contextlib.contextmanager
 def no_gptqmodel_probe():
     """peft's GPTQ and AWQ LoRA dispatchers import GPTQModel (where installed) to test every layer's type
-    (~6 s on 2 cores, in train and again in merge). The base here never holds GPTQModel layers (HF weights in bf16/fp32, or bitsandbytes 4-bit), and the
-    import costs ~100 MB of resident memory in every training process and rewrites its environment
+    (seconds on 2 cores, in train and again in merge). The base here never holds GPTQModel layers (HF weights in bf16/fp32, or bitsandbytes 4-bit), and the
+    import costs resident memory in every training process and rewrites its environment
     (PYTORCH_ALLOC_CONF, which would change the CUDA allocator under training, and CUDA_DEVICE_ORDER)."""
     from peft.tuners.lora import awq, gptq
 

@@ -1,0 +1,110 @@
+"""A realistic bad build refused by the promotion rule through the real pipeline (issue 41).
+
+q4_0 with its output matrix in Q4_0 too (no importance matrix), and q2_k, each made from the demo's merged
+model. Both fail the quantize screen at its default limits, so the pipeline never evaluates them; here the
+screen is switched off for that one build (`quantize.builds.<name>.check`), and the default promotion rule
+alone has to refuse it. In a clone of the project that shares this project's DVC cache (the demo's base,
+fine-tune, merge, reference and importance matrix are reused, nothing is retrained), README's documented
+experiment command runs the pipeline:
+
+    ftq run --exp -S 'quantize.enabled=[q8_0,<bad>]' -S 'quantize.builds.<bad>={..., check: {...}}'
+
+and the ladder walks q8_0, then the bad build, by the default policy. Writes reports/bench/refusal.json (the
+walk, each test, the pick and the champion note from the clone's reports/ladder.json and promotion.json):
+
+    .venv/bin/python bench/refusal.py            # after `make demo`
+    .venv/bin/python bench/refusal.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+OUT = ROOT / "reports" / "bench" / "refusal.json"
+NO_SCREEN = "{max_kld_mean: 100.0, max_kld_p99: 1000.0, min_top1_agreement: 0.0}"
+BAD = {"q4_0": "{method: gguf, type: q4_0, output_type: q4_0, imatrix: false, check: %s}" % NO_SCREEN,
+       "q2_k": "{method: gguf, type: q2_k, check: %s}" % NO_SCREEN}
+
+
+def experiment(project: Path, bad: str) -> dict:
+    from preference import run
+
+    run([sys.executable, "-m", "dvc", "checkout", "-q"], project)  # every output of the demo, from the cache
+    started = time.time()
+    log = run([sys.executable, "-m", "ftq", "run", "--exp", "-S", f"quantize.enabled=[q8_0,{bad}]",
+               "-S", f"quantize.builds.{bad}={BAD[bad]}", "--name", f"refuse-{bad}"], project)
+    for stage in ("train", "merge"):
+        if f"Stage '{stage}' didn't change, skipping" not in log:
+            raise SystemExit(f"stage {stage} ran again in the clone: not the demo's model\n{log[-3000:]}")
+    ladder = json.loads((project / "reports" / "ladder.json").read_text())
+    promotion = json.loads((project / "reports" / "promotion.json").read_text())
+    rungs = {r["name"]: r for r in ladder["rungs"]}
+    return {"bad": bad, "options": BAD[bad], "walk": ladder["walk"],
+            "tests": {name: rungs[name].get("test") for name in ladder["walk"]["order"]},
+            "screen": {name: {k: rungs[name][k] for k in ("kld_mean", "kld_p99", "top1_agreement")}
+                       for name in rungs},
+            "champion_note": promotion["champion"]["note"], "seconds": round(time.time() - started, 1)}
+
+
+def measure() -> dict:
+    from preference import clone
+
+    rows = []
+    for bad in BAD:
+        with tempfile.TemporaryDirectory() as folder:
+            project = clone(Path(folder))
+            rows.append(experiment(project, bad))
+            print(json.dumps(rows[-1]["walk"]), flush=True)
+    return {"experiments": rows}
+
+
+def cell(test: dict | None) -> str:
+    if not test:
+        return "–"
+    if test.get("outcome") == "absent":
+        return "absent"
+    margin = test.get("tolerance", test.get("margin"))
+    return (f"{test['outcome']}: {test['diff']:+.3f}, bound {test['lower']:+.3f} vs -{margin:g}, "
+            f"p = {test['p_value']:.2g}")
+
+
+def table(report: dict) -> str:
+    lines = ["| experiment | build tested | KLD mean | task metric vs merged | HellaSwag vs merged | outcome |",
+             "|---|---|---|---|---|---|"]
+    for row in report["experiments"]:
+        for name in row["walk"]["order"]:
+            test = row["tests"].get(name) or {}
+            lines.append(f"| q8_0, then {row['bad']} (screen off) | {name} | {row['screen'][name]['kld_mean']:.3f} | "
+                         f"{cell(test.get('metric_test'))} | {cell(test.get('general_guard'))} | "
+                         f"{test.get('outcome', 'not tested')} |")
+        lines.append(f"| | **shipped: {row['walk']['pick']}** | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", action="store_true", help="print the docs table from the committed report")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return 0
+    from ftq.io import atomic_write_json
+    from ftq.provenance import stamp
+
+    report = stamp(measure(), script=__file__)
+    atomic_write_json(OUT, report)
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
