@@ -7,7 +7,7 @@ alone has to refuse it. In a clone of the project that shares this project's DVC
 fine-tune, merge, reference and importance matrix are reused, nothing is retrained), README's documented
 experiment command runs the pipeline:
 
-    ftq run --exp -S 'quantize.enabled=[q8_0,<bad>]' -S 'quantize.builds.<bad>={..., check: {...}}'
+    ftq run --exp -S 'quantize.enabled=[q8_0,<bad>]' -S '+quantize.builds.<bad>.check={...}'
 
 and the ladder walks q8_0, then the bad build, by the default policy. Writes reports/bench/refusal.json (the
 walk, each test, the pick and the champion note from the clone's reports/ladder.json and promotion.json):
@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 OUT = ROOT / "reports" / "bench" / "refusal.json"
 NO_SCREEN = "{max_kld_mean: 100.0, max_kld_p99: 1000.0, min_top1_agreement: 0.0}"
-BAD = {"q4_0": "{method: gguf, type: q4_0, output_type: q4_0, imatrix: false, check: %s}" % NO_SCREEN,
-       "q2_k": "{method: gguf, type: q2_k, check: %s}" % NO_SCREEN}
+# the builds as params.yaml defines them (q4_0: output in Q4_0, no importance matrix; q2_k: with it), the
+# screen switched off for them alone (`+`: a key the build's block does not have yet, in DVC's override syntax)
+BAD = {"q4_0": f"+quantize.builds.q4_0.check={NO_SCREEN}", "q2_k": f"+quantize.builds.q2_k.check={NO_SCREEN}"}
 
 
 def experiment(project: Path, bad: str) -> dict:
@@ -41,7 +42,7 @@ def experiment(project: Path, bad: str) -> dict:
     run([sys.executable, "-m", "dvc", "checkout", "-q"], project)  # every output of the demo, from the cache
     started = time.time()
     log = run([sys.executable, "-m", "ftq", "run", "--exp", "-S", f"quantize.enabled=[q8_0,{bad}]",
-               "-S", f"quantize.builds.{bad}={BAD[bad]}", "--name", f"refuse-{bad}"], project)
+               "-S", BAD[bad], "--name", f"refuse-{bad}"], project)
     for stage in ("train", "merge"):
         if f"Stage '{stage}' didn't change, skipping" not in log:
             raise SystemExit(f"stage {stage} ran again in the clone: not the demo's model\n{log[-3000:]}")

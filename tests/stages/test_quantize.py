@@ -118,6 +118,18 @@ def test_the_importance_matrix_is_computed_once_and_used_where_a_build_asks(merg
     assert recorded == {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": "sample.txt"}
     # every build read the one matrix: it was not made again
     assert (merged / "models" / "imatrix" / "imatrix.gguf").stat().st_mtime_ns == stamp
+    # a DVC cache of symlinks (cache.type symlink) links the matrix to a file named by its hash: the same build
+    matrix = merged / "models" / "imatrix" / "imatrix.gguf"
+    cached = merged / "cache-by-hash" / info["sha256"]
+    cached.parent.mkdir()
+    matrix.rename(cached)
+    matrix.symlink_to(cached)
+    try:
+        linked = quantize.run(with_builds(merged, q4m_linked={"method": "gguf", "type": "q4_k_m"}), "q4m_linked").manifest
+    finally:
+        matrix.unlink()
+        cached.rename(matrix)
+    assert linked["files"]["model.gguf"]["sha256"] == with_matrix["files"]["model.gguf"]["sha256"]
 
 
 def test_bad_build_options_name_the_key(merged):

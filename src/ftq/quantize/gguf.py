@@ -166,8 +166,10 @@ def quantize(source: Path, target: Path, opts: dict, threads: int, imatrix: Path
     """llama-quantize, in the importance matrix's folder where there is one: the GGUF then records its file
     name (`quantize.imatrix.file`), not where the project lies, and two clones make the same bytes."""
     source, target = Path(source).resolve(), Path(target).resolve()
+    # the folder that holds the matrix by its own name: not resolved, since a DVC cache of symlinks
+    # (cache.type symlink) points it at a file named by its hash
     result = subprocess.run(quantize_command(source, target, opts, threads, imatrix), capture_output=True, text=True,
-                            cwd=Path(imatrix).resolve().parent if imatrix is not None else None)
+                            cwd=Path(imatrix).absolute().parent if imatrix is not None else None)
     if result.returncode != 0 or not target.exists():
         from ftq.processes import describe_exit
 
