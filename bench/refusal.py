@@ -68,17 +68,9 @@ def measure() -> dict:
     return {"experiments": rows}
 
 
-def cell(test: dict | None) -> str:
-    if not test:
-        return "–"
-    if test.get("outcome") == "absent":
-        return "absent"
-    margin = test.get("tolerance", test.get("margin"))
-    return (f"{test['outcome']}: {test['diff']:+.3f}, bound {test['lower']:+.3f} vs -{margin:g}, "
-            f"p = {test['p_value']:.2g}")
-
-
 def table(report: dict) -> str:
+    from guard import cell  # one test in a cell, as guard's table writes it
+
     lines = ["| experiment | build tested | KLD mean | task metric vs merged | HellaSwag vs merged | outcome |",
              "|---|---|---|---|---|---|"]
     for row in report["experiments"]:
