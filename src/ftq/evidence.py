@@ -127,7 +127,9 @@ def needed_examples(result: dict, margin: float, confidence: float, power: float
 
 
 def _round(v: float) -> float:
-    return round(float(v), 4)
+    """Four decimals, or three significant digits where that keeps more (a KL divergence of a few millionths)."""
+    v = float(v)
+    return round(v, 4) if abs(v) >= 1e-3 or not math.isfinite(v) else float(f"{v:.3g}")
 
 
 def _unvaried(mean: float, n: int, margin: float, confidence: float, span: float) -> dict:

@@ -144,3 +144,9 @@ def tree_md5(folder: str | Path, exclude: tuple[str, ...] = ()) -> str:
 
 def dir_size(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """`rows` as CSV with `columns` (a missing value empty), written atomically."""
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")

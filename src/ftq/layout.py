@@ -16,6 +16,9 @@ LADDER = Path("reports/ladder.json")          # the walk (stage ladder)
 PROMOTION = Path("reports/promotion.json")    # the decision (stage promote)
 BENCHMARK_MANIFEST = Path("data/benchmarks.json")  # the standard tasks' local files (stage benchmark_data)
 MACHINE = Path("data/machine.json")           # the arithmetic this machine computes in (stage machine)
+# merged's distribution on the held-out answers and the token ids every candidate's teacher-forced scores use
+# (stage evaluate_merged; ftq.evaluation.forced)
+HELDOUT_REFERENCE = Path("models/reference_heldout")
 # in preference.output_dir (stage preference): its settings, and the held-out pairs as it scored them
 PREFERENCE_INFO = "ftq_preference.json"
 PREFERENCE_REFERENCE_LOGPS = "reference_logps.jsonl"

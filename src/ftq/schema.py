@@ -126,7 +126,7 @@ LOCAL_FORMATS = ("auto", "json", "jsonl", "csv", "parquet", "text", "llama.cpp-h
 # a paired comparison between two candidates needs: promote.policy.metric's choices
 PAIRED_METRICS = ("task_exact_match", "task_rouge_l", "task_json_valid", "task_json_field_accuracy",
                   "task_tool_call_name_accuracy", "task_tool_call_exact", "task_tool_call_abstained",
-                  "pref_accuracy", "pref_logp_accuracy")
+                  "pref_accuracy", "pref_logp_accuracy", "forced_logprob", "forced_kld")
 # TRL 1.16's DPO loss variants (DPOConfig.loss_type)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -330,6 +330,9 @@ SCHEMA: dict[str, dict] = {
         "answer_batch_size": Int(48, minimum=1,
             help=("task and general answers per generate call where the runtime batches (transformers; greedy, "
             "left-padded: the same answers as one by one); llama.cpp answers one by one")),
+        "forced_top_k": Int(256, minimum=1,
+            help=("merged's next-token log-probabilities kept per answer position for the teacher-forced scores "
+            "(forced_kld, forced_logprob: ftq.evaluation.forced); the rest of the mass is one bucket")),
         "perplexity_examples": Int(16, minimum=0, help="held-out examples perplexity is measured on"),
         "perplexity_max_length": Int(512, minimum=8, help="each cut to this many tokens"),
         "speed_prompts": Texts(["Who are you?", "Write one sentence about the sea.", "What is 12 times 7?"],
@@ -387,7 +390,9 @@ SCHEMA: dict[str, dict] = {
         "policy": {
             "metric": Choice("task_json_field_accuracy", *PAIRED_METRICS,
                              what="a metric scored per example (promotion compares builds example by example)",
-                help="a per-example metric: {choices} (pref_*: held-out pairs, after preference tuning)"),
+                help=("a per-example metric: {choices} (pref_*: held-out pairs, after preference tuning; forced_*: "
+                      "the reference answers teacher-forced, no generation: forced_kld with direction min, "
+                      "forced_logprob with max, both margin_scale absolute)")),
             "direction": Choice("max", "max", "min", help="{choices}"),
             "margin": Num(0.05, minimum=0, below=1,
                 help=("the largest loss against merged that still counts as faithful, declared before the data "

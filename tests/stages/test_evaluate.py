@@ -127,3 +127,49 @@ def test_compare_report_puts_candidates_side_by_side(evaluated):
     first = json.loads((project / "reports" / "eval" / "merged.answers.jsonl").read_text().splitlines()[0])
     assert first["prompt"][:40] in page.replace("&quot;", '"')
 
+
+
+def test_teacher_forced_scores_pair_every_candidate_with_merged_on_the_same_tokens(evaluated):
+    """merged's evaluation stores its distribution on the held-out answers; every candidate (transformers
+    and llama.cpp alike) is scored on those token ids: merged is 0 from itself, the 4-bit build further
+    than the 8-bit one."""
+    from ftq import layout
+    from ftq.quantize import distance
+
+    project, reports = evaluated
+    stored = distance.load(project / layout.HELDOUT_REFERENCE)
+    rows = {name: [json.loads(line) for line in
+                   (project / report_dir(name) / f"{name}.forced.jsonl").read_text().splitlines()]
+            for name in reports}
+    answers = [json.loads(line)["id"] for line in (project / report_dir("merged") / "merged.answers.jsonl").open()]
+    for name, scored in rows.items():
+        assert [r["id"] for r in scored] == stored.meta["example_ids"] == answers, name
+        assert [r["tokens"] for r in scored] == [r["tokens"] for r in rows["merged"]], name
+        assert reports[name]["forced_kld_examples"] == 4 and len(reports[name]["forced_logprob_ci95"]) == 2
+    assert all(r["kld"] == pytest.approx(0, abs=1e-6) for r in rows["merged"])
+    mean = {name: sum(r["kld"] for r in scored) / 4 for name, scored in rows.items()}
+    assert 0 < mean["q8_0"] < mean["q4_0"] and mean["base"] > 0
+
+
+def test_the_ladder_walks_on_a_teacher_forced_metric(evaluated_copy):
+    """promote.policy.metric forced_kld: each build's first look is its teacher-forced rows (no answers),
+    tested against merged's zeros; the pick's full evaluation keeps the very rows the walk decided on."""
+    from conftest import load_params, set_params
+    from ftq import layout
+    from ftq.stages import ladder
+
+    project = evaluated_copy
+    params = load_params(project)
+    set_params(project, promote={**params["promote"], "policy": {
+        **params["promote"]["policy"], "metric": "forced_kld", "direction": "min", "margin": 0.5,
+        "select": "smallest_faithful"}})
+    report = ladder.run(load_params(project))
+    assert report["metric"] == "forced_kld" and report["walk"]["order"] == ["q8_0", "q4_0"]
+    tests = {r["name"]: r["test"] for r in report["rungs"]}
+    for name in ("q8_0", "q4_0"):
+        test = tests[name]["metric_test"]
+        assert test["metric"] == "forced_kld" and test["outcome"] == "faithful" and test["examples"] == 4
+        assert test["test"].startswith("BCa bootstrap") and test["diff"] < 0  # merged - build: a loss
+    pick = report["walk"]["pick"]
+    quick = (project / layout.BUILDS_ROOT / f"{pick}.quick.jsonl").read_text()
+    assert quick == (project / layout.BUILDS_ROOT / f"{pick}.forced.jsonl").read_text()

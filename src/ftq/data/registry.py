@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,11 @@ def select(registry: dict[str, DatasetSpec], names: list[str], registry_path: st
             f"{registry_path}: no dataset named {', '.join(map(repr, missing))} (known: {', '.join(registry)})"
         )
     return [registry[n] for n in names]
+
+
+def sample(conversations: list[dict], num_samples: int | None, rng: random.Random) -> list[dict]:
+    """LLaMA-Factory's num_samples: a seeded subset, or whole repeats plus a seeded remainder."""
+    if not num_samples or num_samples == len(conversations) or not conversations:
+        return conversations
+    repeats, remainder = divmod(num_samples, len(conversations))
+    return conversations * repeats + rng.sample(conversations, remainder)

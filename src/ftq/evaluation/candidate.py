@@ -8,7 +8,11 @@ Outputs, in reports/eval/ for base and merged and reports/eval/builds/ for a bui
   <candidate>.answers.jsonl      the candidate's answers to the held-out prompts
   lm_eval/<candidate>.json       lm-eval results (+ .samples.jsonl: every scored document)
   <candidate>.preference.jsonl   per held-out preference pair, where preference tuning ran
+  <candidate>.forced.jsonl       per held-out example, the reference answer teacher-forced: its mean
+                                 log-probability and KL divergence from merged (ftq.evaluation.forced;
+                                 merged's evaluation also writes merged's distribution, layout.HELDOUT_REFERENCE)
 Metrics: task accuracy on the held-out split (exact match, JSON validity and field accuracy, ROUGE-L),
+the reference answers' teacher-forced log-probability and KL divergence from merged (no generation),
 held-out perplexity, lm-eval (ftq's own tasks and any standard task with local data; see
 ftq.evaluation.harness), preference pairs (pref_accuracy, reward margin, logp accuracy against the model
 preference tuning started from; ftq.evaluation.preference), MT-Bench when a judge is configured, and efficiency (size, load time, time to
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftq.data import tools
-from ftq.evaluation import benchmark_scores, harness
+from ftq.evaluation import benchmark_scores, forced, harness
 from ftq.evaluation import preference as preference_scoring
 from ftq.io import atomic_write_json, atomic_write_text, dir_size
 from ftq import layout, schema
@@ -188,20 +192,63 @@ class Phases:
             self.seconds[name] = round(time.perf_counter() - started, 2)
 
 
-def metric_rows(params: dict[str, Any], name: str, metric: str) -> list[dict]:
-    """A candidate's per-example rows for one promotion metric alone, as the full evaluation writes them:
-    its answers to the held-out examples (task_*), or its scores on the held-out preference pairs
-    (pref_*). Stage ladder's first look at a build, seconds where the full evaluation takes minutes."""
-    from ftq.runtimes import open_model
+# the per-example rows a promotion metric is read from: <candidate>.<kind>.jsonl
+KINDS = ("answers", "preference", "forced")
+
+
+def metric_kind(metric: str) -> str:
+    """Which rows hold `metric`: the task answers' (task_*), the held-out pairs' (pref_*) or the teacher-forced
+    scores' (forced_*)."""
     from ftq.promotion.policy import PREFERENCE_KEYS
+
+    return "preference" if metric in PREFERENCE_KEYS else "forced" if metric in forced.KEYS else "answers"
+
+
+def forced_rows(runtime, params: dict[str, Any], root: Path, name: str) -> list[dict]:
+    """The candidate's teacher-forced rows (ftq.evaluation.forced). merged's evaluation first computes and
+    stores merged's distribution on the held-out answers, which every candidate (merged too) is scored against."""
+    from ftq.io import atomic_dir
+    from ftq.quantize import distance
+
+    folder = root / layout.HELDOUT_REFERENCE
+    if name == "merged":
+        cfg = schema.settings(params, "evaluate")
+        tokenizer = getattr(runtime, "tokenizer", None)
+        if tokenizer is None:
+            raise TypeError(f"merged opened in {runtime.kind}, which has no tokenizer to encode the held-out answers")
+        computed = forced.reference(runtime, tokenizer, task_examples(root, cfg), int(cfg["forced_top_k"]),
+                                    context_size(cfg))
+        with atomic_dir(folder) as tmp:
+            distance.save(computed, tmp)
+    elif not (folder / distance.META).exists():
+        raise FileNotFoundError(f"{folder}: merged's held-out distribution is missing; every candidate's "
+                                "teacher-forced scores are measured against it (`dvc repro evaluate_merged` first)")
+    return forced.rows(runtime, distance.load(folder))
+
+
+def scored_rows(runtime, params: dict[str, Any], root: Path, metric: str, name: str) -> list[dict]:
+    """A candidate's per-example rows for one promotion metric, as the full evaluation writes them: its answers
+    to the held-out examples (task_*), its scores on the held-out preference pairs (pref_*), or its
+    teacher-forced scores of the held-out answers (forced_*)."""
+    kind = metric_kind(metric)
+    if kind == "preference":
+        return preference_rows(runtime, params, root)
+    if kind == "forced":
+        return forced_rows(runtime, params, root, name)
+    cfg = schema.settings(params, "evaluate")
+    return answer_all(runtime, task_examples(root, cfg), int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
+
+
+def metric_rows(params: dict[str, Any], name: str, metric: str) -> list[dict]:
+    """scored_rows with the candidate opened and closed: stage ladder's first look at a build, seconds where
+    the full evaluation takes minutes."""
+    from ftq.runtimes import open_model
 
     cfg = schema.settings(params, "evaluate")
     root = repo_root()
     runtime = open_model(candidate_path(root, name), n_ctx=context_size(cfg))
     try:
-        if metric in PREFERENCE_KEYS:
-            return preference_rows(runtime, params, root)
-        return answer_all(runtime, task_examples(root, cfg), int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
+        return scored_rows(runtime, params, root, metric, name)
     finally:
         runtime.close()
 
@@ -231,11 +278,11 @@ def context_size(cfg: dict) -> int:
     return max(2048, int(cfg["perplexity_max_length"]) + 8, int(cfg["lm_eval"]["max_length"]) + 64)
 
 
-def evaluate(params: dict[str, Any], name: str, task_rows: list[dict] | None = None,
-             preference_scores: list[dict] | None = None, lm_eval_done: dict | None = None) -> dict[str, Any]:
-    """`task_rows` / `preference_scores`: the candidate's rows from metric_rows (stage ladder's first look),
-    used as they are instead of answering again, so the full evaluation holds the very answers the ladder
-    decided on; `lm_eval_done`: lm_eval_rows' scores, likewise."""
+def evaluate(params: dict[str, Any], name: str, scored: dict[str, list[dict]] | None = None,
+             lm_eval_done: dict | None = None) -> dict[str, Any]:
+    """`scored`: the candidate's rows from metric_rows (stage ladder's first look) by kind (KINDS), used as
+    they are instead of scoring again, so the full evaluation holds the very rows the ladder decided on;
+    `lm_eval_done`: lm_eval_rows' scores, likewise."""
     from ftq.evaluation import general, speed, task
     from ftq.quantize.calibration import heldout
     from ftq.quantize.check import perplexity
@@ -259,9 +306,12 @@ def evaluate(params: dict[str, Any], name: str, task_rows: list[dict] | None = N
         load_seconds = time.time() - started
         runtime_kind = runtime.kind
         phases = Phases(load=load_seconds)
+        scored = scored or {}
         with phases("task"):
-            rows = task_rows if task_rows is not None else answer_all(runtime, examples, int(cfg["max_new_tokens"]),
-                                                                      int(cfg["answer_batch_size"]))
+            rows = scored.get("answers") or answer_all(runtime, examples, int(cfg["max_new_tokens"]),
+                                                       int(cfg["answer_batch_size"]))
+        with phases("forced"):
+            teacher_forced = scored.get("forced") or forced_rows(runtime, params, root, name)
         questions = cfg["general"]["questions"]
         with phases("general"):
             general_scores, general_rows = general.score(questions, list(answers(
@@ -275,7 +325,7 @@ def evaluate(params: dict[str, Any], name: str, task_rows: list[dict] | None = N
             lm_eval_scores = lm_eval_done if lm_eval_done is not None else \
                 harness.run(runtime, name, lm_eval_plan, out / "lm_eval")
         with phases("preference"):
-            pref_rows = preference_scores if preference_scores is not None else preference_rows(runtime, params, root)
+            pref_rows = scored["preference"] if "preference" in scored else preference_rows(runtime, params, root)
         benchmarks = benchmark_section(lm_eval_plan, out / "lm_eval" / f"{name}.samples.jsonl",
                                        merged_samples)
         runtime.close()  # speed opens the candidate and merged in turn: one model in memory at a time
@@ -291,6 +341,7 @@ def evaluate(params: dict[str, Any], name: str, task_rows: list[dict] | None = N
             "format": artifact_format(path),
             "runtime": runtime_kind,
             **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
+            **forced.aggregate(teacher_forced),
             **general_scores,
             "perplexity": round(ppl, 4),
             "perplexity_tokens": sum(sum(t[1:]) for t in sequences.targets),
@@ -314,6 +365,8 @@ def evaluate(params: dict[str, Any], name: str, task_rows: list[dict] | None = N
         atomic_write_text(answers_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         pref_file = out / f"{name}.preference.jsonl"
         atomic_write_text(pref_file, "".join(json.dumps(r) + "\n" for r in pref_rows))
+        forced_file = out / f"{name}.forced.jsonl"
+        atomic_write_text(forced_file, "".join(json.dumps(r) + "\n" for r in teacher_forced))
         general_answers = out / f"{name}.general.jsonl"
         atomic_write_text(general_answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general_rows))
         report = stamp(report)
@@ -328,6 +381,7 @@ def evaluate(params: dict[str, Any], name: str, task_rows: list[dict] | None = N
         tracked.log_artifact(out / f"{name}.json")
         tracked.log_artifact(answers_file)
         tracked.log_artifact(pref_file)
+        tracked.log_artifact(forced_file)
         tracked.log_artifact(general_answers)
         tracked.log_artifact(out / f"{name}.mt_bench.jsonl")
         for suffix in (".json", ".samples.jsonl"):

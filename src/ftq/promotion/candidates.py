@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ftq import evidence
 from ftq.layout import QUANTIZED, eval_dir
-from ftq.promotion.policy import PREFERENCE_KEYS, Candidate
+from ftq.promotion.policy import Candidate
 
 
 def read_json(path: Path) -> dict | None:
@@ -20,7 +20,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def load_scores(path: Path) -> dict[str, dict]:
-    """Per-example rows of reports/eval/<candidate>.answers.jsonl (or .preference.jsonl), by example id."""
+    """Per-example rows of reports/eval/<candidate>.answers.jsonl (or .preference.jsonl, .forced.jsonl), by
+    example id."""
     rows = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -32,7 +33,9 @@ def load_scores(path: Path) -> dict[str, dict]:
 
 
 def scores_file(folder: Path, name: str, metric: str) -> Path:
-    return folder / f"{name}.{'preference' if metric in PREFERENCE_KEYS else 'answers'}.jsonl"
+    from ftq.evaluation.candidate import metric_kind
+
+    return folder / f"{name}.{metric_kind(metric)}.jsonl"
 
 
 def read_candidate(root: Path, name: str, metric: str) -> Candidate:

@@ -42,7 +42,9 @@ class PromotionError(ValueError):
 
 
 def per_example_key(metric: str) -> str:
-    return PREFERENCE_KEYS.get(metric) or metric[len("task_"):]
+    from ftq.evaluation.forced import KEYS as FORCED_KEYS
+
+    return PREFERENCE_KEYS.get(metric) or FORCED_KEYS.get(metric) or metric[len("task_"):]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,8 +131,21 @@ class Decision:
 
 
 def policy_of(params: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml `promote.policy`, validated (its metric one scored per example: schema.PAIRED_METRICS)."""
-    return schema.settings(params, "promote")["policy"]
+    """params.yaml `promote.policy`, validated (its metric one scored per example: schema.PAIRED_METRICS; a
+    teacher-forced metric read in its own direction, on the absolute scale: a KL divergence has no share of
+    merged's, which is 0, and a log-probability is negative)."""
+    from ftq.evaluation.forced import DIRECTIONS
+    from ftq.params import ParamsError
+
+    policy = schema.settings(params, "promote")["policy"]
+    metric, where = policy["metric"], params.get("_path", "params.yaml")
+    if metric in DIRECTIONS and policy["direction"] != DIRECTIONS[metric]:
+        raise ParamsError(f"{where}: promote.policy.direction: {metric} is read with direction "
+                          f"{DIRECTIONS[metric]}, not {policy['direction']}")
+    if metric in DIRECTIONS and policy["margin_scale"] != "absolute":
+        raise ParamsError(f"{where}: promote.policy.margin_scale: {metric} takes an absolute margin (nats per "
+                          f"answer token), not {policy['margin_scale']}")
+    return policy
 
 
 def alpha(policy: dict) -> float:

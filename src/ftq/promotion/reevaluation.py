@@ -13,7 +13,7 @@ from ftq import schema
 from ftq.io import atomic_write_text
 from ftq.promotion.policy import Candidate, Contender, Incumbent, judge
 from ftq.registry.aliases import Registered
-from ftq.promotion.policy import PREFERENCE_KEYS, per_example_key
+from ftq.promotion.policy import per_example_key
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,11 @@ class ChampionReevaluation:
                                     f"current {len(answers)} examples ({CHAMPION_ANSWERS})")
 
     def _answers(self, runtime) -> list[dict]:
-        """The champion's per-example rows: on this run's held-out pairs for a preference metric, else its
-        answers to the current task examples."""
-        from ftq.evaluation.candidate import answer_all, preference_rows, task_examples
+        """The champion's per-example rows of the policy's metric on this run's examples (its answers, its
+        scores on the held-out pairs, or its teacher-forced scores against this run's merged)."""
+        from ftq.evaluation.candidate import scored_rows
 
-        if self.policy["metric"] in PREFERENCE_KEYS:
-            return preference_rows(runtime, self.params, self.root)
-        cfg = schema.settings(self.params, "evaluate")
-        return answer_all(runtime, task_examples(self.root, cfg), int(cfg["max_new_tokens"]), int(cfg["answer_batch_size"]))
+        return scored_rows(runtime, self.params, self.root, self.policy["metric"], "champion")
 
     def _guard_rows(self, runtime) -> list[dict] | None:
         """The champion's rows on the lm-eval tasks (the guard's among them), where a guard is set."""

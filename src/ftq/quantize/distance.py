@@ -125,6 +125,18 @@ def load(folder: Path) -> Reference:
     return Reference(sequences, arrays["top_ids"], arrays["top_logprobs"], arrays["target_logprobs"], meta)
 
 
+def position_kld(ref_ids: np.ndarray, ref_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """KL(merged || build) at each position over merged's top-k + rest partition: `ref_ids` / `ref_logprobs`
+    merged's top-k per position, `logprobs` the build's whole log-softmax rows ([positions, vocab])."""
+    ref_lp = ref_logprobs.astype(np.float64)
+    build_lp = np.take_along_axis(logprobs, ref_ids.astype(np.int64), axis=-1)
+    ref_tail = np.clip(1.0 - np.exp(ref_lp).sum(axis=1), 0.0, 1.0)
+    build_tail = np.clip(1.0 - np.exp(build_lp).sum(axis=1), 1e-12, 1.0)
+    head = (np.exp(ref_lp) * (ref_lp - build_lp)).sum(axis=1)
+    rest = np.where(ref_tail > 0, ref_tail * (np.log(np.maximum(ref_tail, 1e-300)) - np.log(build_tail)), 0.0)
+    return np.maximum(head + rest, 0.0)
+
+
 def divergence(runtime, reference: Reference) -> dict:
     """KL(merged || build) per scored position over the reference's top-k + rest partition, its summary,
     top-1 agreement, and the build's perplexity on the same answer tokens."""
@@ -132,13 +144,8 @@ def divergence(runtime, reference: Reference) -> dict:
     start = 0
     for next_tokens, logprobs in distributions(runtime, reference.sequences):
         end = start + len(next_tokens)
-        ref_ids, ref_lp = reference.top_ids[start:end], reference.top_logprobs[start:end].astype(np.float64)
-        build_lp = np.take_along_axis(logprobs, ref_ids.astype(np.int64), axis=-1)
-        ref_tail = np.clip(1.0 - np.exp(ref_lp).sum(axis=1), 0.0, 1.0)
-        build_tail = np.clip(1.0 - np.exp(build_lp).sum(axis=1), 1e-12, 1.0)
-        head = (np.exp(ref_lp) * (ref_lp - build_lp)).sum(axis=1)
-        rest = np.where(ref_tail > 0, ref_tail * (np.log(np.maximum(ref_tail, 1e-300)) - np.log(build_tail)), 0.0)
-        klds.append(np.maximum(head + rest, 0.0))
+        ref_ids = reference.top_ids[start:end]
+        klds.append(position_kld(ref_ids, reference.top_logprobs[start:end], logprobs))
         same.append(logprobs.argmax(axis=1) == ref_ids[:, 0])
         target_lp.append(logprobs[np.arange(len(next_tokens)), next_tokens])
         start = end

@@ -63,18 +63,18 @@ class Tester:
 
     def __init__(self, params: dict, root: Path, merged: Candidate, policy: dict):
         self.params, self.root, self.merged, self.policy = params, root, merged, policy
-        self.rows: dict[str, list[dict]] = {}
+        self.rows: dict[str, dict[str, list[dict]]] = {}  # by build, its rows by kind
         self.lm_eval: dict[str, dict] = {}
 
     def __call__(self, name: str) -> dict:
-        from ftq.evaluation.candidate import lm_eval_rows, metric_rows
+        from ftq.evaluation.candidate import lm_eval_rows, metric_kind, metric_rows
         from ftq.io import atomic_write_text
         from ftq.promotion.policy import guard_test, metric_test, outcome_of, p_value_of
 
         rows = metric_rows(self.params, name, self.policy["metric"])
         atomic_write_text(self.root / layout.BUILDS_ROOT / f"{name}.quick.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self.rows[name] = rows
+        self.rows[name] = {metric_kind(self.policy["metric"]): rows}
         metric = metric_test({r["id"]: r for r in rows}, self.merged.scores, self.policy, f"{name} vs merged")
         guard = None
         if metric["outcome"] == "faithful" and self.policy["general_guard"]["task"]:
@@ -127,7 +127,7 @@ def annotate(rungs: list[dict], walked: dict | None) -> list[dict]:
 def run(params: dict[str, Any]) -> dict[str, Any]:
     from ftq.evaluation.candidate import evaluate
     from ftq.promotion.candidates import read_merged
-    from ftq.promotion.policy import PREFERENCE_KEYS, policy_of
+    from ftq.promotion.policy import policy_of
 
     root = repo_root()
     policy = policy_of(params)
@@ -140,11 +140,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     builds = root / layout.BUILDS_ROOT
     shutil.rmtree(builds, ignore_errors=True)  # an earlier walk's evaluations (DVC removes them too)
     builds.mkdir(parents=True)
-    on_pairs = policy["metric"] in PREFERENCE_KEYS
 
     def full(name: str, tester: Tester | None = None) -> None:
-        rows = tester.rows.get(name) if tester else None
-        evaluate(params, name, task_rows=None if on_pairs else rows, preference_scores=rows if on_pairs else None,
+        evaluate(params, name, scored=tester.rows.get(name) if tester else None,
                  lm_eval_done=tester.lm_eval.get(name) if tester else None)
 
     import time

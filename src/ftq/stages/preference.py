@@ -81,7 +81,7 @@ def run(params: dict[str, Any]) -> PreferenceResult:
     train = TrainSettings.from_params(params)
     records = load_records(cfg, root)
     expected = fingerprint(cfg, train, root)
-    from ftq.stages.train import prepare_checkpoints
+    from ftq.training.checkpoints import prepare_checkpoints
 
     resume = prepare_checkpoints(root / cfg["checkpoint_dir"], expected)
     with stage_run("preference", params) as tracked:
@@ -134,7 +134,7 @@ def load_records(cfg: dict[str, Any], root: Path) -> dict[str, list[dict]]:
     from ftq.data import preference
     from ftq.data.check import check_file
     from ftq.data.registry import load_registry, select
-    from ftq.stages.prepare import sample
+    from ftq.data.registry import sample
 
     registry_path = root / "data" / "datasets.yaml"
     registry = load_registry(registry_path)
@@ -389,7 +389,7 @@ def _save(trainer, tokenizer, cfg, root: Path, info: dict, reference) -> Path:
 
 
 def _write_reports(root: Path, report: dict, pair_scores: list[dict], curve: list[dict]) -> None:
-    from ftq.stages.train import write_csv
+    from ftq.io import write_csv
 
     atomic_write_json(root / REPORT, report)
     atomic_write_text(root / PAIRS, "".join(json.dumps(r) + "\n" for r in pair_scores))

@@ -22,7 +22,7 @@ from typing import Any
 from ftq.data import preference
 from ftq.data.check import FileCheck, check_file
 from ftq.data.errors import DataError, RecordError
-from ftq.data.registry import DatasetSpec, load_registry, select
+from ftq.data.registry import DatasetSpec, load_registry, sample, select
 from ftq.data.tokenize import tokenize_conversation, tool_rendering
 from ftq.io import atomic_dir, atomic_write_json, atomic_write_text, save_figure, tree_md5
 from ftq import schema
@@ -78,14 +78,6 @@ def validate(specs: list[DatasetSpec], on_error: str) -> dict[str, FileCheck]:
             errors,
         )
     return checks
-
-
-def sample(conversations: list[dict], num_samples: int | None, rng: random.Random) -> list[dict]:
-    """LLaMA-Factory's num_samples: a seeded subset, or whole repeats plus a seeded remainder."""
-    if not num_samples or num_samples == len(conversations) or not conversations:
-        return conversations
-    repeats, remainder = divmod(num_samples, len(conversations))
-    return conversations * repeats + rng.sample(conversations, remainder)
 
 
 def split(specs: list[DatasetSpec], pools: dict[str, list[dict]], eval_size: float, rng: random.Random):

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from ftq.io import atomic_write_json, atomic_write_text, save_figure
+from ftq.io import atomic_write_json, atomic_write_text, save_figure, write_csv
 from ftq.memory import peak_memory, release
 from ftq.params import params_hash, repo_root
 from ftq.provenance import machine, stamp
 from ftq.training import launch
+from ftq.training.checkpoints import prepare_checkpoints
 from ftq.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ LOSS_CSV = Path("reports/train_loss.csv")
 EVAL_CSV = Path("reports/eval_loss.csv")
 LOSS_PNG = Path("reports/train_loss.png")
 INFO_FILE = "ftq_train.json"
-FINGERPRINT_FILE = "fingerprint.json"
 
 
 @dataclass
@@ -66,27 +66,6 @@ def fingerprint(settings: TrainSettings, params: dict[str, Any], root: Path) -> 
         "data_md5": manifest.get("md5", ""),
         "base": params_hash({k: v["sha256"] for k, v in base_info["files"].items()}),
     }
-
-
-def prepare_checkpoints(folder: Path, expected: dict[str, str]) -> str | None:
-    """The checkpoint to resume from, or None. Checkpoints of a different run are removed."""
-    marker = folder / FINGERPRINT_FILE
-    if folder.exists():
-        found = json.loads(marker.read_text()) if marker.exists() else None
-        if found != expected:
-            log.warning("checkpoints in %s belong to another run (params, data or base changed): removing", folder)
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, expected)
-    complete = [
-        p for p in folder.glob("checkpoint-*")
-        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
-    ]
-    if not complete:
-        return None
-    latest = max(complete, key=lambda p: int(p.name.split("-")[-1]))
-    log.info("resuming from %s", latest)
-    return str(latest)
 
 
 def training_arguments(settings: TrainSettings, checkpoint_dir: Path, flags: dict[str, bool], packing: bool, has_eval: bool):
@@ -151,11 +130,6 @@ def loss_rows(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
     ]
     evaluation = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
     return train, evaluation
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_losses(train_rows: list[dict], eval_rows: list[dict], path: Path, title: str) -> None:
