@@ -9,7 +9,9 @@ experiment command runs the pipeline:
 
     ftq run --exp -S 'quantize.enabled=[q8_0,<bad>]' -S '+quantize.builds.<bad>.check={...}'
 
-and the ladder walks q8_0, then the bad build, by the default policy. Writes reports/bench/refusal.json (the
+and the ladder walks q8_0, then the bad build, by the default policy; a third experiment walks q8_0 and
+q4_0 with the policy on the teacher-forced KL divergence from merged (`promote.policy.metric=forced_kld`,
+`direction=min`) at the default margin. Writes reports/bench/refusal.json (the
 walk, each test, the pick and the champion note from the clone's reports/ladder.json and promotion.json):
 
     .venv/bin/python bench/refusal.py            # after `make demo`
@@ -34,22 +36,27 @@ NO_SCREEN = "{max_kld_mean: 100.0, max_kld_p99: 1000.0, min_top1_agreement: 0.0}
 # the builds as params.yaml defines them (q4_0: output in Q4_0, no importance matrix; q2_k: with it), the
 # screen switched off for them alone (`+`: a key the build's block does not have yet, in DVC's override syntax)
 BAD = {"q4_0": f"+quantize.builds.q4_0.check={NO_SCREEN}", "q2_k": f"+quantize.builds.q2_k.check={NO_SCREEN}"}
+# the policy on a teacher-forced metric (ftq.evaluation.forced) at the default margin, 0.05 nats per answer token
+FORCED_KLD = ["-S", "promote.policy.metric=forced_kld", "-S", "promote.policy.direction=min"]
+# each experiment: (the bad build, the policy's overrides beside the default one)
+EXPERIMENTS = [("q4_0", []), ("q2_k", []), ("q4_0", FORCED_KLD)]
 
 
-def experiment(project: Path, bad: str) -> dict:
+def experiment(project: Path, bad: str, policy: list[str]) -> dict:
     from preference import run
 
     run([sys.executable, "-m", "dvc", "checkout", "-q"], project)  # every output of the demo, from the cache
     started = time.time()
     log = run([sys.executable, "-m", "ftq", "run", "--exp", "-S", f"quantize.enabled=[q8_0,{bad}]",
-               "-S", BAD[bad], "--name", f"refuse-{bad}"], project)
+               "-S", BAD[bad], *policy, "--name", f"refuse-{bad}"], project)
     for stage in ("train", "merge"):
         if f"Stage '{stage}' didn't change, skipping" not in log:
             raise SystemExit(f"stage {stage} ran again in the clone: not the demo's model\n{log[-3000:]}")
     ladder = json.loads((project / "reports" / "ladder.json").read_text())
     promotion = json.loads((project / "reports" / "promotion.json").read_text())
     rungs = {r["name"]: r for r in ladder["rungs"]}
-    return {"bad": bad, "options": BAD[bad], "walk": ladder["walk"],
+    return {"bad": bad, "options": BAD[bad], "policy": " ".join(policy[1::2]), "metric": ladder["metric"],
+            "walk": ladder["walk"],
             "tests": {name: rungs[name].get("test") for name in ladder["walk"]["order"]},
             "screen": {name: {k: rungs[name][k] for k in ("kld_mean", "kld_p99", "top1_agreement")}
                        for name in rungs},
@@ -60,10 +67,10 @@ def measure() -> dict:
     from preference import clone
 
     rows = []
-    for bad in BAD:
+    for bad, policy in EXPERIMENTS:
         with tempfile.TemporaryDirectory() as folder:
             project = clone(Path(folder))
-            rows.append(experiment(project, bad))
+            rows.append(experiment(project, bad, policy))
             print(json.dumps(rows[-1]["walk"]), flush=True)
     return {"experiments": rows}
 
@@ -71,15 +78,16 @@ def measure() -> dict:
 def table(report: dict) -> str:
     from guard import cell  # one test in a cell, as guard's table writes it
 
-    lines = ["| experiment | build tested | KLD mean | task metric vs merged | HellaSwag vs merged | outcome |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| experiment | policy's metric | build tested | screen's KLD mean | metric vs merged | HellaSwag vs merged "
+             "| outcome |", "|---|---|---|---|---|---|---|"]
     for row in report["experiments"]:
+        metric = row.get("metric", "task_json_field_accuracy")
         for name in row["walk"]["order"]:
             test = row["tests"].get(name) or {}
-            lines.append(f"| q8_0, then {row['bad']} (screen off) | {name} | {row['screen'][name]['kld_mean']:.3f} | "
-                         f"{cell(test.get('metric_test'))} | {cell(test.get('general_guard'))} | "
-                         f"{test.get('outcome', 'not tested')} |")
-        lines.append(f"| | **shipped: {row['walk']['pick']}** | | | | |")
+            lines.append(f"| q8_0, then {row['bad']} (screen off) | {metric} | {name} | "
+                         f"{row['screen'][name]['kld_mean']:.3f} | {cell(test.get('metric_test'))} | "
+                         f"{cell(test.get('general_guard'))} | {test.get('outcome', 'not tested')} |")
+        lines.append(f"| | | **shipped: {row['walk']['pick']}** | | | | |")
     return "\n".join(lines)
 
 

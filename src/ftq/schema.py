@@ -330,6 +330,9 @@ SCHEMA: dict[str, dict] = {
         "answer_batch_size": Int(48, minimum=1,
             help=("task and general answers per generate call where the runtime batches (transformers; greedy, "
             "left-padded: the same answers as one by one); llama.cpp answers one by one")),
+        "forced_examples": Int(0, minimum=0,
+            help=("held-out conversations whose reference answers are teacher-forced (0: all): one forward pass "
+            "each, no answer generated, so it may be far larger than task_examples")),
         "forced_top_k": Int(256, minimum=1,
             help=("merged's next-token log-probabilities kept per answer position for the teacher-forced scores "
             "(forced_kld, forced_logprob: ftq.evaluation.forced); the rest of the mass is one bucket")),

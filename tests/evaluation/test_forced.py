@@ -57,8 +57,10 @@ def test_merged_is_zero_from_itself_and_a_different_model_is_not(models, tokeniz
     start = 0
     for row in own:
         end = start + row["tokens"]
-        assert row["logprob"] == pytest.approx(float(reference.target_logprobs[start:end].mean()), abs=1e-5)
+        assert row["logprob"] == pytest.approx(float(reference.target_logprobs[start:end].mean()), rel=1e-5)
         start = end
+    for stored, measured in zip(forced.own_rows(reference), own):  # merged's rows without a second pass
+        assert stored == {**measured, "kld": 0.0, "logprob": pytest.approx(measured["logprob"], rel=1e-5)}
     other = forced.rows(build, reference)
     assert all(r["kld"] > 1e-4 for r in other)
     assert [r["tokens"] for r in other] == [r["tokens"] for r in own]
@@ -68,12 +70,23 @@ def test_merged_is_zero_from_itself_and_a_different_model_is_not(models, tokeniz
     assert low <= summary["forced_kld"] <= high
 
 
-def test_a_reference_from_other_examples_is_refused(models, tokenizer):
+def test_a_reference_whose_ids_do_not_match_its_sequences_is_refused(models, tokenizer):
     merged, _ = models
     reference = forced.reference(merged, tokenizer, EXAMPLES, top_k=8, max_length=512)
     reference.meta["example_ids"] = reference.meta["example_ids"][:2]  # stored ids that do not match its sequences
-    with pytest.raises(ValueError, match="rerun `dvc repro evaluate_merged`"):
+    with pytest.raises(ValueError, match="names 2 examples for 3 sequences: rerun `dvc repro evaluate_merged`"):
         forced.rows(merged, reference)
+
+
+def test_a_reference_of_other_examples_or_another_top_k_is_refused(models, tokenizer):
+    """Outside DVC (ftq evaluate by hand after the held-out set changed) a stale distribution is an error."""
+    merged, _ = models
+    reference = forced.reference(merged, tokenizer, EXAMPLES, top_k=8, max_length=512)
+    forced.check_examples(reference, EXAMPLES, 8, "models/reference_heldout")  # the same: accepted
+    with pytest.raises(ValueError, match="models/reference_heldout: merged's held-out distribution is of 3 other"):
+        forced.check_examples(reference, EXAMPLES[:2], 8, "models/reference_heldout")
+    with pytest.raises(ValueError, match=r"another top_k \(8, set 16\)"):
+        forced.check_examples(reference, EXAMPLES, 16, "models/reference_heldout")
 
 
 @pytest.mark.parametrize("metric,setting,value,message", [
@@ -93,8 +106,9 @@ def test_a_teacher_forced_metric_read_the_wrong_way_is_a_settings_error(metric, 
     assert policy_of(params)["metric"] == metric
 
 
-def test_kld_per_position_matches_the_full_distribution_where_top_k_holds_it_all():
-    """With every token kept (top_k = vocabulary), the partitioned KL is the exact KL."""
+def test_kld_per_position_is_exact_with_every_token_kept_and_a_lower_bound_with_a_tail_bucket():
+    """top_k = vocabulary: the exact KL. top_k below it: the KL over the partition {each kept token, the rest},
+    computed by hand, which is at most the exact KL (merging outcomes never increases a divergence)."""
     from ftq.quantize.distance import log_softmax, position_kld
 
     rng = np.random.default_rng(0)
@@ -102,3 +116,29 @@ def test_kld_per_position_matches_the_full_distribution_where_top_k_holds_it_all
     order = np.argsort(-p, axis=1)
     exact = (np.exp(p) * (p - q)).sum(axis=1)
     assert position_kld(order, np.take_along_axis(p, order, axis=1), q) == pytest.approx(exact, abs=1e-9)
+    kept = order[:, :4]
+    head_p, head_q = np.take_along_axis(np.exp(p), kept, axis=1), np.take_along_axis(np.exp(q), kept, axis=1)
+    tail_p, tail_q = 1 - head_p.sum(axis=1), 1 - head_q.sum(axis=1)
+    coarse = (head_p * np.log(head_p / head_q)).sum(axis=1) + tail_p * np.log(tail_p / tail_q)
+    partitioned = position_kld(kept, np.take_along_axis(p, kept, axis=1), q)
+    assert partitioned == pytest.approx(coarse, abs=1e-9)
+    assert np.all(partitioned <= exact + 1e-12) and np.all(tail_p > 0.05)  # a real bucket, not an empty one
+
+
+def test_a_champion_from_another_fine_tune_cannot_be_judged_on_a_teacher_forced_metric():
+    """A teacher-forced score measures closeness to this run's merged: an older champion made from another
+    merged model would always lose, so promote stops with the reason instead of moving the alias."""
+    from ftq.promotion.policy import PromotionError
+    from ftq.promotion.reevaluation import ChampionReevaluation
+    from ftq.registry.aliases import Registered
+
+    decide = ChampionReevaluation("ftq-test", [], None, {"metric": "forced_kld"}, {}, None)
+    with pytest.raises(PromotionError, match="champion version 3 is not among this run's builds.*forced_kld"):
+        decide(Registered("3"))
+    assert decide(None) is None  # no champion yet: nothing to judge against
+
+
+def test_small_values_keep_three_significant_digits():
+    from ftq.evidence import _round
+
+    assert _round(0.0000123456) == 0.0000123 and _round(-0.0375449) == -0.0375 and _round(0.0) == 0.0

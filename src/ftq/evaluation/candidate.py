@@ -84,8 +84,9 @@ def candidate_path(root: Path, name: str) -> Path:
     return path
 
 
-def task_examples(root: Path, cfg: dict) -> list[dict]:
-    """The held-out conversations every candidate answers (the train split when there is no held-out one)."""
+def task_examples(root: Path, cfg: dict, count: str = "task_examples") -> list[dict]:
+    """The held-out conversations every candidate answers (the train split when there is no held-out one):
+    `cfg[count]` of them (0: all); `forced_examples` sizes the teacher-forced set apart from the answered one."""
     from ftq.evaluation import task
 
     examples_file = root / "data" / "processed" / "eval.jsonl"
@@ -93,7 +94,7 @@ def task_examples(root: Path, cfg: dict) -> list[dict]:
         examples_file = root / "data" / "processed" / "train.jsonl"
     manifest = root / "data" / "processed" / "manifest.json"
     rendering = json.loads(manifest.read_text()).get("tool_rendering") if manifest.exists() else None
-    return task.load_examples(examples_file, int(cfg["task_examples"]) or -1, rendering or tools.FALLBACK)
+    return task.load_examples(examples_file, int(cfg[count]) or -1, rendering or tools.FALLBACK)
 
 
 def speed_reference(root: Path, name: str):
@@ -205,25 +206,29 @@ def metric_kind(metric: str) -> str:
 
 
 def forced_rows(runtime, params: dict[str, Any], root: Path, name: str) -> list[dict]:
-    """The candidate's teacher-forced rows (ftq.evaluation.forced). merged's evaluation first computes and
-    stores merged's distribution on the held-out answers, which every candidate (merged too) is scored against."""
+    """The candidate's teacher-forced rows (ftq.evaluation.forced). merged's evaluation computes and stores
+    merged's distribution on the held-out answers (its own rows read from it), which every other candidate is
+    scored against."""
     from ftq.io import atomic_dir
     from ftq.quantize import distance
 
     folder = root / layout.HELDOUT_REFERENCE
+    cfg = schema.settings(params, "evaluate")
+    examples = task_examples(root, cfg, "forced_examples")
     if name == "merged":
-        cfg = schema.settings(params, "evaluate")
         tokenizer = getattr(runtime, "tokenizer", None)
         if tokenizer is None:
             raise TypeError(f"merged opened in {runtime.kind}, which has no tokenizer to encode the held-out answers")
-        computed = forced.reference(runtime, tokenizer, task_examples(root, cfg), int(cfg["forced_top_k"]),
-                                    context_size(cfg))
+        computed = forced.reference(runtime, tokenizer, examples, int(cfg["forced_top_k"]), context_size(cfg))
         with atomic_dir(folder) as tmp:
             distance.save(computed, tmp)
-    elif not (folder / distance.META).exists():
+        return forced.own_rows(distance.load(folder))
+    if not (folder / distance.META).exists():
         raise FileNotFoundError(f"{folder}: merged's held-out distribution is missing; every candidate's "
                                 "teacher-forced scores are measured against it (`dvc repro evaluate_merged` first)")
-    return forced.rows(runtime, distance.load(folder))
+    stored = distance.load(folder)
+    forced.check_examples(stored, examples, int(cfg["forced_top_k"]), folder)
+    return forced.rows(runtime, stored)
 
 
 def scored_rows(runtime, params: dict[str, Any], root: Path, metric: str, name: str) -> list[dict]:

@@ -7,8 +7,8 @@ answer's tokens after the chat template's generation prompt (the end-of-turn mar
             better; promote.policy.metric `forced_logprob`, direction max)
   kld       the mean KL(merged || candidate) over the same positions, merged's next-token distribution
             kept as its top `evaluate.forced_top_k` log-probabilities plus the rest as one bucket, as the
-            quantize screen keeps it (ftq.quantize.distance; 0 for merged itself up to float rounding;
-            `forced_kld`, direction min)
+            quantize screen keeps it (ftq.quantize.distance; 0 for merged itself, whose rows come from
+            its stored distribution; `forced_kld`, direction min)
   tokens    the answer's tokens
 
 Every candidate scores the same token ids: merged's evaluation tokenizes the examples with merged's own
@@ -58,6 +58,28 @@ def reference(runtime, tokenizer, examples: list[dict], top_k: int, max_length: 
     sequences = Sequences(SPLIT, [ids for ids, _ in encoded], [scored for _, scored in encoded])
     return distance.compute(runtime, sequences, top_k, {"example_ids": [e["id"] for e in examples],
                                                         "runtime": runtime.kind})
+
+
+def check_examples(merged: distance.Reference, examples: list[dict], top_k: int, where) -> None:
+    """merged's stored distribution must be of these examples at this top_k: one made for another held-out
+    set or setting (outside DVC, which reruns evaluate_merged when either changes) is refused, never used."""
+    stored = (merged.meta.get("example_ids"), merged.meta.get("top_k"))
+    if stored != ([e["id"] for e in examples], top_k):
+        raise ValueError(f"{where}: merged's held-out distribution is of {len(stored[0] or [])} other examples or "
+                         f"another top_k ({stored[1]}, set {top_k}) than this run's {len(examples)}: rerun "
+                         "`dvc repro evaluate_merged`")
+
+
+def own_rows(merged: distance.Reference) -> list[dict]:
+    """merged's rows from its stored distribution, without a second forward pass: its log-probabilities as
+    stored, its divergence from itself 0 (a second pass gives the same up to float rounding: tested)."""
+    out, start = [], 0
+    for example_id, scored in zip(merged.meta["example_ids"], merged.sequences.targets):
+        count = sum(scored[1:])
+        target = merged.target_logprobs[start:start + count].astype(np.float64)
+        out.append({"id": example_id, "tokens": count, "logprob": float(f"{target.mean():.6g}"), "kld": 0.0})
+        start += count
+    return out
 
 
 def rows(runtime, merged: distance.Reference) -> list[dict]:

@@ -206,15 +206,20 @@ def p_value_of(metric: dict, guard: dict | None) -> float:
     return max(metric["p_value"], (guard.get("p_value", 1.0) if guard else 0.0))
 
 
+def signed(value: float) -> str:
+    """Four decimals, or three significant digits for a smaller value (a divergence of a few millionths)."""
+    return f"{value:+.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:+.3g}"
+
+
 def explain(test: dict, what: str) -> str:
     """One line a person can check: the outcome, the difference, the one-sided bound against the margin,
     the p-value, the test and the examples (and how many would decide an inconclusive one)."""
     if test["outcome"] == "absent":
         return test["reason"]
     margin = test.get("tolerance", test["margin"])
-    against = (f"{test['lower']:+.4f} of build - {1 - margin:g} x merged against 0" if test.get("margin_scale")
-               == "relative" else f"{test['lower']:+.4f} against margin -{margin:g}")
-    line = (f"{what} {test['outcome']}: {test['diff']:+.4f} vs merged, one-sided {test['confidence']:.0%} bound "
+    against = (f"{signed(test['lower'])} of build - {1 - margin:g} x merged against 0" if test.get("margin_scale")
+               == "relative" else f"{signed(test['lower'])} against margin -{margin:g}")
+    line = (f"{what} {test['outcome']}: {signed(test['diff'])} vs merged, one-sided {test['confidence']:.0%} bound "
             f"{against}, p = {test['p_value']:.4g} ({test['test']}, {test['examples']} examples)")
     if test["outcome"] == evidence.INCONCLUSIVE:
         needed = test.get("needed_examples")

@@ -9,9 +9,10 @@ import json
 import logging
 from pathlib import Path
 
-from ftq import schema
+from ftq import evidence, schema
 from ftq.io import atomic_write_text
-from ftq.promotion.policy import Candidate, Contender, Incumbent, judge
+from ftq.evaluation.forced import KEYS as FORCED_KEYS
+from ftq.promotion.policy import Candidate, Contender, Incumbent, PromotionError, judge
 from ftq.registry.aliases import Registered
 from ftq.promotion.policy import per_example_key
 
@@ -40,6 +41,15 @@ class ChampionReevaluation:
         for contender in self.contenders:
             if contender.version == champion.version:
                 return Incumbent(contender, f"evaluated in this run as build {contender.name}")
+        if self.policy["metric"] in FORCED_KEYS:
+            # a teacher-forced score measures closeness to this run's merged: a champion made from another
+            # merged model is far from it by construction, however good it is, so the two cannot be compared
+            raise PromotionError(
+                f"champion version {champion.version} is not among this run's builds, and promote.policy.metric "
+                f"{self.policy['metric']} measures closeness to this run's merged model only: it cannot say whether "
+                "this run's pick is as good as a champion made from another fine-tune. Decide against it on a task "
+                "metric (promote.policy.metric task_* or pref_*), or move the alias by hand in MLflow "
+                f"(the UI, or MlflowClient().set_registered_model_alias('{self.model_name}', 'champion', <version>))")
         if champion.version not in self._done:
             self._done[champion.version] = self._reevaluate(champion)
         return self._done[champion.version]
@@ -50,8 +60,10 @@ class ChampionReevaluation:
 
         log.info("champion version %s is not among this run's builds: re-evaluating its registered artifact on the "
                  "current examples", champion.version)
+        from ftq.evaluation.candidate import context_size
+
         resolved = fetch(lookup(f"models:/{self.model_name}/{champion.version}", self.params), self.params)
-        runtime = open_model(resolved.path)
+        runtime = open_model(resolved.path, n_ctx=context_size(schema.settings(self.params, "evaluate")))
         try:
             answers = self._answers(runtime)
             benchmark_rows = self._guard_rows(runtime)
@@ -94,7 +106,7 @@ class ChampionReevaluation:
         values = [r[key] for r in answers if key in r]
         metrics = {name[len("eval."):]: float(value) for name, value in champion.tags.items()
                    if name.startswith("eval.") and is_number(value)}
-        metrics[self.policy["metric"]] = round(sum(values) / len(values), 4) if values else None
+        metrics[self.policy["metric"]] = evidence.mean_interval(values)["mean"] if values else None
         return Candidate(name=f"v{champion.version} ({champion.tags.get('ftq.build', '?')})",
                          manifest={"size_bytes": int(champion.tags.get("size_bytes") or 0), "check": {"passed": True}},
                          metrics=metrics, scores={r["id"]: r for r in answers}, benchmark_rows=benchmark_rows)
