@@ -316,7 +316,9 @@ def evaluate(params: dict[str, Any], name: str, scored: dict[str, list[dict]] | 
             rows = scored.get("answers") or answer_all(runtime, examples, int(cfg["max_new_tokens"]),
                                                        int(cfg["answer_batch_size"]))
         with phases("forced"):
-            teacher_forced = scored.get("forced") or forced_rows(runtime, params, root, name)
+            # base is not made from merged: its distance from merged measures the fine-tune, not a build's
+            # fidelity, and no decision reads it (a forward pass over every held-out example saved)
+            teacher_forced = scored.get("forced") or ([] if name == "base" else forced_rows(runtime, params, root, name))
         questions = cfg["general"]["questions"]
         with phases("general"):
             general_scores, general_rows = general.score(questions, list(answers(
@@ -346,7 +348,7 @@ def evaluate(params: dict[str, Any], name: str, scored: dict[str, list[dict]] | 
             "format": artifact_format(path),
             "runtime": runtime_kind,
             **{f"task_{k}": v for k, v in task.aggregate(rows).items()},
-            **forced.aggregate(teacher_forced),
+            **(forced.aggregate(teacher_forced) if teacher_forced else {}),
             **general_scores,
             "perplexity": round(ppl, 4),
             "perplexity_tokens": sum(sum(t[1:]) for t in sequences.targets),
