@@ -143,3 +143,11 @@ def test_a_dep_added_or_dropped_since_the_last_run_or_no_run_is_stale(tmp_path):
     assert stale == {"run": ["src/pkg (a dep in dvc.yaml, not in dvc.lock)"],
                      "other": ["src/pkg (in dvc.lock, no longer a dep in dvc.yaml)"],
                      "new": ["never ran: not in dvc.lock"]}
+
+
+def test_dvc_lock_holds_no_stage_that_dvc_yaml_no_longer_defines():
+    """A lock entry of a removed stage (or a build no longer in quantize.enabled) records code no run can
+    refresh: it is removed, never left stale."""
+    defined = set(dvc_yaml_stages(REPO))
+    recorded = set(yaml.safe_load((REPO / "dvc.lock").read_text())["stages"])
+    assert recorded - defined == set(), "dvc.lock: stages dvc.yaml does not define; remove their entries"
